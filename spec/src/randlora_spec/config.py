@@ -1,0 +1,206 @@
+"""The RandLoRA configuration schema (pydantic v2), exported as JSON Schema.
+
+Field names equal PEFT's ``RandLoraConfig`` where PEFT has them, so PEFT users recognise them and
+adapter_config.json files convert both ways.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from randlora_spec.bases import PEFT_RULE, PORTABLE_RULE
+from randlora_spec.errors import ConfigError
+
+SPEC_VERSION = "1.0"
+"""Version of SPEC.md this package implements (major.minor; a new major breaks compatibility)."""
+
+PEFT_BOOKKEEPING_KEYS = frozenset(
+    {
+        "peft_type",
+        "task_type",
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+    }
+)
+"""Keys of PEFT's adapter_config.json that carry no meaning for RandLoRA's math or layout."""
+
+BASIS_RULE_PATTERN = r"^[a-z0-9][a-z0-9.\-]*-v[0-9]+$"
+
+
+class RandLoraConfig(BaseModel):
+    """Configuration of one RandLoRA adapter.
+
+    Example:
+        >>> cfg = RandLoraConfig(r=8, target_modules=["q_proj", "v_proj"])
+        >>> RandLoraConfig.model_validate_json(cfg.model_dump_json()) == cfg
+        True
+
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    r: int = Field(32, description="Rank of each random basis; smaller r means more trainable parameters.")
+    randlora_alpha: float = Field(640.0, description="Scaling numerator: the update is scaled by alpha / r.")
+    randlora_dropout: float = Field(0.0, description="Dropout probability on the adapter's input, in [0, 1).")
+    projection_prng_key: int = Field(0, description="64-bit seed of the shared random bases, in [0, 2**64).")
+    save_projection: bool = Field(True, description="Store the shared bases in checkpoints.")
+    sparse: bool = Field(False, description="Ternary bases with sparsity s = 3.")
+    very_sparse: bool = Field(False, description="Ternary bases with sparsity s = sqrt(m_max).")
+    fan_in_fan_out: bool = Field(False, description="Target layers store weight as (in, out) (GPT-2 Conv1D).")
+    bias: Literal["none", "all", "randlora_only"] = Field("none", description="Which biases are trainable.")
+    target_modules: list[str] | str | None = Field(
+        None, description="Module names or suffixes, a full-match regex string, or 'all-linear'."
+    )
+    exclude_modules: list[str] | str | None = Field(None, description="Names or a regex excluded from targeting.")
+    layers_to_transform: list[int] | int | None = Field(None, description="Layer indices to adapt.")
+    layers_pattern: list[str] | str | None = Field(None, description="Name of the layer-list module, e.g. 'layers'.")
+    modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
+    init_weights: bool = Field(True, description="Start as a no-op (lambda = 0); False draws lambda ~ N(0, 1).")
+    basis_rule: str = Field(
+        PORTABLE_RULE,
+        pattern=BASIS_RULE_PATTERN,
+        description=f"Versioned id of the basis-generation rule; '{PORTABLE_RULE}' is portable, '{PEFT_RULE}' is PEFT's.",
+    )
+    spec_version: Literal["1.0"] = Field(SPEC_VERSION, description="Version of SPEC.md the config follows.")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise config_error_from(exc) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise config_error_from(exc) from None
+
+    @field_validator("r")
+    @classmethod
+    def _r_positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"r must be an integer >= 1, got {value}")
+        return value
+
+    @field_validator("randlora_alpha")
+    @classmethod
+    def _alpha_positive(cls, value: float) -> float:
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"randlora_alpha must be a finite number > 0, got {value}")
+        return value
+
+    @field_validator("randlora_dropout")
+    @classmethod
+    def _dropout_range(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"randlora_dropout must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("projection_prng_key")
+    @classmethod
+    def _seed_range(cls, value: int) -> int:
+        if not 0 <= value < 2**64:
+            raise ValueError(f"projection_prng_key must be an integer in [0, 2**64), got {value}")
+        return value
+
+    @field_validator("layers_to_transform")
+    @classmethod
+    def _layers_non_negative(cls, value: list[int] | int | None) -> list[int] | int | None:
+        values = [value] if isinstance(value, int) else value or []
+        if any(v < 0 for v in values):
+            raise ValueError(f"layers_to_transform must hold indices >= 0, got {value}")
+        return value
+
+    @field_validator("target_modules", "exclude_modules")
+    @classmethod
+    def _names_non_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, str) and not value:
+            raise ValueError("must not be an empty string")
+        if isinstance(value, list) and any(not name for name in value):
+            raise ValueError("must not contain empty names")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RandLoraConfig:
+        if self.sparse and self.very_sparse:
+            raise ValueError("sparse and very_sparse are mutually exclusive: set at most one of them")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ValueError("layers_pattern is only meaningful together with layers_to_transform")
+        return self
+
+    @property
+    def scaling(self) -> float:
+        """The update's scale ``randlora_alpha / r``."""
+        return self.randlora_alpha / self.r
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | str) -> RandLoraConfig:
+        """Validate a dict or JSON string, raising :class:`ConfigError` that names each bad field."""
+        try:
+            if isinstance(data, str):
+                return cls.model_validate_json(data)
+            if not isinstance(data, dict):
+                raise ConfigError(f"config must be a JSON object (dict), got {type(data).__name__}")
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise config_error_from(exc) from None
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace, so identical configs give identical bytes."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """PEFT ``adapter_config.json`` content for this config (``peft_type: RANDLORA``).
+
+        PEFT regenerates bases with its own machine-dependent rule, so the result is faithful only
+        when the bases travel with the checkpoint; the caller decides how to handle that.
+        """
+        data = self.model_dump(mode="json", exclude={"basis_rule", "spec_version", "exclude_modules"})
+        if isinstance(self.target_modules, list):
+            data["target_modules"] = sorted(self.target_modules)
+        data.update({"peft_type": "RANDLORA", "task_type": None, "base_model_name_or_path": None})
+        data.update({"revision": None, "inference_mode": True, "auto_mapping": None})
+        if self.exclude_modules is not None:
+            data["exclude_modules"] = self.exclude_modules
+        return data
+
+    @classmethod
+    def from_peft_dict(cls, data: dict[str, Any]) -> RandLoraConfig:
+        """Build from PEFT's ``adapter_config.json`` content.
+
+        PEFT bookkeeping keys are dropped; any other unknown key is an error. The basis rule becomes
+        PEFT's rule, since that is how PEFT made the bases.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
+        if data.get("peft_type") != "RANDLORA":
+            raise ConfigError(f"peft_type must be 'RANDLORA', got {data.get('peft_type')!r}")
+        fields = {k: v for k, v in data.items() if k not in PEFT_BOOKKEEPING_KEYS}
+        fields["basis_rule"] = PEFT_RULE
+        return cls.parse(fields)
+
+
+def config_error_from(exc: ValidationError) -> ConfigError:
+    """Turn a pydantic error into a :class:`ConfigError` whose message names every failing field."""
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (not part of RandLoraConfig)"
+        parts.append(f"{field}: {msg}")
+    return ConfigError("invalid RandLoraConfig: " + "; ".join(parts))
+
+
+def json_schema() -> dict[str, Any]:
+    """The language-neutral JSON Schema of :class:`RandLoraConfig`."""
+    schema = RandLoraConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://randlora.dev/schema/randlora-config.schema.json"
+    return schema

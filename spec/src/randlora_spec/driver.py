@@ -1,0 +1,118 @@
+"""The conformance driver interface and the reference driver (SPEC.md section 8).
+
+A driver adapts one implementation to the golden cases: it receives a :class:`GoldenCase` and
+returns the outputs the case expects, by name. Packages register drivers under the entry-point
+group ``randlora.conformance`` (``name = "module:Factory"``); the conformance suite discovers them,
+so adding an implementation adds a driver and no test code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from randlora_spec import checkpoint, reference
+from randlora_spec.bases import BasesShape, generate_bases
+from randlora_spec.golden import GoldenCase
+from randlora_spec.reference import LayerGeometry
+
+ENTRY_POINT_GROUP = "randlora.conformance"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Returned by a driver for a case it cannot run, with the reason (reported as a skip)."""
+
+    reason: str
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """What the conformance suite calls. ``name`` labels results; ``run`` computes the outputs."""
+
+    name: str
+
+    def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
+        """Outputs for every key of ``case.expected``, or :class:`Unsupported`."""
+        ...
+
+    def tolerance_dtype(self, case: GoldenCase, output: str) -> str:
+        """Which declared tolerance applies to ``output`` (normally ``case.dtype``)."""
+        ...
+
+
+def discover_drivers(names: set[str] | None = None) -> list[Driver]:
+    """Instantiate the registered drivers (optionally only those named), sorted by name."""
+    drivers = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        if names is None or ep.name in names:
+            drivers.append(ep.load()())
+    return drivers
+
+
+class ReferenceDriver:
+    """Runs the float64 numpy reference: the first implementation, and the source of the goldens."""
+
+    name = "reference"
+
+    def tolerance_dtype(self, case: GoldenCase, output: str) -> str:
+        """The case's own dtype: the reference claims nothing looser."""
+        return case.dtype
+
+    def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
+        """Compute every expected output of ``case`` with :mod:`randlora_spec.reference`."""
+        if case.kind == "bases":
+            p = case.params
+            a, b = generate_bases(p["seed"], BasesShape(**p["bases_shape"]), p["basis_kind"])
+            return {"randlora_A": a, "randlora_B": b}
+        if case.kind == "checkpoint":
+            return _run_checkpoint(case)
+        return run_layer_case(case)
+
+
+def run_layer_case(case: GoldenCase) -> dict[str, np.ndarray]:
+    """Forward, backward or merge outputs of a layer case, by the reference."""
+    p, i = case.params, case.inputs
+    adapters = case.adapters()
+    args = (adapters, p["active"], i["randlora_A"], i["randlora_B"], p["fan_in_fan_out"])
+    if case.kind == "forward":
+        return {"y": reference.forward(i["x"], i["weight"], i.get("bias"), *args)}
+    if case.kind == "backward":
+        grad_x, grads = reference.backward(i["x"], i["grad_y"], i["weight"], *args)
+        out = {"grad_x": grad_x}
+        for name, (g_lam, g_gamma) in grads.items():
+            out[f"{name}.grad_lambda"], out[f"{name}.grad_gamma"] = g_lam, g_gamma
+        return out
+    if case.kind == "merge":
+        merged = reference.merge(i["weight"], *args)
+        out = {"merged_weight": merged, "unmerged_weight": reference.unmerge(merged, *args)}
+        for name, adapter in adapters.items():
+            geom = LayerGeometry(p["in_features"], p["out_features"], adapter.r)
+            out[f"{name}.delta_weight"] = reference.delta_weight(
+                geom, adapter, i["randlora_A"], i["randlora_B"], p["fan_in_fan_out"]
+            )
+        return out
+    raise ValueError(f"unknown case kind {case.kind!r}")
+
+
+def _run_checkpoint(case: GoldenCase) -> dict[str, np.ndarray]:
+    ckpt = checkpoint.load(case.files["checkpoint"])
+    a, b = checkpoint.resolve_bases(ckpt)
+    out = {}
+    for path, rec in ckpt.layers.items():
+        adapter = reference.Adapter(ckpt.config.r, ckpt.config.randlora_alpha, ckpt.lam(path), ckpt.gamma(path))
+        bias = ckpt.tensors.get(f"{path}.bias", case.inputs.get(f"{path}.bias"))
+        out[f"{path}.y"] = reference.forward(
+            case.inputs[f"{path}.x"],
+            case.inputs[f"{path}.weight"],
+            bias,
+            {"a": adapter},
+            ["a"],
+            a,
+            b,
+            rec.fan_in_fan_out,
+        )
+    return out

@@ -1,0 +1,85 @@
+"""Golden test cases: the manifest format and loading (SPEC.md section 8).
+
+A case is data: a kind, a dtype, parameters, input tensors and expected tensors, stored in one
+safetensors file per case (``input.*`` and ``expected.*`` keys) and described in ``manifest.json``.
+Implementations never see test code, only :class:`GoldenCase` objects handed to their driver.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from randlora_spec.reference import Adapter
+from randlora_spec.safetensors_io import decode
+
+MANIFEST_NAME = "manifest.json"
+GOLDEN_FORMAT = "randlora.golden/1"
+CASE_KINDS = ("bases", "forward", "backward", "merge", "checkpoint")
+
+
+@dataclass(frozen=True)
+class GoldenCase:
+    """One golden case, with its tensors loaded.
+
+    ``params`` depends on ``kind`` (see SPEC.md section 8): layer cases carry ``in_features``,
+    ``out_features``, ``fan_in_fan_out``, ``has_bias``, ``adapters`` ({name: {r, alpha}}) and
+    ``active``; bases cases carry ``seed``, ``basis_kind`` and ``bases_shape``; checkpoint cases
+    carry ``layers`` and ``basis_rule``. ``files`` holds paths of auxiliary files (a checkpoint).
+    """
+
+    id: str
+    kind: str
+    dtype: str
+    params: dict[str, Any]
+    inputs: dict[str, np.ndarray]
+    expected: dict[str, np.ndarray]
+    exact: bool = False
+    files: dict[str, Path] = field(default_factory=dict)
+
+    def adapters(self) -> dict[str, Adapter]:
+        """Adapters of a layer case as reference objects (lambda/gamma from ``<name>.lambda``/``.gamma``)."""
+        return {
+            name: Adapter(spec["r"], spec["alpha"], self.inputs[f"{name}.lambda"], self.inputs[f"{name}.gamma"])
+            for name, spec in self.params["adapters"].items()
+        }
+
+
+def default_golden_dir() -> Path:
+    """``spec/golden`` of a source checkout (this module lives in ``spec/src/randlora_spec``)."""
+    return Path(__file__).resolve().parents[2] / "golden"
+
+
+def load_manifest(golden_dir: Path) -> dict[str, Any]:
+    """The parsed manifest, checked for the expected format id."""
+    manifest = json.loads((golden_dir / MANIFEST_NAME).read_text())
+    if manifest.get("format") != GOLDEN_FORMAT:
+        raise ValueError(f"{golden_dir / MANIFEST_NAME}: format {manifest.get('format')!r}, expected {GOLDEN_FORMAT!r}")
+    return manifest
+
+
+def load_case(golden_dir: Path, entry: dict[str, Any]) -> GoldenCase:
+    """Materialise one manifest entry into a :class:`GoldenCase`."""
+    tensors, _ = decode((golden_dir / entry["file"]).read_bytes(), entry["file"])
+    inputs = {k.removeprefix("input."): v for k, v in tensors.items() if k.startswith("input.")}
+    expected = {k.removeprefix("expected."): v for k, v in tensors.items() if k.startswith("expected.")}
+    return GoldenCase(
+        id=entry["id"],
+        kind=entry["kind"],
+        dtype=entry["dtype"],
+        params=entry["params"],
+        inputs=inputs,
+        expected=expected,
+        exact=entry["tolerance"] == "exact",
+        files={k: golden_dir / v for k, v in entry.get("files", {}).items()},
+    )
+
+
+def load_cases(golden_dir: Path | None = None) -> list[GoldenCase]:
+    """Every case in the manifest, in manifest order."""
+    directory = golden_dir or default_golden_dir()
+    return [load_case(directory, entry) for entry in load_manifest(directory)["cases"]]

@@ -1,0 +1,251 @@
+"""Float64 reference implementation of RandLoRA: the executable form of SPEC.md.
+
+Written for clarity, not speed. Sections mirror SPEC.md: layer geometry (section 3.1), the scaled
+basis and delta-W with PEFT's pairing order (3.2-3.4), forward (3.5), backward (3.6) and
+merge/unmerge (3.7). All arithmetic is float64; inputs of other dtypes are upcast first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from randlora_spec.bases import num_bases
+from randlora_spec.errors import AdapterNotFoundError, ShapeError
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Sizes derived from a layer's (in_features, out_features) and the adapter rank r (SPEC 3.1)."""
+
+    in_features: int
+    out_features: int
+    r: int
+
+    @property
+    def m(self) -> int:
+        """The smaller side, on which the trainable scaling acts."""
+        return min(self.in_features, self.out_features)
+
+    @property
+    def M(self) -> int:  # noqa: N802 - the spec's symbol
+        """The larger side."""
+        return max(self.in_features, self.out_features)
+
+    @property
+    def nb(self) -> int:
+        """Number of bases: ``ceil(m / r)``."""
+        return num_bases(self.m, self.r)
+
+    @property
+    def in_le_out(self) -> bool:
+        """True when the update is ``s * P`` (not transposed)."""
+        return self.in_features <= self.out_features
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One adapter's state on one layer: rank, alpha and the trainable lambda (r, nb), gamma (nb, m)."""
+
+    r: int
+    alpha: float
+    lam: np.ndarray
+    gamma: np.ndarray
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``."""
+        return float(self.alpha) / self.r
+
+
+def slice_bases(a: np.ndarray, b: np.ndarray, geom: LayerGeometry) -> tuple[np.ndarray, np.ndarray]:
+    """Window of the shared bases used by a layer: A[:r, 0, :m] -> (r, m), B[:M, :nb, :r] -> (M, nb, r)."""
+    if a.ndim != 3 or a.shape[1] != 1 or b.ndim != 3:
+        raise ShapeError(f"bases must be A (r, 1, m_max) and B (M_max, nb_max, r); got {a.shape} and {b.shape}")
+    r, m, big_m, nb = geom.r, geom.m, geom.M, geom.nb
+    if a.shape[0] < r or a.shape[2] < m:
+        raise ShapeError(f"basis A of shape {a.shape} is too small for r={r}, m={m}")
+    if b.shape[0] < big_m or b.shape[1] < nb or b.shape[2] < r:
+        raise ShapeError(f"basis B of shape {b.shape} is too small for M={big_m}, nb={nb}, r={r}")
+    return np.asarray(a[:r, 0, :m], np.float64), np.asarray(b[:big_m, :nb, :r], np.float64)
+
+
+def scaled_basis(a_slice: np.ndarray, lam: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+    """S_flat (r*nb, m) with ``S_flat[k*nb + b, j] = lam[k, b] * A[k, j] * gamma[b, j]`` (SPEC 3.2)."""
+    lam, gamma = np.asarray(lam, np.float64), np.asarray(gamma, np.float64)
+    s = lam[:, :, None] * a_slice[:, None, :] * gamma[None, :, :]
+    return s.reshape(-1, a_slice.shape[1])
+
+
+def flat_b(b_slice: np.ndarray) -> np.ndarray:
+    """B_flat (M, nb*r) with ``B_flat[i, b*r + k] = B[i, b, k]`` (SPEC 3.3)."""
+    return b_slice.reshape(b_slice.shape[0], -1)
+
+
+def _check_adapter(geom: LayerGeometry, adapter: Adapter) -> None:
+    if np.shape(adapter.lam) != (geom.r, geom.nb) or np.shape(adapter.gamma) != (geom.nb, geom.m):
+        raise ShapeError(
+            f"lambda must be (r, nb) = {(geom.r, geom.nb)} and gamma (nb, m) = {(geom.nb, geom.m)}; "
+            f"got {np.shape(adapter.lam)} and {np.shape(adapter.gamma)}"
+        )
+
+
+def product(geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """P = B_flat @ S_flat, shape (M, m), before scaling and orientation (SPEC 3.4)."""
+    _check_adapter(geom, adapter)
+    a_s, b_s = slice_bases(a, b, geom)
+    return flat_b(b_s) @ scaled_basis(a_s, adapter.lam, adapter.gamma)
+
+
+def delta_weight(
+    geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool = False
+) -> np.ndarray:
+    """delta-W in the layer's storage layout: (out, in), or (in, out) when ``fan_in_fan_out``."""
+    p = product(geom, adapter, a, b)
+    delta = adapter.scaling * (p if geom.in_le_out else p.T)  # (out, in)
+    return delta.T if fan_in_fan_out else delta
+
+
+def _weight_out_in(weight: np.ndarray, fan_in_fan_out: bool) -> np.ndarray:
+    w = np.asarray(weight, np.float64)
+    return w.T if fan_in_fan_out else w
+
+
+def _active(adapters: Mapping[str, Adapter], active: Sequence[str]) -> list[Adapter]:
+    missing = [name for name in active if name not in adapters]
+    if missing:
+        raise AdapterNotFoundError(f"active adapters {missing} are not among {sorted(adapters)}")
+    return [adapters[name] for name in active]
+
+
+def effective_weight(
+    weight: np.ndarray,
+    adapters: Mapping[str, Adapter],
+    active: Sequence[str],
+    a: np.ndarray,
+    b: np.ndarray,
+    fan_in_fan_out: bool = False,
+) -> np.ndarray:
+    """W + sum of active delta-W, in (out, in) orientation, float64."""
+    w = _weight_out_in(weight, fan_in_fan_out)
+    geom_args = (w.shape[1], w.shape[0])
+    total = w.copy()
+    for adapter in _active(adapters, active):
+        total += delta_weight(LayerGeometry(*geom_args, adapter.r), adapter, a, b)
+    return total
+
+
+def forward(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    adapters: Mapping[str, Adapter],
+    active: Sequence[str],
+    a: np.ndarray,
+    b: np.ndarray,
+    fan_in_fan_out: bool = False,
+) -> np.ndarray:
+    """Y = x W^T + bias + sum over active adapters of x delta-W^T (SPEC 3.5; dropout is identity here).
+
+    ``x`` has any number of leading axes; its last axis is ``in_features``.
+    """
+    w_eff = effective_weight(weight, adapters, active, a, b, fan_in_fan_out)
+    x64 = np.asarray(x, np.float64)
+    if x64.shape[-1] != w_eff.shape[1]:
+        raise ShapeError(f"input's last dimension is {x64.shape[-1]}, the layer expects {w_eff.shape[1]}")
+    y = x64 @ w_eff.T
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return y
+
+
+def backward(
+    x: np.ndarray,
+    grad_y: np.ndarray,
+    weight: np.ndarray,
+    adapters: Mapping[str, Adapter],
+    active: Sequence[str],
+    a: np.ndarray,
+    b: np.ndarray,
+    fan_in_fan_out: bool = False,
+) -> tuple[np.ndarray, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Gradients of ``sum(grad_y * forward(x))`` (SPEC 3.6).
+
+    Returns:
+        ``(grad_x, {adapter_name: (grad_lambda, grad_gamma)})`` for every active adapter.
+
+    """
+    x64 = np.asarray(x, np.float64)
+    g64 = np.asarray(grad_y, np.float64)
+    w_eff = effective_weight(weight, adapters, active, a, b, fan_in_fan_out)
+    grad_x = g64 @ w_eff
+    x2 = x64.reshape(-1, x64.shape[-1])
+    g2 = g64.reshape(-1, g64.shape[-1])
+    grad_delta = g2.T @ x2  # dL/d(delta-W), (out, in)
+    in_f, out_f = w_eff.shape[1], w_eff.shape[0]
+    grads: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in active:
+        adapter = adapters[name]
+        geom = LayerGeometry(in_f, out_f, adapter.r)
+        a_s, b_s = slice_bases(a, b, geom)
+        grad_p = adapter.scaling * (grad_delta if geom.in_le_out else grad_delta.T)  # (M, m)
+        grad_s = (flat_b(b_s).T @ grad_p).reshape(geom.r, geom.nb, geom.m)
+        lam = np.asarray(adapter.lam, np.float64)
+        gamma = np.asarray(adapter.gamma, np.float64)
+        grad_lam = np.einsum("kbj,kj,bj->kb", grad_s, a_s, gamma)
+        grad_gamma = np.einsum("kbj,kj,kb->bj", grad_s, a_s, lam)
+        grads[name] = (grad_lam, grad_gamma)
+    return grad_x, grads
+
+
+def merge(
+    weight: np.ndarray,
+    adapters: Mapping[str, Adapter],
+    names: Sequence[str],
+    a: np.ndarray,
+    b: np.ndarray,
+    fan_in_fan_out: bool = False,
+) -> np.ndarray:
+    """Weight (in its storage layout) with the named adapters' delta-W added (SPEC 3.7)."""
+    w = np.asarray(weight, np.float64).copy()
+    in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+    for adapter in _active(adapters, names):
+        w += delta_weight(LayerGeometry(in_f, out_f, adapter.r), adapter, a, b, fan_in_fan_out)
+    return w
+
+
+def unmerge(
+    weight: np.ndarray,
+    adapters: Mapping[str, Adapter],
+    names: Sequence[str],
+    a: np.ndarray,
+    b: np.ndarray,
+    fan_in_fan_out: bool = False,
+) -> np.ndarray:
+    """Inverse of :func:`merge`: subtracts the named adapters' delta-W, in reverse order."""
+    w = np.asarray(weight, np.float64).copy()
+    in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+    for adapter in reversed(_active(adapters, names)):
+        w -= delta_weight(LayerGeometry(in_f, out_f, adapter.r), adapter, a, b, fan_in_fan_out)
+    return w
+
+
+def init_parameters(
+    geom: LayerGeometry, init_weights: bool = True, rng: np.random.Generator | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Initial (lambda, gamma) per SPEC 3.8.
+
+    ``init_weights=True``: lambda = 0 and gamma = 1 / max(nb, m), so the adapter starts as a no-op.
+    ``init_weights=False``: lambda ~ N(0, 1) from ``rng`` (not part of the portable state) and
+    gamma = 1 / M.
+    """
+    if init_weights:
+        lam = np.zeros((geom.r, geom.nb))
+        gamma = np.full((geom.nb, geom.m), 1.0 / max(geom.nb, geom.m))
+    else:
+        rng = rng if rng is not None else np.random.default_rng()
+        lam = rng.standard_normal((geom.r, geom.nb))
+        gamma = np.full((geom.nb, geom.m), 1.0 / geom.M)
+    return lam, gamma
