@@ -145,9 +145,7 @@ def save(path: str | Path, ckpt: AdapterCheckpoint) -> None:
 def _json_field(meta: dict[str, str], key: str, source: str) -> Any:
     raw = meta[key]
     if len(raw) > MAX_METADATA_VALUE_BYTES:
-        raise CheckpointError(
-            f"{source}: metadata {key!r} is {len(raw)} bytes, over the {MAX_METADATA_VALUE_BYTES}-byte limit"
-        )
+        raise CheckpointError(f"{source}: metadata {key!r} is {len(raw)} bytes, over the {MAX_METADATA_VALUE_BYTES}-byte limit")
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, RecursionError) as exc:
@@ -166,9 +164,7 @@ def _parse_layers(raw: Any, source: str) -> dict[str, LayerRecord]:
     layers = {}
     for path, rec in raw.items():
         if not path or not isinstance(rec, dict) or set(rec) != {"in_features", "out_features", "fan_in_fan_out"}:
-            raise CheckpointError(
-                f"{source}: layer record for {path!r} must hold in_features, out_features, fan_in_fan_out"
-            )
+            raise CheckpointError(f"{source}: layer record for {path!r} must hold in_features, out_features, fan_in_fan_out")
         if not isinstance(rec["fan_in_fan_out"], bool):
             raise CheckpointError(f"{source}: layer {path!r} fan_in_fan_out must be a boolean")
         layers[path] = LayerRecord(
@@ -195,15 +191,11 @@ def _parse_extra(raw: Any, source: str) -> tuple[list[str], dict[str, list[str]]
 def _parse_bases_shape(raw: Any, config: RandLoraConfig, layers: dict[str, LayerRecord], source: str) -> BasesShape:
     if not isinstance(raw, dict) or set(raw) != {"r", "m_max", "M_max", "nb_max"}:
         raise CheckpointError(f"{source}: metadata 'bases_shape' must hold r, m_max, M_max, nb_max")
-    shape = BasesShape(
-        **{k: _positive_int(raw[k], f"bases_shape.{k}", source) for k in ("r", "m_max", "M_max", "nb_max")}
-    )
+    shape = BasesShape(**{k: _positive_int(raw[k], f"bases_shape.{k}", source) for k in ("r", "m_max", "M_max", "nb_max")})
     if shape.r != config.r:
         raise CheckpointError(f"{source}: bases_shape.r = {shape.r} differs from config r = {config.r}")
     if shape.nb_max != num_bases(shape.m_max, shape.r) or shape.m_max > shape.M_max:
-        raise CheckpointError(
-            f"{source}: bases_shape {raw} is inconsistent (needs nb_max = ceil(m_max / r), m_max <= M_max)"
-        )
+        raise CheckpointError(f"{source}: bases_shape {raw} is inconsistent (needs nb_max = ceil(m_max / r), m_max <= M_max)")
     for path, rec in layers.items():
         if rec.m > shape.m_max or rec.M > shape.M_max:
             raise CheckpointError(
@@ -240,17 +232,13 @@ def from_bytes(
             f"{source}: format_version {meta['format_version']!r} is not supported (this reader: {FORMAT_VERSION})"
         )
     if meta["spec_version"].split(".")[0] != SPEC_VERSION.split(".")[0]:
-        raise CheckpointError(
-            f"{source}: spec_version {meta['spec_version']!r} is not supported (this reader: {SPEC_VERSION})"
-        )
+        raise CheckpointError(f"{source}: spec_version {meta['spec_version']!r} is not supported (this reader: {SPEC_VERSION})")
     try:
         config = RandLoraConfig.parse(_json_field(meta, "config", source))
     except ConfigError as exc:
         raise CheckpointError(f"{source}: embedded config is invalid: {exc}") from None
     if meta["basis_rule"] != config.basis_rule:
-        raise CheckpointError(
-            f"{source}: basis_rule {meta['basis_rule']!r} disagrees with the config's {config.basis_rule!r}"
-        )
+        raise CheckpointError(f"{source}: basis_rule {meta['basis_rule']!r} disagrees with the config's {config.basis_rule!r}")
     adapter_name = meta["adapter_name"]
     if not adapter_name or "." in adapter_name:
         raise CheckpointError(f"{source}: adapter_name {adapter_name!r} must be non-empty and contain no '.'")

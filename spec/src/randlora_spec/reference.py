@@ -99,9 +99,7 @@ def product(geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray)
     return flat_b(b_s) @ scaled_basis(a_s, adapter.lam, adapter.gamma)
 
 
-def delta_weight(
-    geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool = False
-) -> np.ndarray:
+def delta_weight(geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool = False) -> np.ndarray:
     """delta-W in the layer's storage layout: (out, in), or (in, out) when ``fan_in_fan_out``."""
     p = product(geom, adapter, a, b)
     delta = adapter.scaling * (p if geom.in_le_out else p.T)  # (out, in)

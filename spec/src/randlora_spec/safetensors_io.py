@@ -52,16 +52,12 @@ def float32_to_bf16(values: np.ndarray) -> np.ndarray:
 
 def _parse_header(blob: bytes, source: str) -> tuple[dict, int]:
     if len(blob) < 8:
-        raise CheckpointError(
-            f"{source}: file is {len(blob)} bytes, too short to be safetensors (needs an 8-byte header length)"
-        )
+        raise CheckpointError(f"{source}: file is {len(blob)} bytes, too short to be safetensors (needs an 8-byte header length)")
     n = int.from_bytes(blob[:8], "little")
     if n > MAX_HEADER_BYTES:
         raise CheckpointError(f"{source}: safetensors header length {n} exceeds the limit of {MAX_HEADER_BYTES} bytes")
     if 8 + n > len(blob):
-        raise CheckpointError(
-            f"{source}: header length {n} runs past the end of the {len(blob)}-byte file (truncated?)"
-        )
+        raise CheckpointError(f"{source}: header length {n} runs past the end of the {len(blob)}-byte file (truncated?)")
     try:
         header = json.loads(blob[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -79,9 +75,7 @@ def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
     header, start = _parse_header(blob, source)
     data = memoryview(blob)[start:]
     metadata = header.pop("__metadata__", {}) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{source}: __metadata__ must map strings to strings")
     spans: list[tuple[int, int, str]] = []
     tensors: dict[str, np.ndarray] = {}
@@ -91,9 +85,7 @@ def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in _ITEMSIZE:
             raise CheckpointError(f"{source}: tensor {name!r} has unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise CheckpointError(f"{source}: tensor {name!r} has a malformed shape {shape!r}")
         if (
             not isinstance(offsets, list)
@@ -104,9 +96,7 @@ def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
             raise CheckpointError(f"{source}: tensor {name!r} has data_offsets {offsets!r} outside the data buffer")
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if offsets[1] - offsets[0] != count * _ITEMSIZE[dtype]:
-            raise CheckpointError(
-                f"{source}: tensor {name!r} byte length does not match shape {shape} and dtype {dtype}"
-            )
+            raise CheckpointError(f"{source}: tensor {name!r} byte length does not match shape {shape} and dtype {dtype}")
         spans.append((offsets[0], offsets[1], name))
         raw = data[offsets[0] : offsets[1]]
         if dtype == "BF16":
@@ -119,9 +109,7 @@ def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
             raise CheckpointError(f"{source}: tensor {name!r} leaves a gap or overlaps in the data buffer")
         position = end
     if position != len(data):
-        raise CheckpointError(
-            f"{source}: data buffer has {len(data) - position} trailing bytes not owned by any tensor"
-        )
+        raise CheckpointError(f"{source}: data buffer has {len(data) - position} trailing bytes not owned by any tensor")
     return tensors, dict(metadata)
 
 
