@@ -3,10 +3,15 @@
 Written for clarity, not speed. Sections mirror SPEC.md: layer geometry (section 3.1), the scaled
 basis and delta-W with PEFT's pairing order (3.2-3.4), forward (3.5), backward (3.6) and
 merge/unmerge (3.7). All arithmetic is float64; inputs of other dtypes are upcast first.
+
+Every reduction is correctly rounded (each product is an IEEE float64 product, and the sum of the
+products is exact before one final rounding, via ``math.fsum``). BLAS summation order differs
+between CPUs; this does not, so the golden fixtures are byte-identical on every machine.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +19,25 @@ import numpy as np
 
 from randlora_spec.bases import num_bases
 from randlora_spec.errors import AdapterNotFoundError, ShapeError
+
+
+def exact_sum(values: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Correctly rounded float64 sum along ``axis`` (platform-independent, unlike ``np.sum``)."""
+    moved = np.moveaxis(np.asarray(values, np.float64), axis, -1)
+    rows = moved.reshape(-1, moved.shape[-1])
+    sums = np.fromiter((math.fsum(row) for row in rows), dtype=np.float64, count=rows.shape[0])
+    return sums.reshape(moved.shape[:-1])
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` for ``a`` (..., k) and 2-D ``b`` (k, n), with correctly rounded dot products."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    lead = a64.shape[:-1]
+    a2 = a64.reshape(-1, a64.shape[-1])
+    out = np.empty((a2.shape[0], b64.shape[1]))
+    for i, row in enumerate(a2):  # one row at a time keeps the (k, n) product block small
+        out[i] = exact_sum(row[:, None] * b64, axis=0)
+    return out.reshape(*lead, b64.shape[1])
 
 
 @dataclass(frozen=True)
@@ -96,7 +120,7 @@ def product(geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray)
     """P = B_flat @ S_flat, shape (M, m), before scaling and orientation (SPEC 3.4)."""
     _check_adapter(geom, adapter)
     a_s, b_s = slice_bases(a, b, geom)
-    return flat_b(b_s) @ scaled_basis(a_s, adapter.lam, adapter.gamma)
+    return matmul(flat_b(b_s), scaled_basis(a_s, adapter.lam, adapter.gamma))
 
 
 def delta_weight(geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool = False) -> np.ndarray:
@@ -153,7 +177,7 @@ def forward(
     x64 = np.asarray(x, np.float64)
     if x64.shape[-1] != w_eff.shape[1]:
         raise ShapeError(f"input's last dimension is {x64.shape[-1]}, the layer expects {w_eff.shape[1]}")
-    y = x64 @ w_eff.T
+    y = matmul(x64, w_eff.T)
     if bias is not None:
         y = y + np.asarray(bias, np.float64)
     return y
@@ -178,10 +202,10 @@ def backward(
     x64 = np.asarray(x, np.float64)
     g64 = np.asarray(grad_y, np.float64)
     w_eff = effective_weight(weight, adapters, active, a, b, fan_in_fan_out)
-    grad_x = g64 @ w_eff
+    grad_x = matmul(g64, w_eff)
     x2 = x64.reshape(-1, x64.shape[-1])
     g2 = g64.reshape(-1, g64.shape[-1])
-    grad_delta = g2.T @ x2  # dL/d(delta-W), (out, in)
+    grad_delta = matmul(g2.T, x2)  # dL/d(delta-W), (out, in)
     in_f, out_f = w_eff.shape[1], w_eff.shape[0]
     grads: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in active:
@@ -189,11 +213,13 @@ def backward(
         geom = LayerGeometry(in_f, out_f, adapter.r)
         a_s, b_s = slice_bases(a, b, geom)
         grad_p = adapter.scaling * (grad_delta if geom.in_le_out else grad_delta.T)  # (M, m)
-        grad_s = (flat_b(b_s).T @ grad_p).reshape(geom.r, geom.nb, geom.m)
+        grad_s = matmul(flat_b(b_s).T, grad_p).reshape(geom.r, geom.nb, geom.m)
         lam = np.asarray(adapter.lam, np.float64)
         gamma = np.asarray(adapter.gamma, np.float64)
-        grad_lam = np.einsum("kbj,kj,bj->kb", grad_s, a_s, gamma)
-        grad_gamma = np.einsum("kbj,kj,kb->bj", grad_s, a_s, lam)
+        # grad_lambda[k, b] = sum_j grad_S[k, b, j] A[k, j] gamma[b, j]
+        grad_lam = exact_sum(grad_s * a_s[:, None, :] * gamma[None, :, :], axis=2)
+        # grad_gamma[b, j] = sum_k grad_S[k, b, j] lambda[k, b] A[k, j]
+        grad_gamma = exact_sum(grad_s * lam[:, :, None] * a_s[:, None, :], axis=0)
         grads[name] = (grad_lam, grad_gamma)
     return grad_x, grads
 

@@ -1,0 +1,355 @@
+#!/usr/bin/env python3
+"""Regenerate the golden fixtures under spec/golden/ from the float64 reference.
+
+Deterministic: every random input comes from a generator seeded by the case id, files are
+written with sorted keys, and the reference's reductions are correctly rounded, so a rerun on
+any machine produces identical bytes. ``--check`` regenerates into memory and exits 1 when a
+committed file differs (or is missing or extra).
+
+Usage: python tools/make_golden.py [--check] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "spec" / "src"))  # run from a checkout without installing anything
+
+from randlora_spec import checkpoint  # noqa: E402
+from randlora_spec.bases import BasesShape, bases_shape_for_layers, basis_kind, generate_bases  # noqa: E402
+from randlora_spec.config import RandLoraConfig  # noqa: E402
+from randlora_spec.driver import ReferenceDriver  # noqa: E402
+from randlora_spec.golden import GOLDEN_FORMAT, MANIFEST_NAME, GoldenCase  # noqa: E402
+from randlora_spec.reference import LayerGeometry  # noqa: E402
+from randlora_spec.safetensors_io import encode  # noqa: E402
+from randlora_spec.tolerances import tolerance  # noqa: E402
+
+DTYPES = ("float64", "float32")
+
+
+def rng_for(case_id: str) -> np.random.Generator:
+    """A generator seeded by the case id, so inputs never depend on generation order."""
+    return np.random.default_rng(zlib.crc32(case_id.encode()))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer geometry to cover, with its adapters and the allocation of the shared bases."""
+
+    name: str
+    in_features: int
+    out_features: int
+    adapters: dict[str, int]  # adapter name -> r
+    active: tuple[str, ...] = ("default",)
+    fan_in_fan_out: bool = False
+    has_bias: bool = True
+    x_shape: tuple[int, ...] = (5,)  # leading axes of x
+    alloc_extra: tuple[int, int] = (0, 0)  # bases allocated for a larger model: extra (in, out)
+    seed: int = 0
+    basis: str = "dense"
+    notes: str = ""
+    alphas: dict[str, float] = field(default_factory=dict)
+
+
+LAYERS = [
+    LayerSpec("in-lt-out", 12, 20, {"default": 4}, notes="in < out: delta_W = s * P"),
+    LayerSpec("in-gt-out", 20, 12, {"default": 4}, notes="in > out: delta_W = s * P^T"),
+    LayerSpec("square", 16, 16, {"default": 4}, has_bias=False, notes="square layer, no bias"),
+    LayerSpec("m-not-div-r", 10, 14, {"default": 4}, notes="m = 10 not divisible by r = 4 (nb = 3)"),
+    LayerSpec("r-gt-m", 3, 8, {"default": 5}, notes="r = 5 > m = 3 (nb = 1)"),
+    LayerSpec("fan-in-fan-out", 12, 20, {"default": 4}, fan_in_fan_out=True, notes="weight stored (in, out)"),
+    LayerSpec("fan-in-fan-out-in-gt-out", 18, 10, {"default": 3}, fan_in_fan_out=True, has_bias=False),
+    LayerSpec("input-3d", 12, 20, {"default": 4}, x_shape=(2, 3), notes="3-D input (batch, seq, in)"),
+    LayerSpec(
+        "sliced-bases",
+        12,
+        20,
+        {"default": 4},
+        alloc_extra=(20, 12),
+        seed=2**64 - 1,
+        notes="bases allocated for a larger model (32 x 32) and sliced; max seed",
+    ),
+    LayerSpec(
+        "two-adapters",
+        14,
+        9,
+        {"first": 3, "second": 3},
+        active=("first", "second"),
+        alphas={"first": 6.0, "second": 1.5},
+        notes="two adapters active at once, summed",
+    ),
+    LayerSpec(
+        "two-adapters-different-r",
+        16,
+        24,
+        {"big": 4, "small": 2},
+        active=("big", "small"),
+        notes="ranks 4 and 2 share one allocation (r_alloc = 4, nb_alloc = ceil(m / 2))",
+    ),
+    LayerSpec("one-of-two-active", 12, 20, {"default": 4, "other": 4}, active=("other",), notes="inactive adapter ignored"),
+    LayerSpec("sparse-bases", 12, 20, {"default": 4}, seed=7, basis="sparse", notes="ternary bases, s = 3"),
+    LayerSpec("very-sparse-bases", 20, 12, {"default": 4}, seed=11, basis="very_sparse", notes="s = sqrt(m_max)"),
+]
+
+BASES = [
+    ("dense-seed0", 0, "dense", [(16, 24)], 4),
+    ("dense-seed-max", 2**64 - 1, "dense", [(7, 10)], 3),
+    ("dense-seed-large-r8", 123456789012345, "dense", [(33, 40), (40, 12)], 8),
+    ("dense-r-gt-m", 42, "dense", [(3, 9)], 5),
+    ("sparse-seed0", 0, "sparse", [(16, 24)], 4),
+    ("sparse-seed3", 3, "sparse", [(40, 33)], 8),
+    ("very-sparse-seed5", 5, "very_sparse", [(16, 24)], 4),
+    ("very-sparse-seed9", 9, "very_sparse", [(64, 20)], 6),
+]
+
+
+def _round(arr: np.ndarray, dtype: str) -> np.ndarray:
+    return np.asarray(arr, dtype=np.dtype(dtype))
+
+
+def layer_inputs(spec: LayerSpec, case_id: str, dtype: str) -> tuple[dict, dict]:
+    """Inputs and params of a layer case (the same inputs serve forward, backward and merge)."""
+    rng = rng_for(case_id)
+    i_f, o_f = spec.in_features, spec.out_features
+    r_alloc = max(spec.adapters.values())
+    nb_alloc = max(LayerGeometry(i_f, o_f, r).nb for r in spec.adapters.values())
+    shape = bases_shape_for_layers([(i_f + spec.alloc_extra[0], o_f + spec.alloc_extra[1])], r_alloc)
+    shape = BasesShape(r_alloc, shape.m_max, shape.M_max, max(shape.nb_max, nb_alloc))
+    a, b = generate_bases(spec.seed, shape, spec.basis)
+    weight = rng.standard_normal((o_f, i_f)) / np.sqrt(i_f)
+    inputs = {
+        "x": _round(rng.standard_normal((*spec.x_shape, i_f)), dtype),
+        "weight": _round(weight.T if spec.fan_in_fan_out else weight, dtype),
+        "grad_y": _round(rng.standard_normal((*spec.x_shape, o_f)), dtype),
+        "randlora_A": a,
+        "randlora_B": b,
+    }
+    if spec.has_bias:
+        inputs["bias"] = _round(0.1 * rng.standard_normal(o_f), dtype)
+    adapters = {}
+    for name, r in sorted(spec.adapters.items()):
+        geom = LayerGeometry(i_f, o_f, r)
+        inputs[f"{name}.lambda"] = _round(rng.standard_normal((geom.r, geom.nb)), dtype)
+        # Non-trivial gamma: around PEFT's 1/M init, but different per element.
+        inputs[f"{name}.gamma"] = _round((1.0 + 0.5 * rng.standard_normal((geom.nb, geom.m))) / geom.M, dtype)
+        adapters[name] = {"r": r, "alpha": spec.alphas.get(name, 2.0 * r)}
+    params = {
+        "in_features": i_f,
+        "out_features": o_f,
+        "fan_in_fan_out": spec.fan_in_fan_out,
+        "has_bias": spec.has_bias,
+        "adapters": adapters,
+        "active": list(spec.active),
+        "seed": spec.seed,
+        "basis_kind": spec.basis,
+        "bases_shape": shape.__dict__,
+        "notes": spec.notes,
+    }
+    return inputs, params
+
+
+def checkpoint_cases(out: dict[str, bytes]) -> list[dict]:
+    """Checkpoint files with and without bases, plus layer inputs and the outputs they must give."""
+    layers = {
+        "encoder.layers.0.q_proj": checkpoint.LayerRecord(12, 20),
+        "encoder.layers.0.o_proj": checkpoint.LayerRecord(20, 12),
+        "head.c_fc": checkpoint.LayerRecord(16, 16, fan_in_fan_out=True),
+    }
+    variants = [
+        ("with-bases", {"save_projection": True}, False, frozenset()),
+        ("without-bases", {"save_projection": False}, False, frozenset()),
+        ("sparse-without-bases", {"save_projection": False, "sparse": True, "projection_prng_key": 99}, False, frozenset()),
+        (
+            "trainable-biases",
+            {"save_projection": True, "bias": "randlora_only", "projection_prng_key": 2**40 + 3},
+            True,
+            frozenset(),
+        ),
+        ("bf16-parameters", {"save_projection": False, "projection_prng_key": 5}, False, None),
+    ]
+    entries = []
+    for name, overrides, biases, bf16 in variants:
+        case_id = f"checkpoint-{name}"
+        rng = rng_for(case_id)
+        config = RandLoraConfig(r=4, randlora_alpha=8.0, target_modules=["q_proj", "o_proj", "c_fc"], **overrides)
+        shape = bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in layers.values()], config.r)
+        tensors: dict[str, np.ndarray] = {}
+        inputs: dict[str, np.ndarray] = {}
+        for path, rec in layers.items():
+            geom = LayerGeometry(rec.in_features, rec.out_features, config.r)
+            lam = rng.standard_normal((geom.r, geom.nb)).astype(np.float32)
+            gamma = ((1.0 + 0.5 * rng.standard_normal((geom.nb, geom.m))) / geom.M).astype(np.float32)
+            if bf16 is None:  # make the values bf16-representable so storing them as BF16 is lossless
+                lam, gamma = (np.asarray(t.view(np.uint32) & 0xFFFF0000, np.uint32).view(np.float32) for t in (lam, gamma))
+            tensors[path + checkpoint.LAMBDA_SUFFIX], tensors[path + checkpoint.GAMMA_SUFFIX] = lam, gamma
+            weight = (rng.standard_normal((rec.out_features, rec.in_features)) / np.sqrt(rec.in_features)).astype(np.float32)
+            inputs[f"{path}.weight"] = weight.T.copy() if rec.fan_in_fan_out else weight
+            inputs[f"{path}.x"] = rng.standard_normal((2, 3, rec.in_features)).astype(np.float32)
+            bias = (0.1 * rng.standard_normal(rec.out_features)).astype(np.float32)
+            if biases:
+                tensors[f"{path}.bias"] = bias  # the trained bias lives in the checkpoint
+            else:
+                inputs[f"{path}.bias"] = bias
+        kind = basis_kind(config.sparse, config.very_sparse)
+        ckpt = checkpoint.AdapterCheckpoint(
+            config=config,
+            adapter_name="default",
+            layers=dict(layers),
+            bases_shape=shape,
+            tensors=tensors,
+            bases=generate_bases(config.projection_prng_key, shape, kind) if config.save_projection else None,
+            biases=sorted(layers) if biases else [],
+            bf16_keys=frozenset(tensors) if bf16 is None else bf16,
+        )
+        ckpt_file = f"checkpoints/{name}.safetensors"
+        out[ckpt_file] = checkpoint.to_bytes(ckpt)
+        entries.append(
+            {
+                "id": case_id,
+                "kind": "checkpoint",
+                "dtype": "float32",
+                "params": {
+                    "layers": {p: rec.__dict__ for p, rec in layers.items()},
+                    "basis_rule": config.basis_rule,
+                    "notes": f"checkpoint {name}: the listed layers, loaded from the file, must map each x to y",
+                },
+                "inputs": inputs,
+                "files": {"checkpoint": ckpt_file},
+            }
+        )
+    return entries
+
+
+def build() -> dict[str, bytes]:
+    """Every golden file, by path relative to spec/golden/."""
+    out: dict[str, bytes] = {}
+    entries: list[dict] = []
+    for case_name, seed, kind, shapes, r in BASES:
+        shape = bases_shape_for_layers(shapes, r)
+        entries.append(
+            {
+                "id": f"bases-{case_name}",
+                "kind": "bases",
+                "dtype": "float32",
+                "params": {"seed": seed, "basis_kind": kind, "bases_shape": shape.__dict__, "layers": shapes},
+                "inputs": {},
+            }
+        )
+    # The slice property as data: the expected values come from a larger allocation, sliced.
+    big = BasesShape(r=8, m_max=40, M_max=48, nb_max=5)
+    small = BasesShape(r=4, m_max=12, M_max=20, nb_max=3)
+    big_a, big_b = generate_bases(1234, big)
+    entries.append(
+        {
+            "id": "bases-slice-property",
+            "kind": "bases",
+            "dtype": "float32",
+            "params": {"seed": 1234, "basis_kind": "dense", "bases_shape": small.__dict__, "sliced_from": big.__dict__},
+            "inputs": {},
+            "expected": {
+                "randlora_A": big_a[: small.r, :, : small.m_max].copy(),
+                "randlora_B": big_b[: small.M_max, : small.nb_max, : small.r].copy(),
+            },
+        }
+    )
+    for spec in LAYERS:
+        for dtype in DTYPES:
+            for kind in ("forward", "backward", "merge"):
+                case_id = f"{kind}-{spec.name}-{dtype}"
+                inputs, params = layer_inputs(spec, f"{spec.name}-{dtype}", dtype)
+                if kind != "backward":
+                    inputs = {k: v for k, v in inputs.items() if k != "grad_y"}
+                if kind == "merge":
+                    inputs = {k: v for k, v in inputs.items() if k != "x"}
+                entries.append({"id": case_id, "kind": kind, "dtype": dtype, "params": params, "inputs": inputs})
+    entries.extend(checkpoint_cases(out))
+
+    with tempfile.TemporaryDirectory() as scratch:
+        manifest_cases = [_finish(entry, out, Path(scratch)) for entry in entries]
+    manifest = {
+        "format": GOLDEN_FORMAT,
+        "generator": "tools/make_golden.py",
+        "comparison": "max|actual - expected| <= atol + rtol * max|expected| per output; 'exact' means bit-identical",
+        "cases": manifest_cases,
+    }
+    out[MANIFEST_NAME] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    return out
+
+
+def _finish(entry: dict, out: dict[str, bytes], scratch: Path) -> dict:
+    """Compute a case's expected outputs with the reference, store its file, return its manifest entry."""
+    files = {}
+    for key, rel in entry.get("files", {}).items():
+        files[key] = scratch / rel.replace("/", "_")
+        files[key].write_bytes(out[rel])
+    case = GoldenCase(
+        id=entry["id"],
+        kind=entry["kind"],
+        dtype=entry["dtype"],
+        params=entry["params"],
+        inputs=entry["inputs"],
+        expected={},
+        files=files,
+    )
+    expected = entry.get("expected") or ReferenceDriver().run(case)
+    if entry["kind"] != "bases":
+        expected = {k: np.asarray(v, np.float64) for k, v in expected.items()}
+    file_name = f"cases/{entry['id']}.safetensors"
+    tensors = {f"input.{k}": v for k, v in entry["inputs"].items()}
+    tensors.update({f"expected.{k}": v for k, v in expected.items()})
+    out[file_name] = encode(tensors, {"case": entry["id"]})
+    tol = "exact" if entry["kind"] == "bases" else tolerance(entry["dtype"]).__dict__
+    return {
+        "id": entry["id"],
+        "kind": entry["kind"],
+        "dtype": entry["dtype"],
+        "params": entry["params"],
+        "file": file_name,
+        "files": entry.get("files", {}),
+        "inputs": sorted(entry["inputs"]),
+        "expected": sorted(expected),
+        "tolerance": tol,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the fixtures, or with ``--check`` compare them with what is committed."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the committed fixtures differ")
+    parser.add_argument("--out", type=Path, default=ROOT / "spec" / "golden", help="golden directory")
+    args = parser.parse_args(argv)
+    files = build()
+    existing = {str(p.relative_to(args.out)) for p in args.out.rglob("*") if p.is_file()} if args.out.exists() else set()
+    if args.check:
+        stale = sorted(p for p, blob in files.items() if not (args.out / p).is_file() or (args.out / p).read_bytes() != blob)
+        extra = sorted(existing - files.keys())
+        for p in stale:
+            print(f"stale or missing: {p}")
+        for p in extra:
+            print(f"not produced by the generator: {p}")
+        ok = not stale and not extra
+        print(f"golden check: {len(files)} files, {'OK' if ok else 'FAILED: run python tools/make_golden.py'}")
+        return 0 if ok else 1
+    for p in sorted(existing - files.keys()):
+        (args.out / p).unlink()
+    for p, blob in files.items():
+        target = args.out / p
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists() or target.read_bytes() != blob:
+            target.write_bytes(blob)
+    total = sum(len(b) for b in files.values())
+    print(f"wrote {len(files)} files ({total / 1e6:.2f} MB) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
