@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from randlora_spec.bases import PEFT_RULE, PORTABLE_RULE
 from randlora_spec.errors import ConfigError
@@ -43,12 +43,23 @@ class RandLoraConfig(BaseModel):
 
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        validate_assignment=True,
+        json_schema_extra={
+            "not": {
+                "description": "sparse and very_sparse are mutually exclusive",
+                "properties": {"sparse": {"const": True}, "very_sparse": {"const": True}},
+                "required": ["sparse", "very_sparse"],
+            }
+        },
+    )
 
-    r: int = Field(32, description="Rank of each random basis; smaller r means more trainable parameters.")
-    randlora_alpha: float = Field(640.0, description="Scaling numerator: the update is scaled by alpha / r.")
-    randlora_dropout: float = Field(0.0, description="Dropout probability on the adapter's input, in [0, 1).")
-    projection_prng_key: int = Field(0, description="64-bit seed of the shared random bases, in [0, 2**64).")
+    r: int = Field(32, ge=1, description="Rank of each random basis; smaller r means more trainable parameters.")
+    randlora_alpha: float = Field(640.0, gt=0, allow_inf_nan=False, description="Update scale numerator: alpha / r.")
+    randlora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability on the adapter's input, in [0, 1).")
+    projection_prng_key: int = Field(0, ge=0, lt=2**64, description="64-bit seed of the shared random bases, in [0, 2**64).")
     save_projection: bool = Field(True, description="Store the shared bases in checkpoints.")
     sparse: bool = Field(False, description="Ternary bases with sparsity s = 3.")
     very_sparse: bool = Field(False, description="Ternary bases with sparsity s = sqrt(m_max).")
@@ -81,34 +92,6 @@ class RandLoraConfig(BaseModel):
         except ValidationError as exc:
             raise config_error_from(exc) from None
 
-    @field_validator("r")
-    @classmethod
-    def _r_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"r must be an integer >= 1, got {value}")
-        return value
-
-    @field_validator("randlora_alpha")
-    @classmethod
-    def _alpha_positive(cls, value: float) -> float:
-        if not value > 0 or value == float("inf"):
-            raise ValueError(f"randlora_alpha must be a finite number > 0, got {value}")
-        return value
-
-    @field_validator("randlora_dropout")
-    @classmethod
-    def _dropout_range(cls, value: float) -> float:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"randlora_dropout must be in [0, 1), got {value}")
-        return value
-
-    @field_validator("projection_prng_key")
-    @classmethod
-    def _seed_range(cls, value: int) -> int:
-        if not 0 <= value < 2**64:
-            raise ValueError(f"projection_prng_key must be an integer in [0, 2**64), got {value}")
-        return value
-
     @field_validator("layers_to_transform")
     @classmethod
     def _layers_non_negative(cls, value: list[int] | int | None) -> list[int] | int | None:
@@ -126,13 +109,19 @@ class RandLoraConfig(BaseModel):
             raise ValueError("must not contain empty names")
         return value
 
-    @model_validator(mode="after")
-    def _check_combinations(self) -> RandLoraConfig:
-        if self.sparse and self.very_sparse:
+    @field_validator("very_sparse")
+    @classmethod
+    def _one_sparsity(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("sparse"):
             raise ValueError("sparse and very_sparse are mutually exclusive: set at most one of them")
-        if self.layers_pattern is not None and self.layers_to_transform is None:
+        return value
+
+    @field_validator("layers_pattern")
+    @classmethod
+    def _pattern_needs_layers(cls, value: list[str] | str | None, info: ValidationInfo) -> list[str] | str | None:
+        if value is not None and info.data.get("layers_to_transform") is None:
             raise ValueError("layers_pattern is only meaningful together with layers_to_transform")
-        return self
+        return value
 
     @property
     def scaling(self) -> float:
