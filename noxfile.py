@@ -1,0 +1,103 @@
+"""Orchestration for the randlora monorepo.
+
+Each package is tested in its own virtualenv holding only its declared dependencies (installed
+from the local source trees, not editable), which is how we prove that installing one
+distribution alone works. Sessions:
+
+    nox -s conformance   every implementation against the golden vectors, one venv each
+    nox -s tests         everything CI runs: lint, golden, spec, each package, conformance
+    nox -s lint | golden | spec | core | peft | bnb
+
+On a machine whose only local torch is the CPU wheel, set PIP_CONSTRAINT=.ci/constraints.txt
+(``.ci/run`` does) so pip picks it instead of a multi-GB CUDA build.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).resolve().parent
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = False
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "golden", "spec", "conformance"]
+
+TEST_DEPS = ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6"]
+SPEC = "spec"
+
+# Each implementation: the local distributions it needs, dependencies first.
+PACKAGES: dict[str, list[str]] = {
+    "core": [SPEC, "packages/randlora-core"],
+    "peft": [SPEC, "packages/randlora-core", "packages/randlora-peft"],
+    "bnb": [SPEC, "packages/randlora-core", "packages/randlora-bnb"],
+}
+PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
+IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
+
+
+def _install(session: nox.Session, paths: list[str], *extra: str) -> None:
+    session.install(*(str(ROOT / p) for p in paths), *extra)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def golden(session: nox.Session) -> None:
+    """Golden fixtures and the JSON Schema are exactly what the generators produce."""
+    session.install("numpy>=1.24", "pydantic>=2.5")
+    session.run("python", "tools/make_golden.py", "--check")
+    session.run("python", "tools/export_schema.py", "--check")
+
+
+@nox.session
+def spec(session: nox.Session) -> None:
+    """Unit tests of randlora-spec (no torch in this venv)."""
+    _install(session, [SPEC], *TEST_DEPS, "safetensors>=0.4")
+    session.run("python", "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)")
+    session.run("pytest", "spec/tests", "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+def _package_session(name: str, paths: list[str]) -> None:
+    def run(session: nox.Session) -> None:
+        _install(session, paths, *TEST_DEPS)
+        session.run(
+            "pytest",
+            f"{paths[-1]}/tests",
+            "-n",
+            "auto",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *session.posargs,
+            env={f"RANDLORA_{name.upper()}_ISOLATED": "1"},
+        )
+
+    run.__doc__ = f"Unit tests of {Path(paths[-1]).name} in a venv holding only it and its dependencies."
+    nox.session(name=name)(run)
+
+
+for _name, _paths in PRESENT.items():
+    _package_session(_name, _paths)
+
+
+@nox.session
+@nox.parametrize("impl", list(IMPLEMENTATIONS))
+def conformance(session: nox.Session, impl: str) -> None:
+    """One implementation, installed alone, against every golden case."""
+    _install(session, IMPLEMENTATIONS[impl], "pytest>=8", "pytest-xdist>=3")
+    session.run("pytest", "conformance", "--driver", impl, "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The whole suite CI runs: queues every test session."""
+    for name in ["lint", "golden", "spec", *PRESENT, "conformance"]:
+        session.notify(name)
