@@ -6,9 +6,10 @@ from pathlib import Path
 import numpy as np
 
 from randlora_spec.config import json_schema
-from randlora_spec.golden import default_golden_dir, load_cases
+from randlora_spec.golden import load_cases
 
 ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = ROOT / "spec" / "golden"
 
 
 def _tool(name):
@@ -23,7 +24,7 @@ def test_golden_fixtures_are_current_and_regeneration_is_byte_identical():
     make_golden = _tool("make_golden")
     first, second = make_golden.build(), make_golden.build()
     assert first == second
-    golden = default_golden_dir()
+    golden = GOLDEN
     on_disk = {str(p.relative_to(golden)) for p in golden.rglob("*") if p.is_file()}
     assert on_disk == set(first)
     assert all((golden / p).read_bytes() == blob for p, blob in first.items())
@@ -32,7 +33,7 @@ def test_golden_fixtures_are_current_and_regeneration_is_byte_identical():
 
 
 def test_manifest_covers_the_required_cases():
-    cases = load_cases()
+    cases = load_cases(GOLDEN)
     kinds = {c.kind for c in cases}
     assert kinds == {"bases", "forward", "backward", "merge", "checkpoint"}
     assert {c.dtype for c in cases if c.kind == "forward"} == {"float64", "float32"}

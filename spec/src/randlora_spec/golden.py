@@ -8,6 +8,7 @@ Implementations never see test code, only :class:`GoldenCase` objects handed to 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,18 @@ class GoldenCase:
 
 
 def default_golden_dir() -> Path:
-    """``spec/golden`` of a source checkout (this module lives in ``spec/src/randlora_spec``)."""
-    return Path(__file__).resolve().parents[2] / "golden"
+    """The golden directory: ``$RANDLORA_GOLDEN_DIR`` if set, else ``spec/golden`` of a source checkout.
+
+    Raises:
+        FileNotFoundError: neither exists (an installed wheel does not carry the fixtures; pass a path).
+    """
+    env = os.environ.get("RANDLORA_GOLDEN_DIR")
+    candidate = Path(env) if env else Path(__file__).resolve().parents[2] / "golden"
+    if not (candidate / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(
+            f"no golden manifest at {candidate}; set RANDLORA_GOLDEN_DIR or pass the directory of a source checkout"
+        )
+    return candidate
 
 
 def load_manifest(golden_dir: Path) -> dict[str, Any]:
