@@ -96,6 +96,22 @@ def conformance(session: nox.Session, impl: str) -> None:
     session.run("pytest", "conformance", "--driver", impl, "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Long fuzzing budget for the parsers of untrusted input; prints how many cases ran."""
+    _install(session, [SPEC], *TEST_DEPS)
+    examples = session.posargs[0] if session.posargs else "20000"
+    session.run(
+        "pytest",
+        "spec/tests/test_fuzz.py",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--hypothesis-show-statistics",
+        env={"RANDLORA_FUZZ_EXAMPLES": examples},
+    )
+
+
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
     """The whole suite CI runs: queues every test session."""

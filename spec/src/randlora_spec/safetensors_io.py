@@ -8,6 +8,7 @@ Format: 8-byte little-endian header length N, N bytes of UTF-8 JSON, then the ra
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -94,7 +95,7 @@ def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
             or not 0 <= offsets[0] <= offsets[1] <= len(data)
         ):
             raise CheckpointError(f"{source}: tensor {name!r} has data_offsets {offsets!r} outside the data buffer")
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)  # exact: a hostile shape must not overflow into a matching length
         if offsets[1] - offsets[0] != count * _ITEMSIZE[dtype]:
             raise CheckpointError(f"{source}: tensor {name!r} byte length does not match shape {shape} and dtype {dtype}")
         spans.append((offsets[0], offsets[1], name))
