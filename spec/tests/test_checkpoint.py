@@ -70,6 +70,14 @@ def test_bf16_storage_round_trips_representable_values():
         assert np.array_equal(loaded.tensors[key], value)
 
 
+def _raw_header(blob, metadata_json):
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + n])
+    header["__metadata__"] = json.loads(metadata_json)
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + blob[8 + n :]
+
+
 def _set(key, value):
     return lambda meta: meta.__setitem__(key, value)
 
@@ -151,6 +159,16 @@ def test_unknown_rule_without_bases_is_an_error_not_a_regeneration():
     with pytest.raises(BasisRuleError, match="refusing to substitute"):
         checkpoint.from_bytes(blob)
     assert checkpoint.from_bytes(blob, supported_basis_rules=[PEFT_RULE]).bases is None
+
+
+def test_bias_shapes_are_checked():
+    ckpt = make(True, bias="randlora_only")
+    ckpt.biases = ["a.q"]
+    ckpt.tensors["a.q.bias"] = np.zeros(7, np.float32)
+    with pytest.raises(CheckpointError, match=r"'a.q.bias' has shape \(7,\), expected \(20,\)"):
+        checkpoint.to_bytes(ckpt)
+    ckpt.tensors["a.q.bias"] = np.zeros(20, np.float32)
+    assert np.array_equal(checkpoint.from_bytes(checkpoint.to_bytes(ckpt)).tensors["a.q.bias"], np.zeros(20))
 
 
 def test_missing_file(tmp_path):

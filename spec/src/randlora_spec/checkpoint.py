@@ -182,7 +182,7 @@ def _parse_extra(raw: Any, source: str) -> tuple[list[str], dict[str, list[str]]
     if not isinstance(biases, list) or not all(isinstance(p, str) and p for p in biases):
         raise CheckpointError(f"{source}: extra.biases must be a list of module paths")
     if not isinstance(mts, dict) or not all(
-        isinstance(v, list) and all(isinstance(n, str) and n for n in v) for v in mts.values()
+        k and isinstance(v, list) and all(isinstance(n, str) and n for n in v) for k, v in mts.items()
     ):
         raise CheckpointError(f"{source}: extra.modules_to_save must map module paths to parameter-name lists")
     return biases, mts
@@ -246,6 +246,10 @@ def from_bytes(
     shape = _parse_bases_shape(_json_field(meta, "bases_shape", source), config, layers, source)
     biases, mts = _parse_extra(_json_field(meta, "extra", source), source)
 
+    if biases and config.bias == "none":
+        raise CheckpointError(f"{source}: biases {biases[:5]} are stored but the config says bias='none'")
+    if config.bias == "randlora_only" and set(biases) - set(layers):
+        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
     if meta["bases"] not in ("stored", "absent"):
         raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {meta['bases']!r}")
     stored = meta["bases"] == "stored"
@@ -277,8 +281,18 @@ def from_bytes(
         for key, want in ((path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))):
             if tensors[key].shape != want:
                 raise CheckpointError(f"{source}: tensor {key!r} has shape {tensors[key].shape}, expected {want}")
+    for path in biases:
+        rec = layers.get(path)
+        bias = tensors[path + ".bias"]
+        if bias.ndim != 1 or (rec is not None and bias.shape[0] != rec.out_features):
+            want = f"({rec.out_features},)" if rec is not None else "1-D"
+            raise CheckpointError(f"{source}: tensor {path + '.bias'!r} has shape {bias.shape}, expected {want}")
     bases = None
     if stored:
+        allowed = {"F32"} if config.basis_rule == PORTABLE_RULE else FLOAT_CODES
+        for key in (BASIS_A_KEY, BASIS_B_KEY):
+            if dtypes[key] not in allowed:
+                raise CheckpointError(f"{source}: basis {key!r} is {dtypes[key]}; rule {config.basis_rule!r} defines F32 values")
         a, b = tensors.pop(BASIS_A_KEY), tensors.pop(BASIS_B_KEY)
         if a.shape != shape.a_shape or b.shape != shape.b_shape:
             raise CheckpointError(

@@ -7,9 +7,10 @@ adapter_config.json files convert both ways.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from randlora_spec.bases import PEFT_RULE, PORTABLE_RULE
 from randlora_spec.errors import ConfigError
@@ -29,6 +30,9 @@ PEFT_BOOKKEEPING_KEYS = frozenset(
     }
 )
 """Keys of PEFT's adapter_config.json that carry no meaning for RandLoRA's math or layout."""
+
+Name = Annotated[str, Field(min_length=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 BASIS_RULE_PATTERN = r"^[a-z0-9][a-z0-9.\-]*-v[0-9]+$"
 
@@ -65,20 +69,20 @@ class RandLoraConfig(BaseModel):
     very_sparse: bool = Field(False, description="Ternary bases with sparsity s = sqrt(m_max).")
     fan_in_fan_out: bool = Field(False, description="Target layers store weight as (in, out) (GPT-2 Conv1D).")
     bias: Literal["none", "all", "randlora_only"] = Field("none", description="Which biases are trainable.")
-    target_modules: list[str] | str | None = Field(
+    target_modules: list[Name] | Name | None = Field(
         None, description="Module names or suffixes, a full-match regex string, or 'all-linear'."
     )
-    exclude_modules: list[str] | str | None = Field(None, description="Names or a regex excluded from targeting.")
-    layers_to_transform: list[int] | int | None = Field(None, description="Layer indices to adapt.")
-    layers_pattern: list[str] | str | None = Field(None, description="Name of the layer-list module, e.g. 'layers'.")
-    modules_to_save: list[str] | None = Field(None, description="Modules trained fully and saved with the adapter.")
+    exclude_modules: list[Name] | Name | None = Field(None, description="Names or a regex excluded from targeting.")
+    layers_to_transform: list[NonNegativeInt] | NonNegativeInt | None = Field(None, description="Layer indices to adapt.")
+    layers_pattern: list[Name] | Name | None = Field(None, description="Name of the layer-list module, e.g. 'layers'.")
+    modules_to_save: list[Name] | None = Field(None, description="Modules trained fully and saved with the adapter.")
     init_weights: bool = Field(True, description="Start as a no-op (lambda = 0); False draws lambda ~ N(0, 1).")
     basis_rule: str = Field(
         PORTABLE_RULE,
         pattern=BASIS_RULE_PATTERN,
         description=f"Versioned id of the basis-generation rule; '{PORTABLE_RULE}' is portable, '{PEFT_RULE}' is PEFT's.",
     )
-    spec_version: Literal["1.0"] = Field(SPEC_VERSION, description="Version of SPEC.md the config follows.")
+    spec_version: str = Field(SPEC_VERSION, pattern=r"^1\.[0-9]+$", description="Version of SPEC.md the config follows (1.x).")
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -86,28 +90,22 @@ class RandLoraConfig(BaseModel):
         except ValidationError as exc:
             raise config_error_from(exc) from None
 
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes, **kwargs: Any) -> RandLoraConfig:  # type: ignore[override]
+        """Validate JSON text; errors become :class:`ConfigError` naming each field."""
+        try:
+            data = json.loads(json_data)
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"invalid RandLoraConfig: config: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid RandLoraConfig: config: must be a JSON object, got {type(data).__name__}")
+        return cls(**data)
+
     def __setattr__(self, name: str, value: Any) -> None:
         try:
             super().__setattr__(name, value)
         except ValidationError as exc:
             raise config_error_from(exc) from None
-
-    @field_validator("layers_to_transform")
-    @classmethod
-    def _layers_non_negative(cls, value: list[int] | int | None) -> list[int] | int | None:
-        values = [value] if isinstance(value, int) else value or []
-        if any(v < 0 for v in values):
-            raise ValueError(f"layers_to_transform must hold indices >= 0, got {value}")
-        return value
-
-    @field_validator("target_modules", "exclude_modules")
-    @classmethod
-    def _names_non_empty(cls, value: list[str] | str | None) -> list[str] | str | None:
-        if isinstance(value, str) and not value:
-            raise ValueError("must not be an empty string")
-        if isinstance(value, list) and any(not name for name in value):
-            raise ValueError("must not contain empty names")
-        return value
 
     @field_validator("very_sparse")
     @classmethod
@@ -123,6 +121,15 @@ class RandLoraConfig(BaseModel):
             raise ValueError("layers_pattern is only meaningful together with layers_to_transform")
         return value
 
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> RandLoraConfig:
+        # Field validators only see earlier fields at construction; this also covers assignment.
+        if self.sparse and self.very_sparse:
+            raise PydanticCustomError("combination", "sparse, very_sparse: mutually exclusive, set at most one of them")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise PydanticCustomError("combination", "layers_pattern: only meaningful together with layers_to_transform")
+        return self
+
     @property
     def scaling(self) -> float:
         """The update's scale ``randlora_alpha / r``."""
@@ -136,7 +143,7 @@ class RandLoraConfig(BaseModel):
                 return cls.model_validate_json(data)
             if not isinstance(data, dict):
                 raise ConfigError(f"config must be a JSON object (dict), got {type(data).__name__}")
-            return cls.model_validate(data)
+            return cls(**data)
         except ValidationError as exc:
             raise config_error_from(exc) from None
 
@@ -148,15 +155,13 @@ class RandLoraConfig(BaseModel):
         """PEFT ``adapter_config.json`` content for this config (``peft_type: RANDLORA``).
 
         PEFT regenerates bases with its own machine-dependent rule, so the result is faithful only
-        when the bases travel with the checkpoint; the caller decides how to handle that.
+        when the bases travel with the checkpoint; the caller decides how to handle that. PEFT's
+        RandLoraConfig has no ``exclude_modules``: it is left out, so a caller converting an adapter
+        must express the final set of adapted modules in ``target_modules`` (e.g. explicit paths).
         """
         data = self.model_dump(mode="json", exclude={"basis_rule", "spec_version", "exclude_modules"})
-        if isinstance(self.target_modules, list):
-            data["target_modules"] = sorted(self.target_modules)
         data.update({"peft_type": "RANDLORA", "task_type": None, "base_model_name_or_path": None})
         data.update({"revision": None, "inference_mode": True, "auto_mapping": None})
-        if self.exclude_modules is not None:
-            data["exclude_modules"] = self.exclude_modules
         return data
 
     @classmethod
@@ -176,14 +181,32 @@ class RandLoraConfig(BaseModel):
 
 
 def config_error_from(exc: ValidationError) -> ConfigError:
-    """Turn a pydantic error into a :class:`ConfigError` whose message names every failing field."""
-    parts = []
+    """Turn a pydantic error into a :class:`ConfigError` whose message names every failing field.
+
+    For fields typed as a union (``list[str] | str``) pydantic reports one error per branch; the
+    branch whose type did not even match is noise, so it is dropped when another branch has a
+    real complaint, and union tags are removed from locations (``target_modules.1``).
+    """
+    entries: list[tuple[str, str, bool]] = []
     for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:  # model-level rules already start with the fields they involve
+            entries.append(("", msg, False))
+            continue
+        field = str(err["loc"][0])
+        location = ".".join([field, *(str(p) for p in err["loc"][1:] if isinstance(p, int))])
         if err["type"] == "extra_forbidden":
             msg = "unknown field (not part of RandLoraConfig)"
-        parts.append(f"{field}: {msg}")
+        type_mismatch = err["type"].endswith("_type") and len(err["loc"]) > 1
+        entries.append((location, msg, type_mismatch))
+    fields_with_real_errors = {loc.split(".")[0] for loc, _, mismatch in entries if not mismatch}
+    parts: list[str] = []
+    for location, msg, mismatch in entries:
+        if mismatch and location.split(".")[0] in fields_with_real_errors:
+            continue
+        text = f"{location}: {msg}" if location else msg
+        if text not in parts:
+            parts.append(text)
     return ConfigError("invalid RandLoraConfig: " + "; ".join(parts))
 
 

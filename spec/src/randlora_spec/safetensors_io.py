@@ -75,7 +75,7 @@ def decode(blob: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray],
     """
     header, start = _parse_header(blob, source)
     data = memoryview(blob)[start:]
-    metadata = header.pop("__metadata__", {}) or {}
+    metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(f"{source}: __metadata__ must map strings to strings")
     spans: list[tuple[int, int, str]] = []
