@@ -1,0 +1,53 @@
+"""randlora-core: RandLoRA for PyTorch.
+
+Quick start::
+
+    from randlora_core import RandLoraConfig, get_randlora_model
+    model = get_randlora_model(my_module, RandLoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+
+See :mod:`randlora_core.model` for the adapter API, :mod:`randlora_core.registry` for the wrapper
+protocol, and :mod:`randlora_core.checkpoint` for the file format.
+"""
+
+from randlora_core.bases import RandLoraBases, generate_bases
+from randlora_core.checkpoint import build_checkpoint, load_adapter, save_adapter
+from randlora_core.layer import RandLoraLinear
+from randlora_core.model import RandLoraModel, get_randlora_model
+from randlora_core.modules_to_save import ModulesToSaveWrapper
+from randlora_core.registry import is_conv1d_like, register_layer_wrapper
+from randlora_spec.config import RandLoraConfig
+from randlora_spec.errors import (
+    AdapterNotFoundError,
+    BasisRuleError,
+    CheckpointError,
+    ConfigError,
+    MergeError,
+    RandLoraError,
+    ShapeError,
+    TargetModuleError,
+)
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "AdapterNotFoundError",
+    "BasisRuleError",
+    "CheckpointError",
+    "ConfigError",
+    "MergeError",
+    "ModulesToSaveWrapper",
+    "RandLoraBases",
+    "RandLoraConfig",
+    "RandLoraError",
+    "RandLoraLinear",
+    "RandLoraModel",
+    "ShapeError",
+    "TargetModuleError",
+    "build_checkpoint",
+    "generate_bases",
+    "get_randlora_model",
+    "is_conv1d_like",
+    "load_adapter",
+    "register_layer_wrapper",
+    "save_adapter",
+]

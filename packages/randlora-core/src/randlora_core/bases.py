@@ -1,0 +1,239 @@
+"""The portable basis rule ``randlora-philox4x32-10-v1`` in torch, and the shared-bases module.
+
+:func:`generate_bases` is bit-exact with :func:`randlora_spec.bases.generate_bases`. Philox needs
+unsigned 32x32 -> 64 bit products, which torch lacks, so every word lives in an ``int64`` tensor:
+the low word of a product is the (possibly wrapped) int64 product masked to 32 bits (wrapping is
+modulo 2**64, so its low 32 bits are exact) and the high word is assembled from 16-bit halves of
+the counter, whose partial products stay below 2**49. Only integer ops and one float32 multiply
+are used, so CUDA gives the same bits as CPU by construction.
+
+:class:`RandLoraBases` holds the one shared pair ``(A, B)`` of a model as float32 buffers. It is
+registered once on the model (so ``model.to(device)`` moves it once) and every layer reads windows
+of the same storage. Bases are float32 values by definition, so dtype casts of the model
+(``model.half()``, ``model.to(torch.bfloat16)``) move the buffers but keep them float32; layers cast
+their window to the compute dtype when they use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from randlora_spec.bases import (
+    DENSE_SCALE,
+    PORTABLE_RULE,
+    TAG_A,
+    TAG_B,
+    BasesShape,
+    BasisKind,
+    sparse_scale,
+    sparse_threshold,
+)
+from randlora_spec.errors import BasisRuleError, ShapeError
+from randlora_spec.philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, ROUNDS, seed_to_key
+
+MASK32 = 0xFFFFFFFF
+CHUNK_ELEMENTS = 1 << 20
+"""Elements generated per step: bounds the int64 working set to a few tens of MiB for any shape."""
+
+
+def _mulhilo(multiplier: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = (c * multiplier) & MASK32  # int64 wraps modulo 2**64, so the low 32 bits are exact
+    # (M * c) >> 32 == (M * c_hi16 + ((M * c_lo16) >> 16)) >> 16; both partial products are < 2**49.
+    hi = (((c & 0xFFFF) * multiplier >> 16) + (c >> 16) * multiplier) >> 16
+    return hi, lo
+
+
+def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS) -> torch.Tensor:
+    """Philox4x32 over ``counter`` of shape ``(..., 4)`` (integer words < 2**32); returns int64 words.
+
+    The result has the same shape, each word in ``[0, 2**32)``.
+    """
+    if counter.shape[-1] != 4:
+        raise ValueError(f"counter must have a trailing axis of 4 words, got shape {tuple(counter.shape)}")
+    c = counter.to(torch.int64) & MASK32
+    c0, c1, c2, c3 = c.unbind(-1)
+    k0, k1 = int(key[0]) & MASK32, int(key[1]) & MASK32
+    for round_index in range(rounds):
+        if round_index > 0:
+            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def _word0(seed: int, tag: int, shape: tuple[int, int, int], start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Philox word 0 for the row-major flat indices ``[start, stop)`` of a tensor of ``shape``."""
+    _, d1, d2 = shape
+    flat = torch.arange(start, stop, dtype=torch.int64, device=device)
+    counter = torch.stack([flat // (d1 * d2), (flat // d2) % d1, flat % d2, torch.full_like(flat, tag)], dim=-1)
+    return philox4x32(counter, seed_to_key(seed))[:, 0]
+
+
+def _map_words(words: torch.Tensor, kind: BasisKind, m_max: int) -> torch.Tensor:
+    if kind == "dense":
+        n = 2 * (words >> 8) + (1 - 2**24)  # odd, |n| < 2**24: exact in float32
+        return n.to(torch.float32) * torch.tensor(DENSE_SCALE.item(), dtype=torch.float32, device=words.device)
+    threshold = sparse_threshold(kind, m_max)
+    sign = torch.where(words < threshold, -1.0, torch.where(words < 2 * threshold, 1.0, 0.0)).to(torch.float32)
+    return sign * torch.tensor(sparse_scale(threshold).item(), dtype=torch.float32, device=words.device)
+
+
+def generate_basis(
+    seed: int,
+    tag: int,
+    shape: tuple[int, int, int],
+    kind: BasisKind = "dense",
+    m_max: int | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """One float32 basis tensor of ``shape`` under the portable rule (see the spec's ``generate_basis``).
+
+    Generated in chunks of :data:`CHUNK_ELEMENTS`, so memory stays bounded for large allocations.
+    """
+    if tag not in (TAG_A, TAG_B):
+        raise BasisRuleError(f"tag must be TAG_A (0x41) or TAG_B (0x42), got {tag:#x}")
+    if len(shape) != 3 or any(int(n) < 0 or int(n) >= 2**32 for n in shape):
+        raise ShapeError(f"basis shape must be 3 sizes in [0, 2**32), got {shape}")
+    if kind not in ("dense", "sparse", "very_sparse"):
+        raise BasisRuleError(f"basis kind must be 'dense', 'sparse' or 'very_sparse', got {kind!r}")
+    if kind == "very_sparse" and m_max is None:
+        raise ShapeError("very_sparse bases need m_max (the sparsity is s = sqrt(m_max))")
+    dims = (int(shape[0]), int(shape[1]), int(shape[2]))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    total = dims[0] * dims[1] * dims[2]
+    out = torch.empty(total, dtype=torch.float32, device=dev)
+    for start in range(0, total, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, total)
+        out[start:stop] = _map_words(_word0(seed, tag, dims, start, stop, dev), kind, m_max or 0)
+    return out.view(dims)
+
+
+def generate_bases(
+    seed: int,
+    shape: BasesShape,
+    kind: BasisKind = "dense",
+    device: torch.device | str | None = None,
+    basis_rule: str = PORTABLE_RULE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared pair ``(A, B)`` for an allocation, as float32 tensors on ``device`` (default CPU).
+
+    Bit-identical to :func:`randlora_spec.bases.generate_bases` for the same arguments.
+
+    Raises:
+        BasisRuleError: ``basis_rule`` is not the portable rule (no other rule can be generated here).
+
+    """
+    if basis_rule != PORTABLE_RULE:
+        raise BasisRuleError(
+            f"basis_rule {basis_rule!r} cannot be generated by randlora-core; it implements only {PORTABLE_RULE!r} "
+            "(load bases stored in a checkpoint instead)"
+        )
+    a = generate_basis(seed, TAG_A, shape.a_shape, kind, shape.m_max, device)
+    b = generate_basis(seed, TAG_B, shape.b_shape, kind, shape.m_max, device)
+    return a, b
+
+
+def covers(big: BasesShape, small: BasesShape) -> bool:
+    """True when an allocation ``big`` holds every window of ``small``."""
+    return big.r >= small.r and big.m_max >= small.m_max and big.M_max >= small.M_max and big.nb_max >= small.nb_max
+
+
+class RandLoraBases(nn.Module):
+    """The model's shared bases: buffers ``randlora_A`` (r, 1, m_max) and ``randlora_B`` (M_max, nb_max, r).
+
+    The buffers are non-persistent (not in ``state_dict``); checkpoints store them explicitly. They
+    always stay float32: a floating-point cast of the module moves them to the new device but keeps
+    their exact values. ``regenerable`` says whether they came from the portable rule with ``seed``
+    and ``kind`` (so a larger allocation can be regenerated and agrees on the overlap); bases loaded
+    from a file written under another rule are not.
+    """
+
+    randlora_A: torch.Tensor  # noqa: N815 - PEFT's and the checkpoint's name
+    randlora_B: torch.Tensor  # noqa: N815
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, seed: int, kind: BasisKind, regenerable: bool = True) -> None:
+        super().__init__()
+        self.seed, self.kind, self.regenerable = int(seed), kind, regenerable
+        self.register_buffer("randlora_A", _checked_float32(a, "A"), persistent=False)
+        self.register_buffer("randlora_B", _checked_float32(b, "B"), persistent=False)
+        self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def generate(cls, seed: int, shape: BasesShape, kind: BasisKind, device: torch.device | str | None = None) -> RandLoraBases:
+        """Bases for ``shape`` from the portable rule."""
+        a, b = generate_bases(seed, shape, kind, device)
+        return cls(a, b, seed, kind, regenerable=True)
+
+    @property
+    def shape(self) -> BasesShape:
+        """The current allocation."""
+        r, _, m_max = self.randlora_A.shape
+        big_m, nb_max, r_b = self.randlora_B.shape
+        return BasesShape(r=min(r, r_b), m_max=m_max, M_max=big_m, nb_max=nb_max)
+
+    def replace(self, a: torch.Tensor, b: torch.Tensor, regenerable: bool) -> None:
+        """Swap in a new pair (same device as the current buffers); every layer sees it at once."""
+        device = self.randlora_A.device
+        self.randlora_A = _checked_float32(a, "A").to(device)
+        self.randlora_B = _checked_float32(b, "B").to(device)
+        self.regenerable = regenerable
+        self._cast_cache.clear()
+
+    def regrow(self, shape: BasesShape) -> None:
+        """Regenerate a larger allocation; the slice property keeps every existing window's values."""
+        self.replace(*generate_bases(self.seed, shape, self.kind, self.randlora_A.device), regenerable=True)
+
+    def window(
+        self, r: int, m: int, big_m: int, nb: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's windows in ``dtype`` on ``device``: ``A[:r, 0, :m]`` (r, m) and ``B_flat`` (M, nb*r).
+
+        In float32 on the buffers' device these are views of the shared storage (no copy).
+        """
+        a, b = self._cast(dtype, device)
+        if a.shape[0] < r or a.shape[2] < m or b.shape[0] < big_m or b.shape[1] < nb or b.shape[2] < r:
+            raise ShapeError(
+                f"shared bases A{tuple(a.shape)}, B{tuple(b.shape)} are too small for a window r={r}, m={m}, M={big_m}, nb={nb}"
+            )
+        return a[:r, 0, :m], b[:big_m, :nb, :r].reshape(big_m, nb * r)
+
+    def _cast(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = self.randlora_A, self.randlora_B
+        if dtype == a.dtype and device == a.device:
+            return a, b
+        # Casting the whole pair on every forward would cost a weight-sized copy per layer call;
+        # one cached copy per (dtype, device) is reused until the buffers change.
+        token = (a.data_ptr(), a._version, b.data_ptr(), b._version)
+        hit = self._cast_cache.get((dtype, device))
+        if hit is not None and hit[0] == token:
+            return hit[1], hit[2]
+        cast = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+        self._cast_cache[(dtype, device)] = (token, *cast)
+        return cast
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> RandLoraBases:
+        for name in ("randlora_A", "randlora_B"):
+            old = self._buffers[name]
+            assert old is not None
+            new = fn(old)
+            # A dtype cast would round the float32 values (bf16 keeps 8 bits); take the device only.
+            self._buffers[name] = new if new.dtype == torch.float32 else old.to(device=new.device)
+        self._cast_cache.clear()
+        return self
+
+    def extra_repr(self) -> str:
+        """Shapes, kind and seed."""
+        return f"A={tuple(self.randlora_A.shape)}, B={tuple(self.randlora_B.shape)}, kind={self.kind!r}, seed={self.seed}"
+
+
+def _checked_float32(t: torch.Tensor, which: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dim() != 3 or (which == "A" and t.shape[1] != 1):
+        want = "(r, 1, m_max)" if which == "A" else "(M_max, nb_max, r)"
+        raise ShapeError(f"basis {which} must be a 3-D tensor of shape {want}, got {getattr(t, 'shape', type(t))}")
+    if t.dtype != torch.float32:
+        raise ShapeError(f"basis {which} must be float32 (bases are float32 values), got {t.dtype}")
+    return t.detach()

@@ -1,0 +1,187 @@
+"""Conformance driver for randlora-core (``randlora.conformance`` entry point ``core``).
+
+Every case goes through the public API on a real torch model in the case's dtype: layer cases build
+a module holding one ``nn.Linear`` (or a Conv1D-like layer when ``fan_in_fan_out``), adapt it with
+:func:`~randlora_core.get_randlora_model` / ``add_adapter``, inject the case's bases and
+lambda/gamma, then run forward, backward or merge/unmerge; checkpoint cases build the recorded
+layers and call :func:`~randlora_core.load_adapter`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+
+from randlora_core.bases import generate_bases
+from randlora_core.checkpoint import load_adapter
+from randlora_core.model import RandLoraModel, get_randlora_model
+from randlora_spec import checkpoint as spec_ckpt
+from randlora_spec.bases import BasesShape
+from randlora_spec.config import RandLoraConfig
+from randlora_spec.driver import Unsupported
+from randlora_spec.golden import GoldenCase
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+class Conv1DLike(nn.Module):
+    """A GPT-2-style Conv1D (weight stored (in, out)), matching randlora-core's duck-typing rule."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.nf = out_features
+        self.weight = nn.Parameter(torch.zeros(in_features, out_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W (+ bias)`` with W stored (in, out)."""
+        y = x @ self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+def make_layer(in_features: int, out_features: int, bias: bool, fan_in_fan_out: bool, dtype: torch.dtype) -> nn.Module:
+    """An ``nn.Linear`` or, with ``fan_in_fan_out``, a :class:`Conv1DLike`, zero-initialised."""
+    if fan_in_fan_out:
+        return Conv1DLike(in_features, out_features, bias, dtype)
+    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+
+
+def build_model(layers: dict[str, tuple[int, int, bool, bool]], dtype: torch.dtype) -> nn.Module:
+    """A module tree with a layer at each dotted path: ``{path: (in, out, has_bias, fan_in_fan_out)}``."""
+    root = nn.Module()
+    for path, (in_f, out_f, bias, fifo) in layers.items():
+        parent = root
+        *parents, leaf = path.split(".")
+        for part in parents:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, make_layer(in_f, out_f, bias, fifo, dtype))
+    return root
+
+
+class _Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _t(a: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.to(dtype) if dtype is not None else t
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+class CoreDriver:
+    """Runs golden cases through randlora-core's public API (torch, CPU)."""
+
+    name = "core"
+
+    def tolerance_dtype(self, case: GoldenCase, output: str) -> str:
+        """The case's own dtype: core computes in float64/float32 as asked."""
+        return case.dtype
+
+    def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
+        """Outputs for every expected key of ``case``."""
+        if case.dtype not in DTYPES:
+            return Unsupported(f"dtype {case.dtype} is not a case dtype core runs")
+        if case.kind == "bases":
+            p = case.params
+            a, b = generate_bases(p["seed"], BasesShape(**p["bases_shape"]), p["basis_kind"])
+            return {"randlora_A": _np(a), "randlora_B": _np(b)}
+        if case.kind == "checkpoint":
+            return self._checkpoint(case)
+        if case.kind in ("forward", "backward", "merge"):
+            return self._layer_case(case)
+        return Unsupported(f"unknown case kind {case.kind!r}")
+
+    def _layer_model(self, case: GoldenCase) -> RandLoraModel:
+        p, i = case.params, case.inputs
+        dtype = DTYPES[case.dtype]
+        layer = make_layer(p["in_features"], p["out_features"], p["has_bias"], p["fan_in_fan_out"], dtype)
+        with torch.no_grad():
+            layer.weight.copy_(_t(i["weight"]))
+            if p["has_bias"]:
+                layer.bias.copy_(_t(i["bias"]))
+        names = list(p["adapters"])
+        model: RandLoraModel | None = None
+        for name in names:
+            spec = p["adapters"][name]
+            config = RandLoraConfig(
+                r=spec["r"],
+                randlora_alpha=float(spec["alpha"]),
+                target_modules=["layer"],
+                fan_in_fan_out=p["fan_in_fan_out"],
+                projection_prng_key=p.get("seed", 0),
+                sparse=p.get("basis_kind") == "sparse",
+                very_sparse=p.get("basis_kind") == "very_sparse",
+            )
+            if model is None:
+                model = get_randlora_model(_Holder(layer), config, adapter_name=name)
+            else:
+                model.add_adapter(name, config)
+        assert model is not None
+        model.set_shared_bases(_t(i["randlora_A"]), _t(i["randlora_B"]))
+        wrapper = model.model.layer
+        with torch.no_grad():
+            for name in names:
+                wrapper.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"]))
+                wrapper.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"]))
+        model.set_adapter(list(p["active"]))
+        return model
+
+    def _layer_case(self, case: GoldenCase) -> dict[str, np.ndarray]:
+        p, i = case.params, case.inputs
+        model = self._layer_model(case)
+        wrapper = model.model.layer
+        if case.kind == "forward":
+            with torch.no_grad():
+                return {"y": _np(model(_t(i["x"])))}
+        if case.kind == "backward":
+            x = _t(i["x"]).requires_grad_(True)
+            model(x).backward(_t(i["grad_y"]))
+            out = {"grad_x": _np(x.grad)}
+            for name in p["active"]:
+                out[f"{name}.grad_lambda"] = _np(wrapper.randlora_lambda[name].grad)
+                out[f"{name}.grad_gamma"] = _np(wrapper.randlora_gamma[name].grad)
+            return out
+        weight = wrapper.get_base_layer().weight
+        out = {f"{name}.delta_weight": _np(wrapper.get_delta_weight(name)) for name in p["adapters"]}
+        model.merge_adapter(list(p["active"]))
+        out["merged_weight"] = _np(weight).copy()
+        model.unmerge_adapter()
+        out["unmerged_weight"] = _np(weight).copy()
+        return out
+
+    def _checkpoint(self, case: GoldenCase) -> dict[str, np.ndarray]:
+        path = case.files["checkpoint"]
+        ckpt = spec_ckpt.load(path)  # only to learn which layers carry a bias; load_adapter validates again
+        dtype = DTYPES[case.dtype]
+        layers = {
+            p: (rec.in_features, rec.out_features, p in ckpt.biases or f"{p}.bias" in case.inputs, rec.fan_in_fan_out)
+            for p, rec in ckpt.layers.items()
+        }
+        base = build_model(layers, dtype)
+        with torch.no_grad():
+            for p in layers:
+                module = base.get_submodule(p)
+                module.weight.copy_(_t(case.inputs[f"{p}.weight"]))
+                if f"{p}.bias" in case.inputs:
+                    module.bias.copy_(_t(case.inputs[f"{p}.bias"]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_adapter(base, path, adapter_name=ckpt.adapter_name)
+        out = {}
+        with torch.no_grad():
+            for p in layers:
+                out[f"{p}.y"] = _np(model.model.get_submodule(p)(_t(case.inputs[f"{p}.x"])))
+        return out

@@ -1,0 +1,264 @@
+"""``RandLoraLinear``: a frozen ``nn.Linear`` or Conv1D-like layer plus RandLoRA adapters.
+
+The wrapper holds the base layer as ``base_layer``, and per adapter ``randlora_lambda[name]``
+(r, nb), ``randlora_gamma[name]`` (nb, m), a dropout module, ``r`` and ``scaling``. The shared bases
+are not owned here: the layer keeps a plain reference to the model's
+:class:`~randlora_core.bases.RandLoraBases` (not a submodule, so it is neither duplicated in
+``state_dict`` nor moved once per layer) and slices its windows on use.
+
+Dtypes (SPEC.md section 5): lambda and gamma are created in the base weight's dtype; the adapter is
+computed in that dtype, except on CPU where float16/bfloat16 adapter math runs in float32 (as
+PEFT). The output is cast to the input's dtype.
+
+Subclasses for other base layers (e.g. bitsandbytes) override the small hooks
+``_features``, ``_base_forward``, ``_param_dtype``, ``_dense_weight``, ``_merge_delta`` and
+``_unmerge_delta``; the adapter math stays in ``_adapter_output`` / ``get_delta_weight``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from randlora_core.bases import RandLoraBases
+from randlora_core.functional import adapter_output, delta_weight
+from randlora_core.registry import _register_builtin, is_conv1d_like
+from randlora_spec.bases import num_bases
+from randlora_spec.config import RandLoraConfig
+from randlora_spec.errors import MergeError, ShapeError
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class RandLoraLinear(nn.Module):
+    """RandLoRA wrapper around a linear base layer (``nn.Linear``, or Conv1D-like with ``fan_in_fan_out``).
+
+    Args:
+        base_layer: the layer to adapt; it is held, never modified except by merging.
+        fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2 Conv1D) instead of ``(out, in)``.
+
+    """
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = self._features(base_layer)
+        self.randlora_lambda = nn.ParameterDict()
+        self.randlora_gamma = nn.ParameterDict()
+        self.randlora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.merged_adapters: list[str] = []
+        self.active_adapters: list[str] = []
+        self.disable_adapters = False
+        self.layer_name = ""
+        """Dotted path of this layer in the model, for messages (set by the model)."""
+        object.__setattr__(self, "_bases", None)  # a reference, deliberately not a registered submodule
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+
+    def _features(self, base_layer: nn.Module) -> tuple[int, int]:
+        """``(in_features, out_features)`` of the base layer."""
+        if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
+            return int(base_layer.in_features), int(base_layer.out_features)
+        if is_conv1d_like(base_layer):
+            in_f, out_f = base_layer.weight.shape
+            return int(in_f), int(out_f)
+        raise ShapeError(f"cannot read in_features/out_features of {type(base_layer).__name__}")
+
+    def _base_forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        """The frozen base layer's output."""
+        return self.base_layer(x, *args, **kwargs)
+
+    def _param_dtype(self) -> torch.dtype:
+        """Dtype for new lambda/gamma: the base weight's if it is floating point, else float32."""
+        weight = getattr(self.get_base_layer(), "weight", None)
+        return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+    def _param_device(self) -> torch.device:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+        return torch.device("cpu")
+
+    def _dense_weight(self) -> torch.Tensor:
+        """The base weight in storage layout as a dense floating tensor (used to check a safe merge)."""
+        return self.get_base_layer().weight
+
+    def _merge_delta(self, delta: torch.Tensor) -> None:
+        """Add ``delta`` (storage layout) to the base weight, cast to the weight dtype first (SPEC 5.4)."""
+        weight = self.get_base_layer().weight
+        weight.data += delta.to(device=weight.device, dtype=weight.dtype)
+
+    def _unmerge_delta(self, delta: torch.Tensor) -> None:
+        """Subtract ``delta`` (storage layout) from the base weight."""
+        weight = self.get_base_layer().weight
+        weight.data -= delta.to(device=weight.device, dtype=weight.dtype)
+
+    # -- adapters -------------------------------------------------------------------------------
+
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped base layer."""
+        return self.base_layer
+
+    @property
+    def bases(self) -> RandLoraBases:
+        """The model's shared bases this layer reads from."""
+        if self._bases is None:
+            raise ShapeError(f"layer {self.layer_name!r} has no shared bases attached")
+        return self._bases
+
+    @property
+    def merged(self) -> bool:
+        """True while any adapter is merged into the base weight."""
+        return bool(self.merged_adapters)
+
+    def geometry(self, adapter_name: str) -> tuple[int, int, int, int]:
+        """``(r, m, M, nb)`` of ``adapter_name`` on this layer."""
+        r = self.r[adapter_name]
+        m, big_m = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
+        return r, m, big_m, num_bases(m, r)
+
+    def update_layer(self, adapter_name: str, config: RandLoraConfig, bases_module: RandLoraBases) -> None:
+        """Add adapter ``adapter_name`` with ``config``, reading windows of ``bases_module``.
+
+        lambda/gamma start per SPEC 3.8 (``init_weights``), in the base weight's dtype and device.
+        """
+        r = config.r
+        m, big_m = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
+        nb = num_bases(m, r)
+        have = bases_module.shape
+        if have.r < r or have.m_max < m or have.M_max < big_m or have.nb_max < nb:
+            raise ShapeError(
+                f"layer {self.layer_name!r} ({self.in_features}x{self.out_features}, r={r}) needs bases windows "
+                f"A[:{r}, 0, :{m}] and B[:{big_m}, :{nb}, :{r}], but the shared bases are {have}"
+            )
+        if config.init_weights:
+            lam = torch.zeros(r, nb)
+            gamma = torch.full((nb, m), 1.0 / max(nb, m))
+        else:
+            lam = torch.randn(r, nb)
+            gamma = torch.full((nb, m), 1.0 / big_m)
+        dtype, device = self._param_dtype(), self._param_device()
+        self.randlora_lambda[adapter_name] = nn.Parameter(lam.to(device=device, dtype=dtype))
+        self.randlora_gamma[adapter_name] = nn.Parameter(gamma.to(device=device, dtype=dtype))
+        p = config.randlora_dropout
+        self.randlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.r[adapter_name] = r
+        self.scaling[adapter_name] = config.randlora_alpha / r
+        object.__setattr__(self, "_bases", bases_module)
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        """Make ``adapter_names`` the active adapters (names this layer lacks are skipped in forward)."""
+        self.active_adapters = list(adapter_names)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` from this layer (it must not be merged)."""
+        if adapter_name in self.merged_adapters:
+            raise MergeError(f"adapter {adapter_name!r} is merged into layer {self.layer_name!r}; unmerge it before deleting")
+        for container in (self.randlora_lambda, self.randlora_gamma, self.randlora_dropout):
+            if adapter_name in container:
+                del container[adapter_name]
+        self.r.pop(adapter_name, None)
+        self.scaling.pop(adapter_name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    # -- math -----------------------------------------------------------------------------------
+
+    def _compute_dtype(self, param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        # Half-precision matmuls are slow (and on some CPUs unsupported) on CPU, as PEFT notes.
+        return torch.float32 if device.type == "cpu" and param_dtype in HALF_DTYPES else param_dtype
+
+    def _operands(
+        self, adapter_name: str, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
+        lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
+        dtype = self._compute_dtype(lam.dtype, device)
+        r, m, big_m, nb = self.geometry(adapter_name)
+        a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
+        return a_s, b_flat, lam.to(device=device, dtype=dtype), gamma.to(device=device, dtype=dtype), dtype
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``dropout(x) @ delta_W^T`` for one adapter, via the memory-lean autograd function."""
+        a_s, b_flat, lam, gamma, dtype = self._operands(adapter_name, x.device)
+        x_in = self.randlora_dropout[adapter_name](x).to(dtype)
+        in_le_out = self.in_features <= self.out_features
+        return adapter_output(x_in, a_s, b_flat, lam, gamma, self.scaling[adapter_name], in_le_out)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """delta-W of ``adapter_name`` in the weight's storage layout, in the adapter's compute dtype.
+
+        Differentiable with respect to lambda and gamma.
+        """
+        device = self.randlora_lambda[adapter_name].device
+        a_s, b_flat, lam, gamma, _ = self._operands(adapter_name, device)
+        delta = delta_weight(a_s, b_flat, lam, gamma, self.scaling[adapter_name], self.in_features <= self.out_features)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        """``base(x)`` plus every active, unmerged adapter's output; the result has ``x``'s dtype."""
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(
+                f"layer {self.layer_name!r} expects inputs whose last dimension is in_features={self.in_features}, "
+                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
+            )
+        if self.disable_adapters and self.merged:
+            warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
+            self.unmerge()
+        result = self._base_forward(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result.to(x.dtype)
+        for name in self.active_adapters:
+            if name in self.randlora_lambda and name not in self.merged_adapters:
+                result = result + self._adapter_output(x, name).to(result.dtype)
+        return result.to(x.dtype)
+
+    # -- merging --------------------------------------------------------------------------------
+
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise :class:`MergeError` unless merging ``adapter_names`` gives finite weights (computed on a copy)."""
+        with torch.no_grad():
+            weight = self._dense_weight().detach().clone()
+            for name in adapter_names:
+                weight += self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+            if not bool(torch.isfinite(weight).all()):
+                raise MergeError(
+                    f"merging adapter(s) {adapter_names} into layer {self.layer_name!r} would produce NaN or Inf weights; "
+                    "nothing was merged (the adapter seems broken)"
+                )
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the delta-W of ``adapter_names`` (default: the active ones held here) to the base weight, in order."""
+        names = [n for n in (self.active_adapters if adapter_names is None else adapter_names) if n in self.randlora_lambda]
+        already = [n for n in names if n in self.merged_adapters]
+        if already:
+            raise MergeError(f"adapter(s) {already} are already merged into layer {self.layer_name!r}")
+        if safe_merge:
+            self.check_merge(names)
+        with torch.no_grad():
+            for name in names:
+                self._merge_delta(self.get_delta_weight(name))
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta-W, in reverse merge order (warns if nothing is merged, like PEFT)."""
+        if not self.merged:
+            warnings.warn(f"layer {self.layer_name!r}: already unmerged, nothing to do", stacklevel=2)
+            return
+        with torch.no_grad():
+            while self.merged_adapters:
+                self._unmerge_delta(self.get_delta_weight(self.merged_adapters.pop()))
+
+    def extra_repr(self) -> str:
+        """Sizes, layout and adapter names."""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}, adapters={list(self.r)}"
+        )
+
+
+_register_builtin(nn.Linear, RandLoraLinear)
+_register_builtin(is_conv1d_like, RandLoraLinear)

@@ -1,0 +1,103 @@
+"""Which RandLoRA wrapper adapts which base-layer type.
+
+A *wrapper* replaces a targeted base layer in the model and adds the adapters to it. Built in:
+``nn.Linear`` and Conv1D-like layers, both handled by :class:`randlora_core.layer.RandLoraLinear`.
+Other packages add layer types with :func:`register_layer_wrapper`, usually from an entry point in
+the group ``randlora.layers`` (a no-argument callable that registers its wrappers), which core
+loads lazily, once, the first time a model is adapted. Later registrations take precedence, so a
+plugin can claim a subclass of ``nn.Linear`` (bitsandbytes' ``Linear8bitLt`` is one).
+
+Wrapper protocol (what :class:`~randlora_core.model.RandLoraModel` relies on); subclassing
+:class:`~randlora_core.layer.RandLoraLinear` provides all of it:
+
+- ``Wrapper(base_layer, fan_in_fan_out: bool)`` constructs a wrapper without modifying the base layer;
+- attributes ``in_features`` and ``out_features`` (logical sizes) and ``fan_in_fan_out``;
+- ``update_layer(adapter_name, config, bases_module)`` adds an adapter (bases_module is the model's
+  :class:`~randlora_core.bases.RandLoraBases`);
+- ``forward(x, *args, **kwargs)``; ``merge(adapter_names, safe_merge)``; ``unmerge()``;
+  ``get_delta_weight(name)`` (storage layout); ``get_base_layer()``;
+- ``set_adapter(names)``, ``delete_adapter(name)``, ``merged_adapters`` (list), ``disable_adapters``
+  (bool), ``randlora_lambda`` / ``randlora_gamma`` (``nn.ParameterDict`` by adapter name).
+
+Conv1D-like rule (GPT-2's ``transformers.pytorch_utils.Conv1D`` without importing transformers): a
+module that is not an ``nn.Linear``, has no ``in_features`` attribute, has an integer attribute
+``nf`` and a 2-D ``weight`` parameter of shape ``(in_features, nf)``. Its weight is stored
+``(in, out)``, so adapters on it use ``fan_in_fan_out=True``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from importlib.metadata import entry_points
+
+from torch import nn
+
+ENTRY_POINT_GROUP = "randlora.layers"
+
+Predicate = Callable[[nn.Module], bool]
+
+_builtin: list[tuple[type[nn.Module] | Predicate, type[nn.Module]]] = []
+_registered: list[tuple[type[nn.Module] | Predicate, type[nn.Module]]] = []
+_plugins_loaded = False
+
+
+def is_conv1d_like(module: nn.Module) -> bool:
+    """True for a GPT-2-style Conv1D: 2-D ``weight`` of shape (in, out) with ``out == nf``, no ``in_features``."""
+    weight = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    return (
+        not isinstance(module, nn.Linear)
+        and not hasattr(module, "in_features")
+        and isinstance(nf, int)
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and weight.shape[1] == nf
+    )
+
+
+def register_layer_wrapper(base_type_or_predicate: type[nn.Module] | Predicate, wrapper_cls: type[nn.Module]) -> None:
+    """Adapt modules of ``base_type_or_predicate`` (an ``nn.Module`` subclass, or a predicate) with ``wrapper_cls``.
+
+    Registrations made later win over earlier ones, and all of them over the built-in wrappers.
+    """
+    if not isinstance(wrapper_cls, type) or not issubclass(wrapper_cls, nn.Module):
+        raise TypeError(f"wrapper_cls must be an nn.Module subclass, got {wrapper_cls!r}")
+    if not (isinstance(base_type_or_predicate, type) or callable(base_type_or_predicate)):
+        raise TypeError(f"base_type_or_predicate must be a type or a callable, got {base_type_or_predicate!r}")
+    load_plugins()  # so plugins discovered later cannot override a user's explicit registration
+    _registered.insert(0, (base_type_or_predicate, wrapper_cls))
+
+
+def _register_builtin(base_type_or_predicate: type[nn.Module] | Predicate, wrapper_cls: type[nn.Module]) -> None:
+    _builtin.append((base_type_or_predicate, wrapper_cls))
+
+
+def load_plugins() -> None:
+    """Run every ``randlora.layers`` entry point once; a failing plugin is reported as a warning."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True  # set first: plugins call register_layer_wrapper, which calls us again
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()()
+        except Exception as exc:  # a broken optional plugin must not break plain nn.Linear adaptation
+            warnings.warn(f"randlora.layers plugin {ep.name!r} ({ep.value}) failed to load: {exc!r}", stacklevel=2)
+
+
+def wrapper_for(module: nn.Module) -> type[nn.Module] | None:
+    """The wrapper class for ``module``, or ``None`` when no registered wrapper adapts it."""
+    load_plugins()
+    for key, wrapper_cls in (*_registered, *_builtin):
+        if isinstance(key, type):
+            if isinstance(module, key):
+                return wrapper_cls
+        elif key(module):
+            return wrapper_cls
+    return None
+
+
+def registered_types() -> list[str]:
+    """Readable names of what can be adapted (for error messages)."""
+    return [getattr(key, "__name__", repr(key)) for key, _ in (*_registered, *_builtin)]

@@ -1,0 +1,130 @@
+"""Which modules of a model an adapter targets (PEFT's selection rules).
+
+Forms of ``target_modules``:
+
+- a list of names: a module matches a name ``t`` when its full dotted name equals ``t`` or ends
+  with ``"." + t``;
+- a string: a regular expression that must match the full module name (``re.fullmatch``);
+- ``"all-linear"`` (any case): every adaptable module except the output head, which is the
+  model's output embedding if it has ``get_output_embeddings()``, else any module named ``lm_head``.
+
+``exclude_modules`` removes modules with the same forms (list or regex). Modules named by
+``modules_to_save`` and everything inside them are never targets. ``layers_to_transform`` keeps
+modules whose layer index is listed; the index is the number after the first ``<pattern>.``
+component (``layers_pattern``), or, without a pattern, the first all-digit component that is not
+the last one (``model.layers.3.q_proj`` -> 3). Unlike PEFT, ``layers_to_transform`` also applies
+to regex and ``all-linear`` targets instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from torch import nn
+
+from randlora_spec.config import RandLoraConfig
+from randlora_spec.errors import ConfigError, TargetModuleError
+
+ALL_LINEAR = "all-linear"
+MAX_LISTED = 10
+
+
+def name_matches(patterns: list[str] | str, name: str) -> bool:
+    """PEFT matching: a list of exact names or ``.``-suffixes, or one full-match regex string."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == t or name.endswith("." + t) for t in patterns)
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The layer index encoded in ``name`` (see the module docstring), or ``None``."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if not patterns:
+        match = re.match(r"(?:^|.*?\.)(?P<idx>\d+)\.", name)
+        return int(match["idx"]) if match else None
+    for pattern in patterns:
+        match = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(?P<idx>\d+)\.", name)
+        if match:
+            return int(match["idx"])
+    return None
+
+
+def in_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
+    """True for a module named by ``modules_to_save`` or nested inside one."""
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save or [])
+
+
+def visible_modules(model: nn.Module, opaque: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    """Named modules of ``model`` (root excluded), not descending into modules for which ``opaque`` holds."""
+    out: list[tuple[str, nn.Module]] = []
+    hidden: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(h + ".") for h in hidden):
+            continue
+        out.append((name, module))
+        if opaque(module):
+            hidden.append(name)
+    return out
+
+
+def output_head_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) -> set[str]:
+    """Names of the output head(s) that ``all-linear`` leaves out."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        head = getter()
+        if isinstance(head, nn.Module):
+            return {name for name, module in modules if module is head}
+    return {name for name, _ in modules if name == "lm_head" or name.endswith(".lm_head")}
+
+
+def select_targets(
+    model: nn.Module,
+    config: RandLoraConfig,
+    adaptable: Callable[[nn.Module], bool],
+    opaque: Callable[[nn.Module], bool],
+) -> list[str]:
+    """Names of the modules ``config`` targets in ``model``, in model order; validates without modifying.
+
+    Raises:
+        ConfigError: ``target_modules`` is not set (core has no per-architecture defaults).
+        TargetModuleError: nothing matches, or a match cannot be adapted (the message lists names).
+
+    """
+    targets = config.target_modules
+    if targets is None:
+        raise ConfigError(
+            "target_modules: must be set (names, a regex, or 'all-linear'); randlora-core has no per-architecture defaults"
+        )
+    modules = visible_modules(model, opaque)
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        heads = output_head_names(model, modules)
+        matched = [(n, m) for n, m in modules if adaptable(m) and n not in heads]
+    else:
+        matched = [(n, m) for n, m in modules if name_matches(targets, n)]
+    described = f"target_modules={targets!r}"
+    if config.modules_to_save:
+        matched = [(n, m) for n, m in matched if not in_modules_to_save(n, config.modules_to_save)]
+    if config.exclude_modules:
+        matched = [(n, m) for n, m in matched if not name_matches(config.exclude_modules, n)]
+        described += f" minus exclude_modules={config.exclude_modules!r}"
+    indices = config.layers_to_transform
+    if indices is not None and indices != []:
+        wanted = {indices} if isinstance(indices, int) else set(indices)
+        matched = [(n, m) for n, m in matched if layer_index(n, config.layers_pattern) in wanted]
+        described += f" restricted to layers_to_transform={indices!r}"
+        if config.layers_pattern:
+            described += f" with layers_pattern={config.layers_pattern!r}"
+    if not matched:
+        candidates = [n for n, m in modules if adaptable(m)] or [n for n, _ in modules]
+        listing = ", ".join(candidates[:MAX_LISTED]) + (", ..." if len(candidates) > MAX_LISTED else "")
+        raise TargetModuleError(f"{described} matched no module of the model; adaptable modules include: [{listing}]")
+    unadaptable = [(n, m) for n, m in matched if not adaptable(m)]
+    if unadaptable:
+        listing = ", ".join(f"{n} ({type(m).__name__})" for n, m in unadaptable[:MAX_LISTED])
+        more = ", ..." if len(unadaptable) > MAX_LISTED else ""
+        raise TargetModuleError(
+            f"{described} matched modules that RandLoRA cannot adapt: {listing}{more}; "
+            "supported are nn.Linear, Conv1D-like layers and types registered with register_layer_wrapper"
+        )
+    return [n for n, _ in matched]
