@@ -245,3 +245,36 @@ def test_stored_bases_conflicting_with_model(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="differ from the model's shared bases"):
         load_adapter(target, path, adapter_name="x")
     assert list(target.peft_config) == ["default"]
+
+
+def test_tight_injected_bases_and_very_sparse_second_adapter(tmp_path: Path) -> None:
+    # layers 12x20 and 20x12: the formula allocation has m_max = 20, but windows need only m <= 12
+    net = nn.ModuleDict({"up": nn.Linear(12, 20), "down": nn.Linear(20, 12)})
+    model = get_randlora_model(net, RandLoraConfig(r=4, target_modules=["up", "down"]))
+    randomize_adapters(model)
+    a, b = generate_bases(0, BasesShape(r=4, m_max=12, M_max=20, nb_max=3))
+    model.set_shared_bases(torch.from_numpy(a), torch.from_numpy(b))
+    path = tmp_path / "tight.safetensors"
+    model.save_adapter(path)
+    assert spec_ckpt.load(path).bases_shape == BasesShape(r=4, m_max=12, M_max=20, nb_max=3)
+    x = torch.randn(2, 12)
+    restored = load_adapter(nn.ModuleDict({"up": nn.Linear(12, 20), "down": nn.Linear(20, 12)}), path)
+    with torch.no_grad():
+        for name in ("up", "down"):
+            restored.model[name].base_layer.load_state_dict(net[name].base_layer.state_dict())
+    assert torch.equal(restored.model.down(restored.model.up(x)), model.model.down(model.model.up(x)))
+
+
+def test_very_sparse_adapter_on_smaller_layers_regenerates(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = get_randlora_model(TinyLM(), cfg(target_modules="all-linear", very_sparse=True, save_projection=False))
+    model.add_adapter("small", cfg(target_modules=["classifier"], very_sparse=True, save_projection=False))
+    randomize_adapters(model)
+    model.set_adapter("small")
+    path = tmp_path / "vs.safetensors"
+    model.save_adapter(path, "small")
+    assert spec_ckpt.load(path).bases_shape.m_max == model.randlora_bases.shape.m_max
+    torch.manual_seed(0)
+    restored = load_adapter(TinyLM(), path)
+    x = torch.randn(2, 16)
+    assert torch.equal(restored.model.classifier(x), model.model.classifier(x))

@@ -1,11 +1,11 @@
 """The portable basis rule ``randlora-philox4x32-10-v1`` in torch, and the shared-bases module.
 
 :func:`generate_bases` is bit-exact with :func:`randlora_spec.bases.generate_bases`. Philox needs
-unsigned 32x32 -> 64 bit products, which torch lacks, so every word lives in an ``int64`` tensor:
-the low word of a product is the (possibly wrapped) int64 product masked to 32 bits (wrapping is
-modulo 2**64, so its low 32 bits are exact) and the high word is assembled from 16-bit halves of
-the counter, whose partial products stay below 2**49. Only integer ops and one float32 multiply
-are used, so CUDA gives the same bits as CPU by construction.
+unsigned 32x32 -> 64 bit products, which torch lacks, so every word lives in an ``int64`` tensor.
+The exact product of two 32-bit words is below 2**64, and int64 multiplication wraps modulo 2**64,
+so the wrapped product holds exactly the product's 64 bits: the low word is ``p & 0xFFFFFFFF`` and
+the high word ``(p >> 32) & 0xFFFFFFFF``. Only integer ops and one float32 multiply are used, so
+CUDA gives the same bits as CPU by construction. The rounds run in place on 1M-element chunks.
 
 :class:`RandLoraBases` holds the one shared pair ``(A, B)`` of a model as float32 buffers. It is
 registered once on the model (so ``model.to(device)`` moves it once) and every layer reads windows
@@ -39,11 +39,23 @@ CHUNK_ELEMENTS = 1 << 20
 """Elements generated per step: bounds the int64 working set to a few tens of MiB for any shape."""
 
 
-def _mulhilo(multiplier: int, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = (c * multiplier) & MASK32  # int64 wraps modulo 2**64, so the low 32 bits are exact
-    # (M * c) >> 32 == (M * c_hi16 + ((M * c_lo16) >> 16)) >> 16; both partial products are < 2**49.
-    hi = (((c & 0xFFFF) * multiplier >> 16) + (c >> 16) * multiplier) >> 16
-    return hi, lo
+def _philox_rounds(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, key: tuple[int, int], rounds: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox rounds on int64 word tensors in [0, 2**32); consumes (overwrites) its inputs."""
+    k0, k1 = int(key[0]) & MASK32, int(key[1]) & MASK32
+    for round_index in range(rounds):
+        if round_index > 0:
+            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
+        # mulhilo: the exact product M * c (< 2**64) wraps in int64 to the same 64 bits, so the low
+        # word is product & MASK32 and the high word is (product >> 32) & MASK32 (the arithmetic
+        # shift of a wrapped, negative product differs from the true one only above bit 31).
+        p0 = c0.mul_(PHILOX_M0)
+        p1 = c2.mul_(PHILOX_M1)
+        n0 = (p1 >> 32).bitwise_and_(MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        n2 = (p0 >> 32).bitwise_and_(MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c0, c1, c2, c3 = n0, p1.bitwise_and_(MASK32), n2, p0.bitwise_and_(MASK32)
+    return c0, c1, c2, c3
 
 
 def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS) -> torch.Tensor:
@@ -53,24 +65,16 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS
     """
     if counter.shape[-1] != 4:
         raise ValueError(f"counter must have a trailing axis of 4 words, got shape {tuple(counter.shape)}")
-    c = counter.to(torch.int64) & MASK32
-    c0, c1, c2, c3 = c.unbind(-1)
-    k0, k1 = int(key[0]) & MASK32, int(key[1]) & MASK32
-    for round_index in range(rounds):
-        if round_index > 0:
-            k0, k1 = (k0 + PHILOX_W0) & MASK32, (k1 + PHILOX_W1) & MASK32
-        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-    return torch.stack([c0, c1, c2, c3], dim=-1)
+    words = [w.to(torch.int64).bitwise_and(MASK32) for w in counter.unbind(-1)]  # fresh copies
+    return torch.stack(_philox_rounds(*words, key, rounds), dim=-1)
 
 
 def _word0(seed: int, tag: int, shape: tuple[int, int, int], start: int, stop: int, device: torch.device) -> torch.Tensor:
     """Philox word 0 for the row-major flat indices ``[start, stop)`` of a tensor of ``shape``."""
     _, d1, d2 = shape
     flat = torch.arange(start, stop, dtype=torch.int64, device=device)
-    counter = torch.stack([flat // (d1 * d2), (flat // d2) % d1, flat % d2, torch.full_like(flat, tag)], dim=-1)
-    return philox4x32(counter, seed_to_key(seed))[:, 0]
+    counter = (flat // (d1 * d2), (flat // d2) % d1, flat % d2, torch.full_like(flat, tag))
+    return _philox_rounds(*counter, seed_to_key(seed), ROUNDS)[0]
 
 
 def _map_words(words: torch.Tensor, kind: BasisKind, m_max: int) -> torch.Tensor:

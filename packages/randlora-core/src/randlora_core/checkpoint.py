@@ -15,12 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from randlora_core.bases import generate_bases
+from randlora_core.bases import covers, generate_bases
 from randlora_core.model import RandLoraModel, _layout, is_randlora_layer
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.registry import load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
-from randlora_spec.bases import BasesShape, bases_shape_for_layers, basis_kind
+from randlora_spec.bases import BasesShape, bases_shape_for_layers, basis_kind, num_bases
+from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, CheckpointError
 
 _NUMPY_FOR = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
@@ -74,13 +75,9 @@ def build_checkpoint(model: RandLoraModel, adapter_name: str | None = None) -> s
             saved[path].append(name)
             if is_bf16:
                 bf16.add(f"{path}.{name}")
-    shape = bases_shape_for_layers([(r.in_features, r.out_features) for r in layers.values()], config.r)
     bases_module = model.randlora_bases
     assert bases_module is not None
-    if config.very_sparse:
-        # very_sparse values depend on m_max: record the model's, so regeneration reproduces them.
-        have = bases_module.shape
-        shape = BasesShape(r=config.r, m_max=have.m_max, M_max=max(have.M_max, shape.M_max), nb_max=-(-have.m_max // config.r))
+    shape = _bases_shape(config, list(layers.values()), bases_module.shape)
     bases = None
     if config.save_projection:
         a = bases_module.randlora_A[: shape.r, :, : shape.m_max].detach().cpu().numpy().copy()
@@ -97,6 +94,24 @@ def build_checkpoint(model: RandLoraModel, adapter_name: str | None = None) -> s
         modules_to_save=saved,
         bf16_keys=frozenset(bf16),
     )
+
+
+def _bases_shape(config: RandLoraConfig, records: list[spec_ckpt.LayerRecord], have: BasesShape) -> BasesShape:
+    """The allocation recorded for an adapter: its own (SPEC 3.1) when the model's bases hold it.
+
+    very_sparse values depend on m_max, so the model's m_max is recorded (regeneration then
+    reproduces them). Bases injected with a tighter allocation than the formula's fall back to the
+    tightest allocation that holds every window.
+    """
+    r = config.r
+    if config.very_sparse:
+        big_m = max(have.m_max, *(rec.M for rec in records))
+        return BasesShape(r=r, m_max=have.m_max, M_max=big_m, nb_max=num_bases(have.m_max, r))
+    shape = bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in records], r)
+    if covers(have, shape):
+        return shape
+    m_max = max(rec.m for rec in records)
+    return BasesShape(r=r, m_max=m_max, M_max=max(rec.M for rec in records), nb_max=num_bases(m_max, r))
 
 
 def save_adapter(model: RandLoraModel, path: str | Path, adapter_name: str | None = None) -> None:
