@@ -172,3 +172,15 @@ def test_layer_is_subclassable_hooks() -> None:
     wrapper(torch.randn(2, 4))
     assert calls == ["base"]
     assert np.array_equal(wrapper.get_base_layer().weight.shape, (6, 4))
+
+
+def test_cpu_autocast_forward_backward() -> None:
+    model, layer = adapted(12, 20, 4, dtype=torch.float32)
+    x = torch.randn(3, 12, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().sum().backward()
+    assert layer.randlora_lambda["default"].grad.dtype == torch.float32
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    y_ref = reference_io(layer, x)
+    assert check_close(np64(y), y_ref, "bfloat16")[0]

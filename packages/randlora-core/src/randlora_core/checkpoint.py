@@ -22,7 +22,7 @@ from randlora_core.registry import load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape, bases_shape_for_layers, basis_kind, num_bases
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import AdapterNotFoundError, CheckpointError
+from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigError
 
 _NUMPY_FOR = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
@@ -195,7 +195,14 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     else:  # from_bytes has checked that the rule is the portable one; torch regenerates it much faster
         cfg = ckpt.config
         stored = generate_bases(cfg.projection_prng_key, ckpt.bases_shape, basis_kind(cfg.sparse, cfg.very_sparse))
-    wrapped = model if isinstance(model, RandLoraModel) else RandLoraModel(model)
+    wrapped = model if isinstance(model, RandLoraModel) else RandLoraModel(model)  # no adapter yet: unchanged
+    try:
+        saved = wrapped._resolve_saved(ckpt.config)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    unsaved = sorted(set(ckpt.modules_to_save) - set(saved))
+    if unsaved:
+        raise CheckpointError(f"{source}: modules_to_save tensors for {unsaved} do not match the config's modules_to_save")
     layer_paths = sorted(ckpt.layers)
     wrapped._add_adapter(adapter_name, ckpt.config, paths=layer_paths, stored_bases=stored, warn=False)  # type: ignore[arg-type]
     with torch.no_grad():

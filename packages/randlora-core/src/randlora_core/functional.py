@@ -82,7 +82,9 @@ class RandLoraFunction(torch.autograd.Function):
         nb = lam.shape[1]
         s = scaled_basis(a_s, lam, gamma)
         x2 = x.reshape(-1, x.shape[-1])
-        g2 = grad_y.reshape(-1, grad_y.shape[-1]) * ctx.scaling
+        # Under autocast the forward's matmuls may have produced a narrower grad_y; backward runs
+        # in the operands' own dtype (autocast is off here) and casts each gradient back.
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(s.dtype) * ctx.scaling
         grad_x = grad_s = None
         if ctx.in_le_out:  # x (n, m) -> h = x S^T (n, r*nb) -> y = h B^T (n, M)
             grad_h = g2 @ b_flat
@@ -103,7 +105,11 @@ class RandLoraFunction(torch.autograd.Function):
             if need_gamma:
                 grad_gamma = (weighted * lam[:, :, None]).sum(dim=0)
         if grad_x is not None:
-            grad_x = grad_x.reshape(x.shape)
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        if grad_lam is not None:
+            grad_lam = grad_lam.to(lam.dtype)
+        if grad_gamma is not None:
+            grad_gamma = grad_gamma.to(gamma.dtype)
         return grad_x, None, None, grad_lam, grad_gamma, None, None
 
 

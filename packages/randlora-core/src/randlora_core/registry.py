@@ -10,14 +10,18 @@ plugin can claim a subclass of ``nn.Linear`` (bitsandbytes' ``Linear8bitLt`` is 
 Wrapper protocol (what :class:`~randlora_core.model.RandLoraModel` relies on); subclassing
 :class:`~randlora_core.layer.RandLoraLinear` provides all of it:
 
-- ``Wrapper(base_layer, fan_in_fan_out: bool)`` constructs a wrapper without modifying the base layer;
-- attributes ``in_features`` and ``out_features`` (logical sizes) and ``fan_in_fan_out``;
+- ``Wrapper(base_layer, fan_in_fan_out: bool)`` constructs a wrapper without modifying the base layer
+  (it may raise :class:`~randlora_spec.errors.ShapeError` if it cannot read the layer's sizes);
+- attributes ``in_features`` and ``out_features`` (logical sizes), ``fan_in_fan_out``, and a
+  writable ``layer_name`` (the module path, set by the model, used in messages);
 - ``update_layer(adapter_name, config, bases_module)`` adds an adapter (bases_module is the model's
   :class:`~randlora_core.bases.RandLoraBases`);
 - ``forward(x, *args, **kwargs)``; ``merge(adapter_names, safe_merge)``; ``unmerge()``;
-  ``get_delta_weight(name)`` (storage layout); ``get_base_layer()``;
-- ``set_adapter(names)``, ``delete_adapter(name)``, ``merged_adapters`` (list), ``disable_adapters``
-  (bool), ``randlora_lambda`` / ``randlora_gamma`` (``nn.ParameterDict`` by adapter name).
+  ``check_merge(adapter_names)`` (raise ``MergeError`` if merging would give non-finite weights,
+  changing nothing); ``get_delta_weight(name)`` (storage layout); ``get_base_layer()``;
+- ``set_adapter(names)``, ``delete_adapter(name)``, ``merged_adapters`` (list), ``merged`` (bool),
+  ``disable_adapters`` (bool), ``r`` (dict), ``randlora_lambda`` / ``randlora_gamma``
+  (``nn.ParameterDict`` by adapter name).
 
 Conv1D-like rule (GPT-2's ``transformers.pytorch_utils.Conv1D`` without importing transformers): a
 module that is not an ``nn.Linear``, has no ``in_features`` attribute, has an integer attribute
