@@ -1,0 +1,203 @@
+"""Conformance driver ``peft``: golden cases through real PEFT models accelerated by randlora-core.
+
+* Layer cases (forward, backward, merge): a tiny module holding one ``nn.Linear`` (or, with
+  ``fan_in_fan_out``, a transformers ``Conv1D``) is wrapped by ``peft.get_peft_model`` with one
+  PEFT ``RandLoraConfig`` per adapter, accelerated with :func:`randlora_peft.accelerate`, and given
+  the case's weight, bias, lambda and gamma. PEFT reads each adapter's bases from its own entry of
+  the shared buffer dicts and does not slice the rank, so adapter ``name`` gets ``A[:r]`` and
+  ``B[..., :r]`` of the case's allocation (which may be larger than the layer needs; PEFT slices
+  the other axes itself). Outputs come from PEFT's API: the model's forward, autograd, and the
+  layer's ``merge`` / ``unmerge`` / ``get_delta_weight``.
+* Checkpoint cases: the checkpoint file (format v1) is converted to a PEFT adapter directory by
+  :func:`randlora_peft.convert.write_peft_adapter`, loaded with ``peft.PeftModel.from_pretrained``
+  over a model holding the recorded layers, accelerated, and run. This exercises our file format
+  -> PEFT's loader -> core's kernels end to end.
+* Bases cases: :class:`~randlora_spec.driver.Unsupported`. PEFT draws bases with its own
+  machine-dependent rule (``peft-torch-v1``), not the portable Philox rule; generating the portable
+  rule is randlora-core's job and its driver already runs these cases, so routing them there would
+  test nothing of this package.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from randlora_peft._peft import import_peft
+from randlora_peft.accelerate import accelerate
+from randlora_peft.convert import write_peft_adapter
+from randlora_spec import checkpoint as spec_ckpt
+from randlora_spec.driver import Unsupported
+from randlora_spec.golden import GoldenCase
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Holder(nn.Module):
+    """One layer under the name ``layer``; PEFT targets it by that name."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _make_layer(in_features: int, out_features: int, has_bias: bool, fan_in_fan_out: bool, dtype: torch.dtype) -> nn.Module:
+    """``nn.Linear``, or a transformers ``Conv1D`` (weight stored (in, out)) when ``fan_in_fan_out``.
+
+    Conv1D always adds a bias; without one it gets a zero bias, which changes no value.
+    """
+    if fan_in_fan_out:
+        from transformers.pytorch_utils import Conv1D
+
+        layer: nn.Module = Conv1D(out_features, in_features)
+        if not has_bias:
+            nn.init.zeros_(layer.bias)
+    else:
+        layer = nn.Linear(in_features, out_features, bias=has_bias)
+    return layer.to(dtype)
+
+
+def _t(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(values)).to(dtype)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.to(torch.float32) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().copy()
+
+
+class PeftDriver:
+    """Runs golden cases through PEFT's RandLoRA with randlora-core's kernels (see the module docstring)."""
+
+    name = "peft"
+
+    def tolerance_dtype(self, case: GoldenCase, output: str) -> str:
+        """The case's own dtype: PEFT computes in it (float32 and float64 alike)."""
+        return case.dtype
+
+    def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
+        """Outputs for every expected key of ``case``, or :class:`Unsupported` for bases cases."""
+        if case.kind == "bases":
+            return Unsupported(
+                "PEFT's bases follow its machine-dependent rule (peft-torch-v1), not the portable rule; "
+                "randlora-core's driver covers portable generation"
+            )
+        if case.dtype not in _DTYPES:
+            return Unsupported(f"dtype {case.dtype} is not run through PEFT")
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")  # PEFT's advisory warnings (fan_in_fan_out fix-ups, missing keys)
+            if case.kind == "checkpoint":
+                return self._checkpoint(case)
+            if case.kind in ("forward", "backward", "merge"):
+                return self._layer_case(case)
+        return Unsupported(f"unknown case kind {case.kind!r}")
+
+    # -- layer cases ----------------------------------------------------------------------------
+
+    def _layer_model(self, case: GoldenCase) -> tuple[nn.Module, nn.Module]:
+        """``(peft_model, peft_layer)`` for a layer case, accelerated, with the case's tensors injected."""
+        peft = import_peft()
+        p, i = case.params, case.inputs
+        dtype = _DTYPES[case.dtype]
+        fan = bool(p["fan_in_fan_out"])
+        layer = _make_layer(p["in_features"], p["out_features"], p["has_bias"], fan, dtype)
+        with torch.no_grad():
+            layer.weight.copy_(_t(i["weight"], dtype))
+            if p["has_bias"]:
+                layer.bias.copy_(_t(i["bias"], dtype))
+        specs = p["adapters"]
+        # PEFT sizes the shared bases by the first adapter and refuses a later one of larger rank.
+        order = sorted(specs, key=lambda n: -int(specs[n]["r"]))
+        model = None
+        for name in order:
+            cfg = peft.RandLoraConfig(
+                r=int(specs[name]["r"]),
+                randlora_alpha=float(specs[name]["alpha"]),
+                target_modules=["layer"],
+                fan_in_fan_out=fan,
+                randlora_dropout=0.0,
+            )
+            if model is None:
+                model = peft.get_peft_model(_Holder(layer), cfg, adapter_name=name)
+            else:
+                model.add_adapter(name, cfg)
+        assert model is not None
+        peft_layer = model.get_base_model().layer
+        a_all, b_all = _t(i["randlora_A"], dtype), _t(i["randlora_B"], dtype)
+        with torch.no_grad():
+            for name, spec in specs.items():
+                r = int(spec["r"])
+                peft_layer.randlora_A[name] = a_all[:r].clone()
+                peft_layer.randlora_B[name] = b_all[:, :, :r].contiguous()
+                peft_layer.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"], dtype))
+                peft_layer.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"], dtype))
+        model.base_model.set_adapter(list(p["active"]))
+        accelerate(model)
+        return model, peft_layer
+
+    def _layer_case(self, case: GoldenCase) -> dict[str, np.ndarray]:
+        model, layer = self._layer_model(case)
+        dtype = _DTYPES[case.dtype]
+        i, p = case.inputs, case.params
+        if case.kind == "forward":
+            with torch.no_grad():
+                return {"y": _np(model(_t(i["x"], dtype)))}
+        if case.kind == "backward":
+            x = _t(i["x"], dtype).requires_grad_(True)
+            model(x).backward(_t(i["grad_y"], dtype))
+            assert x.grad is not None
+            out = {"grad_x": _np(x.grad)}
+            for name in p["active"]:
+                lam, gamma = layer.randlora_lambda[name], layer.randlora_gamma[name]
+                out[f"{name}.grad_lambda"] = _np(lam.grad if lam.grad is not None else torch.zeros_like(lam))
+                out[f"{name}.grad_gamma"] = _np(gamma.grad if gamma.grad is not None else torch.zeros_like(gamma))
+            return out
+        with torch.no_grad():
+            out = {f"{name}.delta_weight": _np(layer.get_delta_weight(name)) for name in p["adapters"]}
+            layer.merge(adapter_names=list(p["active"]))
+            out["merged_weight"] = _np(layer.get_base_layer().weight)
+            layer.unmerge()
+            out["unmerged_weight"] = _np(layer.get_base_layer().weight)
+        return out
+
+    # -- checkpoint cases -----------------------------------------------------------------------
+
+    def _checkpoint(self, case: GoldenCase) -> dict[str, np.ndarray]:
+        peft = import_peft()
+        ckpt = spec_ckpt.load(case.files["checkpoint"])
+        dtype = _DTYPES[case.dtype]
+        root = nn.Module()
+        for path, rec in sorted(ckpt.layers.items()):
+            bias = case.inputs.get(f"{path}.bias")
+            layer = _make_layer(
+                rec.in_features, rec.out_features, bias is not None or path in ckpt.biases, rec.fan_in_fan_out, dtype
+            )
+            with torch.no_grad():
+                layer.weight.copy_(_t(case.inputs[f"{path}.weight"], dtype))
+                if bias is not None:
+                    layer.bias.copy_(_t(bias, dtype))
+            parent = root
+            *parents, leaf = path.split(".")
+            for part in parents:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]  # type: ignore[assignment]
+            parent.add_module(leaf, layer)
+        with tempfile.TemporaryDirectory(prefix="randlora-peft-driver-") as tmp:
+            write_peft_adapter(ckpt, Path(tmp) / "adapter")
+            model = peft.PeftModel.from_pretrained(root, str(Path(tmp) / "adapter"))
+        accelerate(model)
+        base = model.get_base_model()
+        out = {}
+        with torch.no_grad():
+            for path in ckpt.layers:
+                out[f"{path}.y"] = _np(base.get_submodule(path)(_t(case.inputs[f"{path}.x"], dtype)))
+        return out
