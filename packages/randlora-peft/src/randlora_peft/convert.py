@@ -559,7 +559,7 @@ def read_peft_adapter(
         bf16_keys=frozenset(bf16),
     )
     if sidecar is not None:
-        ckpt = _restore_portable(ckpt, sidecar)
+        ckpt = _restore_from_sidecar(ckpt, sidecar)
     if ckpt.config.basis_rule == PEFT_RULE:
         bases_out, bf16_bases = [], set()
         for key, arr in zip((spec_ckpt.BASIS_A_KEY, spec_ckpt.BASIS_B_KEY), (a, b), strict=True):
@@ -573,8 +573,26 @@ def read_peft_adapter(
     return ckpt
 
 
-def _restore_portable(ckpt: AdapterCheckpoint, sidecar: dict[str, Any]) -> AdapterCheckpoint:
-    """Undo the PEFT detour for bases that the sidecar says follow the portable rule, if they really do."""
+_MATH_FIELDS = ("r", "randlora_alpha", "randlora_dropout", "projection_prng_key", "sparse", "very_sparse", "bias", "init_weights")
+"""Config fields that must agree between PEFT's config and the sidecar's copy for the latter to be used."""
+
+
+def _restore_from_sidecar(ckpt: AdapterCheckpoint, sidecar: dict[str, Any]) -> AdapterCheckpoint:
+    """Undo the PEFT detour where the sidecar allows it, verifying every claim.
+
+    The original config (targeting fields as written, not PEFT's explicit paths) is restored when
+    it agrees with PEFT's config on every field that affects the math; the portable rule (and the
+    original ``save_projection``) when the stored bases are bit-identical to the portable rule's.
+    """
+    raw = sidecar.get("config")
+    if isinstance(raw, str):
+        try:
+            original: RandLoraConfig | None = RandLoraConfig.parse(raw)
+        except ConfigError:
+            original = None
+        if original is not None and all(getattr(original, f) == getattr(ckpt.config, f) for f in _MATH_FIELDS):
+            fields = {**original.model_dump(mode="json"), "basis_rule": ckpt.config.basis_rule, "save_projection": True}
+            ckpt.config = RandLoraConfig.parse(fields)
     if sidecar.get("basis_rule") != PORTABLE_RULE or ckpt.bases is None:
         return ckpt
     from randlora_core import generate_bases
@@ -588,11 +606,11 @@ def _restore_portable(ckpt: AdapterCheckpoint, sidecar: dict[str, Any]) -> Adapt
             gen_shape = BasesShape(**{k: int(v) for k, v in raw_shape.items()})
         except (TypeError, ValueError):
             return ckpt
-    if gen_shape.r != cfg.r or gen_shape.m_max < ckpt.bases_shape.m_max or gen_shape.M_max < ckpt.bases_shape.M_max:
+    s = ckpt.bases_shape
+    if gen_shape.r != cfg.r or gen_shape.m_max < s.m_max or gen_shape.M_max < s.M_max or gen_shape.nb_max < s.nb_max:
         return ckpt
     a_gen, b_gen = generate_bases(cfg.projection_prng_key, gen_shape, kind)
     a, b = ckpt.bases
-    s = ckpt.bases_shape
     a_win = a_gen[:, :, : s.m_max].numpy()
     b_win = b_gen[: s.M_max, : s.nb_max, :].numpy()
     if a.shape != a_win.shape or b.shape != b_win.shape:
@@ -601,9 +619,8 @@ def _restore_portable(ckpt: AdapterCheckpoint, sidecar: dict[str, Any]) -> Adapt
         return ckpt
     save_projection = bool(sidecar.get("save_projection", True))
     fields = {**cfg.model_dump(mode="json"), "basis_rule": PORTABLE_RULE, "save_projection": save_projection}
-    config = RandLoraConfig.parse(fields)
     return AdapterCheckpoint(
-        config=config,
+        config=RandLoraConfig.parse(fields),
         adapter_name=ckpt.adapter_name,
         layers=ckpt.layers,
         bases_shape=gen_shape,
@@ -695,7 +712,7 @@ def peft_files(ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False) -> tup
 
 
 def sidecar_for(ckpt: AdapterCheckpoint) -> dict[str, Any]:
-    """Content of ``randlora_layers.json``: layer shapes, and the bases' rule and allocation."""
+    """Content of ``randlora_layers.json``: layer shapes, the original config, the bases' rule and allocation."""
     s = ckpt.bases_shape
     return {
         "format": SIDECAR_FORMAT,
@@ -705,6 +722,7 @@ def sidecar_for(ckpt: AdapterCheckpoint) -> dict[str, Any]:
         },
         "basis_rule": ckpt.config.basis_rule,
         "save_projection": ckpt.config.save_projection,
+        "config": ckpt.config.to_json(),
         "bases_shape": {"r": s.r, "m_max": s.m_max, "M_max": s.M_max, "nb_max": s.nb_max},
     }
 
