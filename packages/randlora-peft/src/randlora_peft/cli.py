@@ -160,8 +160,9 @@ def _direction(args: argparse.Namespace) -> str:
     raise CheckpointError(f"{src}: no such file or directory")
 
 
-def convert(args: argparse.Namespace, out: Any = sys.stdout) -> int:
-    """Run ``convert`` for parsed arguments; returns the exit status."""
+def convert(args: argparse.Namespace, out: Any = None) -> int:
+    """Run ``convert`` for parsed arguments, reporting to ``out`` (default: stdout); returns the exit status."""
+    out = sys.stdout if out is None else out
     direction = _direction(args)
     src: Path = args.src
     dst: Path = args.dst

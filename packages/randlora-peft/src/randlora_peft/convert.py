@@ -477,6 +477,18 @@ def read_peft_adapter(
             which = "randlora_gamma" if path in parsed.lam else "randlora_lambda"
             raise CheckpointError(f"{weights}: layer {path!r} lacks {which}")
 
+    picked = _pick_bases(parsed, str(weights))
+    if picked is None:
+        if config.save_projection:
+            raise CheckpointError(
+                f"{weights}: the config says save_projection=True but the file holds no randlora_A / randlora_B "
+                "(PEFT would silently draw new bases; refusing)"
+            )
+        if not regenerate_missing_bases:
+            raise BasisRuleError(
+                f"{source}: saved with save_projection=False: its bases exist only as PEFT's machine-dependent draw"
+            )
+
     sidecar = _read_sidecar(directory)
     if model is not None:
         layers = layer_records_from_model(model, paths)
@@ -506,18 +518,8 @@ def read_peft_adapter(
         if stray:
             raise CheckpointError(f"{weights}: bias='randlora_only' but biases of non-adapted modules {stray[:5]} are stored")
 
-    picked = _pick_bases(parsed, str(weights))
     bases_dtype = {k: parsed.dtype.get(k) for k in (spec_ckpt.BASIS_A_KEY, spec_ckpt.BASIS_B_KEY)}
     if picked is None:
-        if config.save_projection:
-            raise CheckpointError(
-                f"{weights}: the config says save_projection=True but the file holds no randlora_A / randlora_B "
-                "(PEFT would silently draw new bases; refusing)"
-            )
-        if not regenerate_missing_bases:
-            raise BasisRuleError(
-                f"{source}: saved with save_projection=False: its bases exist only as PEFT's machine-dependent draw"
-            )
         warnings.warn(
             f"{source} was saved with save_projection=False: its bases were regenerated with PEFT's own code on this "
             "machine. PEFT draws them in bfloat16 when the machine supports it and float16 otherwise, and torch's RNG "
