@@ -9,9 +9,11 @@
   kernels, in place, with PEFT's API unchanged.
 * :class:`~randlora_peft.driver.PeftDriver`: the ``peft`` conformance driver.
 
-PEFT itself is imported on first use (through :func:`randlora_peft._peft.import_peft`).
+PEFT itself is imported on first use, through :func:`import_peft`, which keeps bitsandbytes'
+import-time log noise out (PEFT imports bitsandbytes eagerly when it is installed).
 """
 
+from randlora_peft._peft import import_peft
 from randlora_peft.accelerate import accelerate, is_accelerated, unaccelerate
 from randlora_peft.convert import MachineDependentBasesWarning, read_peft_adapter, regenerate_peft_bases, write_peft_adapter
 from randlora_peft.interop import load_peft_adapter, save_peft_adapter
@@ -21,6 +23,7 @@ __version__ = "1.0.0"
 __all__ = [
     "MachineDependentBasesWarning",
     "accelerate",
+    "import_peft",
     "is_accelerated",
     "load_peft_adapter",
     "read_peft_adapter",
