@@ -35,6 +35,9 @@ RESULTS: dict[str, DriverTally] = defaultdict(DriverTally)
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--driver", action="append", default=None, help="run only this driver (repeatable)")
+    parser.addoption(
+        "--distribution", action="append", default=None, help="run only drivers registered by this distribution (repeatable)"
+    )
     parser.addoption("--golden-dir", default=str(GOLDEN_DIR), help="directory holding manifest.json")
 
 
@@ -50,12 +53,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "driver" not in metafunc.fixturenames:
         return
     wanted = _selected_names(metafunc.config)
-    drivers = discover_drivers(wanted)
+    dists = set(metafunc.config.getoption("--distribution") or []) or None
+    drivers = discover_drivers(wanted, dists)
     found = {d.name for d in drivers}
     if wanted and wanted - found:
         raise pytest.UsageError(f"requested drivers {sorted(wanted - found)} are not installed (found: {sorted(found)})")
     if not drivers:
-        raise pytest.UsageError("no conformance drivers are installed (entry-point group randlora.conformance)")
+        raise pytest.UsageError(
+            f"no conformance drivers installed (entry-point group randlora.conformance, distributions {dists})"
+        )
     cases = load_cases(Path(metafunc.config.getoption("--golden-dir")))
     params = [pytest.param(d, c, id=f"{d.name}:{c.id}") for d in drivers for c in cases]
     metafunc.parametrize(("driver", "case"), params)

@@ -44,11 +44,18 @@ class Driver(Protocol):
         ...
 
 
-def discover_drivers(names: set[str] | None = None) -> list[Driver]:
-    """Instantiate the registered drivers (optionally only those named), sorted by name."""
+def discover_drivers(names: set[str] | None = None, distributions: set[str] | None = None) -> list[Driver]:
+    """Instantiate the registered drivers, sorted by name.
+
+    Args:
+        names: keep only drivers with these entry-point names.
+        distributions: keep only drivers registered by these distributions (e.g. ``randlora-core``),
+            so one package's drivers can be run in a venv that also holds its dependencies'.
+    """
     drivers = []
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        if names is None or ep.name in names:
+        dist = ep.dist.name if ep.dist is not None else None
+        if (names is None or ep.name in names) and (distributions is None or dist in distributions):
             drivers.append(ep.load()())
     return drivers
 
