@@ -151,3 +151,34 @@ def test_core_checkpoint_file_from_peft_loads_in_core(llama, make_peft_dir, tmp_
 def test_save_peft_adapter_needs_a_core_model(llama, tmp_path):
     with pytest.raises(CheckpointError, match="RandLoraModel"):
         save_peft_adapter(llama, tmp_path / "x")
+
+
+class _WithHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(8, 12)
+        self.head = torch.nn.Linear(12, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_bias_all_with_modules_to_save_duplicates(tmp_path):
+    # bias="all" makes PEFT save the head's bias three times: the trained copy (head.bias), the
+    # wrapper-internal copy (head.modules_to_save.bias) and the frozen original (head.original_module.bias)
+    torch.manual_seed(0)
+    base = _WithHead()
+    pm = peft_model(copy.deepcopy(base), r=2, randlora_alpha=4, target_modules=["body"], bias="all", modules_to_save=["head"])
+    with torch.no_grad():
+        for param in pm.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(str(tmp_path / "peft"))
+    keys = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert {"base_model.model.head.modules_to_save.bias", "base_model.model.head.original_module.bias"} <= set(keys)
+    core = load_peft_adapter(copy.deepcopy(base), tmp_path / "peft")
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        assert_close(core(x), pm(x))

@@ -200,11 +200,7 @@ def _saved_module_split(rest: str, names: list[str]) -> tuple[str, str] | None:
     for i in range(1, len(parts)):
         path = ".".join(parts[:i])
         if any(path == n or path.endswith("." + n) for n in names):
-            param = parts[i:]
-            # older layouts may keep the wrapper's container names in the key
-            if len(param) > 2 and param[0] == "modules_to_save":
-                param = param[2:]
-            return path, ".".join(param)
+            return path, ".".join(parts[i:])
     return None
 
 
@@ -221,6 +217,7 @@ def _parse_tensors(
         wanted = adapter_name
     parsed = _Parsed()
     saved_names = list(config.modules_to_save or [])
+    wrapped: list[tuple[str, str, np.ndarray, str]] = []  # modules_to_save copies keyed inside PEFT's wrapper
     for key, value in tensors.items():
         plain, name = _split_adapter_key(key)
         if wanted is not None and name is not None and name != wanted:
@@ -247,6 +244,11 @@ def _parse_tensors(
         split = _saved_module_split(rest, saved_names) if saved_names else None
         if split is not None:
             path, pname = split
+            if pname.startswith("original_module."):
+                continue  # the frozen original (saved incidentally by bias="all"): base-model state, not the adapter's
+            if pname.startswith("modules_to_save."):
+                wrapped.append((path, pname.removeprefix("modules_to_save."), value, dtypes[key]))
+                continue
             parsed.saved.setdefault(path, {})[pname] = value
             parsed.dtype[f"{path}.{pname}"] = dtypes[key]
             continue
@@ -261,7 +263,25 @@ def _parse_tensors(
             parsed.dtype[path + ".bias"] = dtypes[key]
             continue
         raise CheckpointError(f"{source}: unexpected tensor {key!r} in a RandLoRA adapter file")
+    # "<path>.modules_to_save[.<adapter>].<param>" duplicates the trained copy "<path>.<param>" (bias="all"
+    # saves it again); it must agree, and stands in for it when the plain key is absent.
+    for path, rest, value, code in wrapped:
+        head, _, tail = rest.partition(".")
+        candidates = [rest] + ([tail] if tail and (head in names or head in (adapter_name, "default")) else [])
+        have = parsed.saved.setdefault(path, {})
+        target = next((c for c in candidates if c in have), candidates[-1])
+        if target in have:
+            if not np_equal_values(have[target], value):
+                raise CheckpointError(f"{source}: {path}.modules_to_save.{rest} differs from {path}.{target}")
+            continue
+        have[target] = value
+        parsed.dtype[f"{path}.{target}"] = code
     return parsed
+
+
+def np_equal_values(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape and values (dtype-independent)."""
+    return a.shape == b.shape and bool(np.array_equal(a.astype(np.float64), b.astype(np.float64)))
 
 
 def _infer_layers(parsed: _Parsed, config: RandLoraConfig, source: str) -> dict[str, LayerRecord]:
