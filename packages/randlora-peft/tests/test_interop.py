@@ -148,9 +148,12 @@ def test_core_checkpoint_file_from_peft_loads_in_core(llama, make_peft_dir, tmp_
     assert_close(_logits(restored, x), _logits(pm, x))
 
 
-def test_save_peft_adapter_needs_a_core_model(llama, tmp_path):
+def test_save_peft_adapter_needs_a_core_model(llama, tmp_path, make_peft_dir):
     with pytest.raises(CheckpointError, match="RandLoraModel"):
         save_peft_adapter(llama, tmp_path / "x")
+    peft_dir, pm = make_peft_dir(llama, target_modules=["q_proj"])
+    with pytest.raises(CheckpointError, match="base model"):
+        load_peft_adapter(pm, peft_dir)
 
 
 class _WithHead(torch.nn.Module):

@@ -46,7 +46,13 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, adapter_name: str 
 
     """
     from randlora_core import load_adapter
+    from randlora_peft._peft import import_peft
 
+    if isinstance(model, import_peft().PeftModel):
+        raise CheckpointError(
+            "load_peft_adapter loads into a randlora-core model: pass the base model (peft_model.get_base_model() "
+            "after unload()), or keep the PeftModel and call accelerate() on it"
+        )
     ckpt = read_peft_adapter(peft_dir, model=model, adapter_name=adapter_name)
     blob = validate_checkpoint(ckpt)
     with tempfile.TemporaryDirectory(prefix="randlora-peft-") as tmp:
