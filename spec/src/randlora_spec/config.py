@@ -36,6 +36,10 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 
 BASIS_RULE_PATTERN = r"^[a-z0-9][a-z0-9.\-]*-v[0-9]+$"
 
+RUNTIME_FIELDS = ("compute",)
+"""Config fields that select how an implementation runs, not what it computes (SPEC 2.1): accepted
+when parsing, but not part of the canonical JSON, checkpoints or the PEFT conversion."""
+
 
 class RandLoraConfig(BaseModel):
     """Configuration of one RandLoRA adapter.
@@ -83,6 +87,14 @@ class RandLoraConfig(BaseModel):
         description=f"Versioned id of the basis-generation rule; '{PORTABLE_RULE}' is portable, '{PEFT_RULE}' is PEFT's.",
     )
     spec_version: str = Field(SPEC_VERSION, pattern=r"^1\.[0-9]+$", description="Version of SPEC.md the config follows (1.x).")
+    compute: Literal["auto", "factored", "dense"] = Field(
+        "auto",
+        description=(
+            "How an implementation evaluates the adapter: 'factored' (two thin matmuls per layer), 'dense' "
+            "(delta_W folded into the base matmul) or 'auto' (chosen per call by a cost model). Results agree "
+            "within the tolerances; a runtime preference, not serialised in canonical JSON or checkpoints."
+        ),
+    )
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -148,8 +160,12 @@ class RandLoraConfig(BaseModel):
             raise config_error_from(exc) from None
 
     def to_json(self) -> str:
-        """Canonical JSON: sorted keys, no whitespace, so identical configs give identical bytes."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Canonical JSON: sorted keys, no whitespace, so identical configs give identical bytes.
+
+        Runtime-only fields (:data:`RUNTIME_FIELDS`, i.e. ``compute``) are left out: they do not change
+        what an adapter computes, so files stay byte-identical and readable by any 1.x reader.
+        """
+        return json.dumps(self.model_dump(mode="json", exclude=set(RUNTIME_FIELDS)), sort_keys=True, separators=(",", ":"))
 
     def to_peft_dict(self) -> dict[str, Any]:
         """PEFT ``adapter_config.json`` content for this config (``peft_type: RANDLORA``).
@@ -159,7 +175,7 @@ class RandLoraConfig(BaseModel):
         RandLoraConfig has no ``exclude_modules``: it is left out, so a caller converting an adapter
         must express the final set of adapted modules in ``target_modules`` (e.g. explicit paths).
         """
-        data = self.model_dump(mode="json", exclude={"basis_rule", "spec_version", "exclude_modules"})
+        data = self.model_dump(mode="json", exclude={"basis_rule", "spec_version", "exclude_modules", *RUNTIME_FIELDS})
         data.update({"peft_type": "RANDLORA", "task_type": None, "base_model_name_or_path": None})
         data.update({"revision": None, "inference_mode": True, "auto_mapping": None})
         return data

@@ -1,4 +1,8 @@
-"""Conformance driver for randlora-core (``randlora.conformance`` entry point ``core``).
+"""Conformance drivers for randlora-core (``randlora.conformance`` entry points ``core``, ``core-factored``, ``core-dense``).
+
+``core`` runs the default (``compute="auto"``: the cost model picks the path per call); the other two
+force one compute path for every case (:func:`~randlora_core.compute.compute_override`), so both
+paths are proven against every golden vector whatever the cost model would pick for these shapes.
 
 Every case goes through the public API on a real torch model in the case's dtype: layer cases build
 a module holding one ``nn.Linear`` (or a Conv1D-like layer when ``fan_in_fan_out``), adapt it with
@@ -17,6 +21,7 @@ from torch import nn
 
 from randlora_core.bases import generate_bases
 from randlora_core.checkpoint import load_adapter
+from randlora_core.compute import compute_override
 from randlora_core.model import RandLoraModel, get_randlora_model
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
@@ -29,6 +34,8 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 class Conv1DLike(nn.Module):
     """A GPT-2-style Conv1D (weight stored (in, out)), matching randlora-core's duck-typing rule."""
+
+    _randlora_plain_conv1d = True  # forward is exactly x @ W + b, so the fused/dense path may replace it
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -90,8 +97,15 @@ class CoreDriver:
         """The case's own dtype: core computes in float64/float32 as asked."""
         return case.dtype
 
+    compute: str | None = None
+    """The compute path forced for every call (``None``: the configs' default, ``auto``)."""
+
     def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
         """Outputs for every expected key of ``case``."""
+        with compute_override(self.compute):  # type: ignore[arg-type]
+            return self._run(case)
+
+    def _run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
         if case.dtype not in DTYPES:
             return Unsupported(f"dtype {case.dtype} is not a case dtype core runs")
         if case.kind == "bases":
@@ -185,3 +199,17 @@ class CoreDriver:
             for p in layers:
                 out[f"{p}.y"] = _np(model.model.get_submodule(p)(_t(case.inputs[f"{p}.x"])))
         return out
+
+
+class CoreFactoredDriver(CoreDriver):
+    """randlora-core with every layer call on the factored path."""
+
+    name = "core-factored"
+    compute = "factored"
+
+
+class CoreDenseDriver(CoreDriver):
+    """randlora-core with every layer call on the dense path (delta_W folded into the base matmul)."""
+
+    name = "core-dense"
+    compute = "dense"

@@ -16,6 +16,7 @@ step compared with autograd through plain ops.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -127,3 +128,226 @@ def adapter_output(
     All tensors must share one dtype and device; ``x`` has any leading axes and last axis ``I``.
     """
     return RandLoraFunction.apply(x, a_s, b_flat, lam, gamma, scaling, in_le_out)
+
+
+# -- the whole adapted layer in one autograd node: factored or dense (issue #6) -------------------
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How :class:`RandLoraLinearFunction` evaluates one call (a plain value, passed through autograd).
+
+    Attributes:
+        in_le_out: ``I <= O`` (selects the orientation of ``P``, SPEC 3.4).
+        weight_in_out: the base weight is stored ``(I, O)`` (``fan_in_fan_out``) instead of ``(O, I)``.
+        scalings: one tuple per group of adapters sharing a basis window (equal rank), holding each
+            adapter's scaling ``s = alpha / r`` in the order of its ``(lambda, gamma)`` operands.
+        dense_forward: fold ``delta_W`` into the base matmul in forward (else factored).
+        dense_backward: gradients through ``W + delta_W`` and ``G = g^T x`` (else factored).
+
+    """
+
+    in_le_out: bool
+    weight_in_out: bool
+    scalings: tuple[tuple[float, ...], ...]
+    dense_forward: bool
+    dense_backward: bool
+
+
+Group = tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, float]]]
+
+
+def _groups(plan: LayerPlan, ops: tuple[torch.Tensor, ...]) -> list[Group]:
+    """Unflatten ``(a_s, b_flat, lam_1, gamma_1, lam_2, gamma_2, ...)`` per group."""
+    out, i = [], 0
+    for scalings in plan.scalings:
+        a_s, b_flat = ops[i], ops[i + 1]
+        i += 2
+        adapters = []
+        for s in scalings:
+            adapters.append((ops[i], ops[i + 1], s))
+            i += 2
+        out.append((a_s, b_flat, adapters))
+    return out
+
+
+def combined_scaled_basis(a_s: torch.Tensor, adapters: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """``sum_a s_a * S_flat(lambda_a, gamma_a)``, shape (r*nb, m): every adapter of one window at once.
+
+    Adapters of equal rank share ``a_s`` and ``b_flat``, and the adapter outputs are linear in
+    ``S_flat``, so their sum needs one pair of matmuls (factored) or one ``b_flat @ S`` (dense)
+    instead of one per adapter. The scaling is folded into lambda (an (r, nb) tensor) rather than
+    applied to the (tokens, out) output. Two elementwise passes, one allocation.
+    """
+    m = a_s.shape[1]
+    total: torch.Tensor | None = None
+    for lam, gamma, s in adapters:
+        term = (lam * s)[:, :, None] * a_s[:, None, :]
+        if total is None:
+            total = term.mul_(gamma)
+        else:
+            total.addcmul_(term, gamma)
+    assert total is not None
+    return total.reshape(-1, m)
+
+
+def _basis_grads(
+    grad_s: torch.Tensor, a_s: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor, s: float, need_lam: bool, need_gamma: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SPEC 3.6 reductions from ``grad_s`` = dL/d(combined S) (rows ``k*nb + b``) for one adapter of scaling ``s``.
+
+    ``u[k, b, j] = s * grad_S[k, b, j] * A[k, j]`` is formed once; both reductions are then batched
+    matmuls over ``b`` reading it in place (``grad_lambda[k, b] = u[k, b, :] . gamma[b, :]``,
+    ``grad_gamma[b, :] = lambda[:, b] @ u[:, b, :]``), instead of two more full-size products.
+    """
+    r, m = a_s.shape
+    nb = lam.shape[1]
+    u = grad_s.view(r, nb, m) * (a_s * s)[:, None, :]
+    u_b = u.transpose(0, 1)  # (nb, r, m), a view
+    grad_lam = torch.bmm(u_b, gamma[:, :, None]).squeeze(2).T if need_lam else None
+    grad_gamma = torch.bmm(lam.T[:, None, :], u_b).squeeze(1) if need_gamma else None
+    return grad_lam, grad_gamma
+
+
+def effective_weight(weight: torch.Tensor, plan: LayerPlan, groups: list[Group], bases: list[torch.Tensor]) -> torch.Tensor:
+    """``W + sum_g b_flat_g @ S_g`` in the weight's storage layout, as fused ``addmm`` calls (no separate add pass).
+
+    ``P = b_flat @ S`` is (M, m): (O, I) when ``in_le_out``. When the storage layout is the other
+    orientation the product is formed transposed, ``S^T @ b_flat^T``, which costs the same.
+    """
+    same = plan.in_le_out != plan.weight_in_out
+    w: torch.Tensor | None = None
+    for (_, b_flat, _), s in zip(groups, bases, strict=True):
+        m1, m2 = (b_flat, s) if same else (s.T, b_flat.T)
+        w = torch.addmm(weight, m1, m2) if w is None else w.addmm_(m1, m2)
+    assert w is not None
+    return w
+
+
+def _base_matmul(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_in_out: bool) -> torch.Tensor:
+    if weight_in_out:
+        return torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
+    return torch.nn.functional.linear(x2, weight, bias)
+
+
+class RandLoraLinearFunction(torch.autograd.Function):
+    """Base layer plus every active adapter of one layer as a single autograd node.
+
+    ``forward(plan, x, weight, bias, *ops)`` with ``ops = (a_s, b_flat, lam_1, gamma_1, ...)`` per
+    group of :class:`LayerPlan`. The base weight and bias are frozen inputs (the bias may train).
+    All matmuls run in the compute dtype of the adapter operands; ``x``, ``weight`` and ``bias`` are
+    cast to it when they differ (only the dense path is used that way) and the output has ``x``'s
+    dtype.
+
+    Saved for backward: ``x``, the weight and bias (references, no copy), the operands, and for a
+    factored forward of a layer with ``I > O`` whose lambda/gamma need gradients also
+    ``h = x @ b_flat`` (tokens x r*nb, the size PEFT keeps too) so backward need not recompute the
+    largest matmul. The dense path never saves ``W + delta_W`` (an (O, I) matrix): backward rebuilds
+    it, so dense memory does not grow over factored.
+
+    Factored mode accumulates the adapter's last matmul into the base output with ``addmm`` (and the
+    same for ``grad_x``), so no (tokens, out) temporary or separate add/scale pass exists.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, plan: LayerPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *ops: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer output ``x @ W_eff^T + bias`` (any leading axes on ``x``)."""
+        groups = _groups(plan, ops)
+        dtype = ops[0].dtype
+        bases = [combined_scaled_basis(a_s, adapters) for a_s, _, adapters in groups]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        w_c = weight.to(dtype)
+        b_c = bias.to(dtype) if bias is not None else None
+        need_params = any(ctx.needs_input_grad[4:])
+        keep_h = not plan.dense_forward and not plan.dense_backward and not plan.in_le_out and need_params
+        hs: list[torch.Tensor] = []
+        if plan.dense_forward:
+            w_eff = effective_weight(w_c, plan, groups, bases)
+            y2 = _base_matmul(x2, w_eff, b_c, plan.weight_in_out)
+            del w_eff
+        else:
+            y2 = _base_matmul(x2, w_c, b_c, plan.weight_in_out)
+            for (_, b_flat, _), s in zip(groups, bases, strict=True):
+                if plan.in_le_out:
+                    y2.addmm_(x2 @ s.T, b_flat.T)
+                else:
+                    h = x2 @ b_flat
+                    y2.addmm_(h, s)
+                    if keep_h:
+                        hs.append(h)
+        ctx.plan, ctx.n_h, ctx.bias_dtype = plan, len(hs), bias.dtype if bias is not None else None
+        ctx.save_for_backward(x, weight, *ops, *hs)
+        return y2.reshape(*x.shape[:-1], y2.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Gradients for ``x``, the bias and every lambda/gamma (SPEC 3.6); none for the weight or bases."""
+        plan: LayerPlan = ctx.plan
+        saved = ctx.saved_tensors
+        x, weight = saved[0], saved[1]
+        ops = saved[2 : len(saved) - ctx.n_h]
+        hs = saved[len(saved) - ctx.n_h :]
+        groups = _groups(plan, ops)
+        dtype = ops[0].dtype
+        need_x = ctx.needs_input_grad[1]
+        need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
+        need = ctx.needs_input_grad[4:]
+        need_params = any(need)
+        bases = [combined_scaled_basis(a_s, adapters) for a_s, _, adapters in groups]
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        grad_x: torch.Tensor | None = None
+        grad_s: list[torch.Tensor | None] = [None] * len(groups)
+        if plan.dense_backward:
+            if need_x:
+                w_eff = effective_weight(weight.to(dtype), plan, groups, bases)
+                grad_x = g2 @ w_eff.T if plan.weight_in_out else g2 @ w_eff
+                del w_eff
+            if need_params:
+                g_w = g2.T @ x2  # dL/d(delta_W), (O, I)
+                for i, (_, b_flat, _) in enumerate(groups):
+                    grad_s[i] = b_flat.T @ g_w if plan.in_le_out else (g_w @ b_flat).T
+                del g_w
+        else:
+            if need_x:
+                w_c = weight.to(dtype)
+                grad_x = g2 @ w_c.T if plan.weight_in_out else g2 @ w_c
+            for i, ((_, b_flat, _), s) in enumerate(zip(groups, bases, strict=True)):
+                if plan.in_le_out:  # x -> h = x S^T -> y = h B^T
+                    gh = g2 @ b_flat
+                    if grad_x is not None:
+                        grad_x.addmm_(gh, s)
+                    if need_params:
+                        grad_s[i] = gh.T @ x2
+                else:  # x -> h = x B -> y = h S
+                    if grad_x is not None:
+                        grad_x.addmm_(g2 @ s.T, b_flat.T)
+                    if need_params:
+                        h = hs[i] if hs else x2 @ b_flat
+                        grad_s[i] = h.T @ g2
+        grads: list[torch.Tensor | None] = []
+        j = 0
+        for (a_s, _, adapters), gs in zip(groups, grad_s, strict=True):
+            grads += [None, None]  # the bases
+            j += 2
+            for lam, gamma, s in adapters:
+                if gs is None:
+                    grads += [None, None]
+                else:
+                    g_lam, g_gamma = _basis_grads(gs, a_s, lam, gamma, s, need[j], need[j + 1])
+                    grads += [g_lam, g_gamma]
+                j += 2
+        grad_bias = g2.sum(0).to(ctx.bias_dtype) if need_bias else None
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        return (None, grad_x, None, grad_bias, *grads)
+
+
+def linear_forward(
+    plan: LayerPlan, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ops: list[torch.Tensor]
+) -> torch.Tensor:
+    """Apply :class:`RandLoraLinearFunction` (the base weight must not require grad)."""
+    return RandLoraLinearFunction.apply(plan, x, weight, bias, *ops)
