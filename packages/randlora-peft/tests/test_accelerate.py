@@ -26,10 +26,12 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
+@pytest.mark.parametrize("compute", ["auto", "factored", "dense"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_outputs_and_gradients_match_peft(arch, llama, gpt2):
+def test_outputs_and_gradients_match_peft(arch, compute, llama, gpt2):
     base, targets = (llama, LLAMA_TARGETS) if arch == "llama" else (gpt2, GPT2_TARGETS)
-    plain, fast = _pair(base, target_modules=targets)
+    plain = peft_model(copy.deepcopy(base), target_modules=targets)
+    fast = accelerate(copy.deepcopy(plain), compute=compute)
     assert sum(is_accelerated(m) for m in fast.modules()) == sum(isinstance(m, peft_randlora_linear()) for m in plain.modules())
     x = tokens()
     y_plain, y_fast = plain(x).logits, fast(x).logits
@@ -142,3 +144,54 @@ def test_accelerate_is_idempotent_reversible_and_picklable(llama):
 def test_accelerate_needs_randlora_layers(llama):
     with pytest.raises(TargetModuleError, match="no PEFT RandLoRA"):
         accelerate(llama)
+
+
+@pytest.mark.parametrize("compute", ["factored", "dense"])
+def test_one_fused_node_per_layer_with_trainable_bias(compute):
+    base = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 16))
+    plain = peft_model(copy.deepcopy(base), target_modules=["0", "1"], bias="randlora_only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain.add_adapter("b", peft.RandLoraConfig(r=4, randlora_alpha=4, target_modules=["0", "1"], init_weights=False))
+    plain.base_model.set_adapter(["default", "b"])
+    fast = accelerate(copy.deepcopy(plain), compute=compute)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    x_fast = x.detach().clone().requires_grad_(True)
+    layer = fast.base_model.model[0]
+    assert "RandLoraLinearFunction" in layer(x_fast).grad_fn.name()
+    y, y_fast = plain(x), fast(x_fast)
+    assert_close(y_fast, y)
+    (y * y).sum().backward()
+    (y_fast * y_fast).sum().backward()
+    assert_close(x_fast.grad, x.grad)
+    g, g_fast = _grads(plain), _grads(fast)
+    assert any("bias" in n for n in g) and g.keys() == g_fast.keys()
+    for name in g:
+        assert_close(g_fast[name], g[name])
+
+
+def test_dropout_in_training_takes_peft_order_and_rng():
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16))
+    plain = peft_model(copy.deepcopy(base), target_modules=["0"], randlora_dropout=0.25).train()
+    fast = accelerate(copy.deepcopy(plain)).train()
+    x = torch.randn(4, 16)
+    torch.manual_seed(11)
+    y = plain(x)
+    torch.manual_seed(11)
+    y_fast = fast(x)
+    assert "RandLoraLinearFunction" not in y_fast.grad_fn.name()  # dropout: per-adapter path
+    assert_close(y_fast, y)
+
+
+def test_compute_is_validated_and_overridable(llama):
+    from randlora_core.compute import compute_override
+    from randlora_spec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compute"):
+        accelerate(peft_model(copy.deepcopy(llama), target_modules=["q_proj"]), compute="fast")
+    fast = accelerate(peft_model(copy.deepcopy(llama), target_modules=["q_proj"]), compute="factored")
+    x = tokens()
+    with torch.no_grad():
+        y = fast(x).logits
+        with compute_override("dense"):
+            assert_close(fast(x).logits, y)

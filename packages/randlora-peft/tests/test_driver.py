@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from randlora_peft.driver import PeftDriver
+from randlora_peft.driver import PeftDenseDriver, PeftDriver, PeftFactoredDriver
 from randlora_spec.driver import Driver, Unsupported, discover_drivers
 from randlora_spec.golden import GoldenCase, default_golden_dir, load_cases
 from randlora_spec.tolerances import check_close
@@ -42,15 +42,17 @@ SELECTED = [
 
 
 def test_registered_under_the_conformance_entry_point():
-    drivers = discover_drivers({"peft"})
-    assert len(drivers) == 1 and isinstance(drivers[0], PeftDriver) and isinstance(drivers[0], Driver)
+    drivers = {d.name: d for d in discover_drivers({"peft", "peft-dense", "peft-factored"})}
+    assert type(drivers["peft"]) is PeftDriver and isinstance(drivers["peft"], Driver)
+    assert type(drivers["peft-dense"]) is PeftDenseDriver and type(drivers["peft-factored"]) is PeftFactoredDriver
 
 
 @pytest.mark.skipif(not CASES, reason="golden fixtures not available")
+@pytest.mark.parametrize("driver_cls", [PeftDriver, PeftDenseDriver, PeftFactoredDriver], ids=lambda c: c.name)
 @pytest.mark.parametrize("case_id", SELECTED)
-def test_golden_case(case_id: str) -> None:
+def test_golden_case(case_id: str, driver_cls: type[PeftDriver]) -> None:
     case: GoldenCase = CASES[case_id]
-    driver = PeftDriver()
+    driver = driver_cls()
     result = driver.run(case)
     assert not isinstance(result, Unsupported), result
     assert set(result) >= set(case.expected)

@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from randlora_core.functional import adapter_output, delta_weight
+from randlora_core.compute import choose_path, current_override
+from randlora_core.functional import LayerPlan, adapter_output, delta_weight, linear_forward
 from randlora_peft._peft import peft_randlora_linear
+from randlora_peft.accelerate import COMPUTE_ATTR
 from randlora_spec.errors import ShapeError
 
 _PeftLinear: Any = peft_randlora_linear()
@@ -25,10 +29,20 @@ class AcceleratedRandLoraLinear(_PeftLinear):
     (``merge``, ``unmerge``, ``update_layer``, ``set_adapter``, ...) is PEFT's, calling back into the
     ``get_delta_weight`` below.
 
-    Differences from PEFT's own code path, none of which changes a result PEFT computes correctly:
-    the scaled basis is rebuilt in backward instead of being kept alive (randlora-core's
-    ``RandLoraFunction``), and each adapter's windows are taken from its own rank and number of
-    bases (``A[:r, 0, :m]``, ``B[:M, :nb, :r]``), so adapters of different ranks on one layer work.
+    Where it applies (a plain ``nn.Linear`` / Conv1D base without hooks or extra call arguments,
+    frozen weight on the input's device, no active dropout, no autocast, one dtype throughout) the
+    whole layer, base plus every active adapter, is one node of randlora-core's
+    ``RandLoraLinearFunction``, evaluated ``factored`` (two thin matmuls per basis window) or
+    ``dense`` (``delta_W`` folded into the base matmul) as randlora-core's cost model picks for the
+    call's token count and widths, or as forced by ``accelerate(..., compute=...)`` or
+    ``randlora_core.compute.compute_override``. Otherwise each adapter runs through randlora-core's
+    ``RandLoraFunction`` after PEFT's base call, in PEFT's order, with PEFT's dropout.
+
+    Differences from PEFT's own code path, none of which changes a result PEFT computes correctly
+    (beyond float rounding): the scaled basis is rebuilt in backward instead of being kept alive;
+    adapters sharing a basis window are summed before the matmuls; each adapter's windows are taken
+    from its own rank and number of bases (``A[:r, 0, :m]``, ``B[:M, :nb, :r]``), so adapters of
+    different ranks on one layer work.
     """
 
     def _core_operands(self, adapter: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,12 +85,71 @@ class AcceleratedRandLoraLinear(_PeftLinear):
         elif self.merged:
             result = self.base_layer(x, *args, **kwargs)
         else:
-            result = self.base_layer(x, *args, **kwargs)
-            in_le_out = self.in_features <= self.out_features
-            for name in self.active_adapters:
-                if name not in self.randlora_lambda.keys():
-                    continue
-                a_s, b_flat, lam, gamma = self._core_operands(name, x.device)
-                x_in = self.randlora_dropout[name](x.to(a_s.dtype))
-                result = result + adapter_output(x_in, a_s, b_flat, lam, gamma, self.scaling[name], in_le_out)
+            names = [n for n in self.active_adapters if n in self.randlora_lambda.keys()]
+            fused = self._fused_forward(x, names) if names and not args and not kwargs else None
+            if fused is not None:
+                result = fused
+            else:
+                result = self.base_layer(x, *args, **kwargs)
+                in_le_out = self.in_features <= self.out_features
+                for name in names:
+                    a_s, b_flat, lam, gamma = self._core_operands(name, x.device)
+                    x_in = self.randlora_dropout[name](x.to(a_s.dtype))
+                    result = result + adapter_output(x_in, a_s, b_flat, lam, gamma, self.scaling[name], in_le_out)
         return result.to(previous_dtype)
+
+    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
+        """The layer output as one ``RandLoraLinearFunction`` node, or ``None`` where that does not apply."""
+        base = self.get_base_layer()
+        if not (type(base) is nn.Linear or type(base) is Conv1D) or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if torch.is_autocast_enabled(x.device.type):
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or weight.device != x.device:
+            return None
+        for name in names:
+            dropout = self.randlora_dropout[name]
+            if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+                return None  # the fused node feeds the adapters the base input
+        groups: dict[tuple[Any, ...], list[str]] = {}
+        operands: dict[str, tuple[torch.Tensor, ...]] = {}
+        for name in names:
+            ops = self._core_operands(name, x.device)
+            a_full, b_full = self.randlora_A[name], self.randlora_B[name]
+            key = (a_full.data_ptr(), b_full.data_ptr(), tuple(ops[0].shape), tuple(ops[1].shape), ops[0].dtype)
+            groups.setdefault(key, []).append(name)
+            operands[name] = ops
+        dtypes = {key[-1] for key in groups}
+        if len(dtypes) != 1:
+            return None
+        (dtype,) = dtypes
+        if x.dtype != dtype or weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+            return None
+        flat: list[torch.Tensor] = []
+        scalings: list[tuple[float, ...]] = []
+        ks: list[int] = []
+        for members in groups.values():
+            a_s, b_flat = operands[members[0]][:2]
+            flat += [a_s, b_flat]
+            for name in members:
+                flat += list(operands[name][2:])
+            scalings.append(tuple(float(self.scaling[n]) for n in members))
+            ks.append(b_flat.shape[1])
+        requested = current_override() or getattr(self, COMPUTE_ATTR, "auto")
+        if requested in ("factored", "dense"):
+            path = requested
+        else:
+            grad = torch.is_grad_enabled()
+            need_x = grad and x.requires_grad
+            need_params = grad and (any(t.requires_grad for t in flat) or (bias is not None and bias.requires_grad))
+            tokens = x.numel() // self.in_features if self.in_features else 0
+            path = choose_path(tokens, self.in_features, self.out_features, ks, dtype, x.device, need_x, need_params)
+        plan = LayerPlan(
+            in_le_out=self.in_features <= self.out_features,
+            weight_in_out=bool(self.fan_in_fan_out),
+            scalings=tuple(scalings),
+            dense_forward=path != "factored",
+            dense_backward=path == "dense",
+        )
+        return linear_forward(plan, x, weight, bias, flat)

@@ -2,7 +2,8 @@
 
 Mechanism: :func:`accelerate` switches the class of every PEFT RandLoRA ``Linear`` instance in the
 model to :class:`~randlora_peft._accelerated.AcceleratedRandLoraLinear`, a subclass that overrides
-only ``forward`` and ``get_delta_weight``. Nothing global is patched (other PEFT models in the
+only ``forward`` and ``get_delta_weight`` (plus a plain ``randlora_compute`` attribute holding the
+compute preference). Nothing global is patched (other PEFT models in the
 process are unaffected), no parameter, buffer or hook is added or replaced (``state_dict`` and
 ``save_pretrained`` produce the same files), and PEFT's own methods (``set_adapter``,
 ``disable_adapter``, ``merge``/``unmerge``, ``merge_and_unload``, ``add_adapter`` on already
@@ -21,7 +22,11 @@ import warnings
 from torch import nn
 
 from randlora_peft._peft import import_peft, peft_randlora_linear
-from randlora_spec.errors import TargetModuleError
+from randlora_spec.errors import ConfigError, TargetModuleError
+
+COMPUTE_VALUES = ("auto", "factored", "dense")
+COMPUTE_ATTR = "randlora_compute"
+"""Instance attribute of an accelerated layer holding its compute preference."""
 
 
 def _accelerated_cls() -> type:
@@ -35,7 +40,7 @@ def is_accelerated(module: nn.Module) -> bool:
     return isinstance(module, _accelerated_cls())
 
 
-def accelerate(peft_model: nn.Module) -> nn.Module:
+def accelerate(peft_model: nn.Module, compute: str = "auto") -> nn.Module:
     """Switch every PEFT RandLoRA linear layer of ``peft_model`` to randlora-core's kernels, in place.
 
     Outputs and gradients equal PEFT's own (within float32 tolerance); see the module docstring for
@@ -43,14 +48,20 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
 
     Args:
         peft_model: a ``peft.PeftModel`` (or any module) holding PEFT RandLoRA layers.
+        compute: ``"auto"`` (randlora-core's cost model picks per call), ``"factored"`` or
+            ``"dense"`` (see :class:`~randlora_peft._accelerated.AcceleratedRandLoraLinear`);
+            ``randlora_core.compute.compute_override`` still overrides it for a block of code.
 
     Returns:
         ``peft_model`` itself.
 
     Raises:
         TargetModuleError: the model holds no PEFT RandLoRA layer.
+        ConfigError: ``compute`` is not one of the three values.
 
     """
+    if compute not in COMPUTE_VALUES:
+        raise ConfigError(f"compute: must be one of {list(COMPUTE_VALUES)}, got {compute!r}")
     peft = import_peft()
     linear_cls = peft_randlora_linear()
     layer_base = peft.tuners.randlora.layer.RandLoraLayer
@@ -58,9 +69,11 @@ def accelerate(peft_model: nn.Module) -> nn.Module:
     found, skipped = 0, []
     for name, module in peft_model.named_modules():
         if isinstance(module, fast):
+            setattr(module, COMPUTE_ATTR, compute)
             found += 1
         elif type(module) is linear_cls:
             module.__class__ = fast
+            setattr(module, COMPUTE_ATTR, compute)
             found += 1
         elif isinstance(module, layer_base):
             skipped.append(f"{name} ({type(module).__name__})")
@@ -81,4 +94,5 @@ def unaccelerate(peft_model: nn.Module) -> nn.Module:
     for module in peft_model.modules():
         if type(module) is fast:
             module.__class__ = linear_cls
+            module.__dict__.pop(COMPUTE_ATTR, None)
     return peft_model

@@ -75,9 +75,15 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 class PeftDriver:
-    """Runs golden cases through PEFT's RandLoRA with randlora-core's kernels (see the module docstring)."""
+    """Runs golden cases through PEFT's RandLoRA with randlora-core's kernels (see the module docstring).
+
+    ``compute`` is passed to :func:`~randlora_peft.accelerate`: ``auto`` here, ``dense`` and
+    ``factored`` in the ``peft-dense`` / ``peft-factored`` drivers, so both evaluation paths of
+    the accelerated layers meet the golden values whatever the cost model picks.
+    """
 
     name = "peft"
+    compute = "auto"
 
     def tolerance_dtype(self, case: GoldenCase, output: str) -> str:
         """The case's own dtype: PEFT computes in it (float32 and float64 alike)."""
@@ -140,7 +146,7 @@ class PeftDriver:
                 peft_layer.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"], dtype))
                 peft_layer.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"], dtype))
         model.base_model.set_adapter(list(p["active"]))
-        accelerate(model)
+        accelerate(model, compute=self.compute)
         return model, peft_layer
 
     def _layer_case(self, case: GoldenCase) -> dict[str, np.ndarray]:
@@ -194,10 +200,24 @@ class PeftDriver:
         with tempfile.TemporaryDirectory(prefix="randlora-peft-driver-") as tmp:
             write_peft_adapter(ckpt, Path(tmp) / "adapter")
             model = peft.PeftModel.from_pretrained(root, str(Path(tmp) / "adapter"))
-        accelerate(model)
+        accelerate(model, compute=self.compute)
         base = model.get_base_model()
         out = {}
         with torch.no_grad():
             for path in ckpt.layers:
                 out[f"{path}.y"] = _np(base.get_submodule(path)(_t(case.inputs[f"{path}.x"], dtype)))
         return out
+
+
+class PeftDenseDriver(PeftDriver):
+    """:class:`PeftDriver` with the accelerated layers forced onto the dense path."""
+
+    name = "peft-dense"
+    compute = "dense"
+
+
+class PeftFactoredDriver(PeftDriver):
+    """:class:`PeftDriver` with the accelerated layers forced onto the factored path."""
+
+    name = "peft-factored"
+    compute = "factored"
