@@ -195,3 +195,26 @@ def test_compute_is_validated_and_overridable(llama):
         y = fast(x).logits
         with compute_override("dense"):
             assert_close(fast(x).logits, y)
+
+
+@pytest.mark.parametrize("autocast_adapter_dtype", [True, False])
+def test_bfloat16_base_model(autocast_adapter_dtype):
+    base = tiny_llama().to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = peft.get_peft_model(
+            copy.deepcopy(base),
+            peft.RandLoraConfig(r=4, randlora_alpha=8, target_modules=LLAMA_TARGETS, init_weights=False),
+            autocast_adapter_dtype=autocast_adapter_dtype,
+        )
+    fast = accelerate(copy.deepcopy(plain))
+    x = tokens()
+    y, y_fast = plain(x).logits, fast(x).logits
+    assert y_fast.dtype == y.dtype == torch.bfloat16
+    assert_close(y_fast.float(), y.float(), "bfloat16")
+    y.float().square().mean().backward()
+    y_fast.float().square().mean().backward()
+    g, g_fast = _grads(plain), _grads(fast)
+    assert g.keys() == g_fast.keys() and g
+    for name in g:
+        assert_close(g_fast[name].float(), g[name].float(), "bfloat16")

@@ -173,6 +173,9 @@ def read_peft_config(peft_dir: str | Path) -> dict[str, Any]:
 
 
 def _config_from_peft(data: dict[str, Any], source: str) -> RandLoraConfig:
+    if data.get("layers_pattern") is not None and data.get("layers_to_transform") is None:
+        # PEFT accepts this combination and ignores layers_pattern; our schema rejects it as meaningless
+        data = {**data, "layers_pattern": None}
     try:
         return RandLoraConfig.from_peft_dict(data)
     except ConfigError as exc:
