@@ -10,6 +10,8 @@ from randlora_bnb.layer import QuantizedMergeWarning, RandLoraBnbLinear, RandLor
 from randlora_bnb.prepare import enable_input_require_grads, prepare_model_for_kbit_training
 from randlora_bnb.quant import (
     QUANT_TYPES,
+    WeightSnapshot,
+    bnb_dequantize_agrees,
     dequantize_weight,
     is_quantized,
     quant_type_of,
@@ -17,6 +19,8 @@ from randlora_bnb.quant import (
     quantize_model,
     requantize_weight,
     restore_standard_layout,
+    restore_weight,
+    snapshot_weight,
 )
 from randlora_bnb.register import register
 
@@ -28,6 +32,8 @@ __all__ = [
     "RandLoraBnbLinear",
     "RandLoraLinear4bit",
     "RandLoraLinear8bitLt",
+    "WeightSnapshot",
+    "bnb_dequantize_agrees",
     "dequantize_weight",
     "enable_input_require_grads",
     "is_quantized",
@@ -38,4 +44,6 @@ __all__ = [
     "register",
     "requantize_weight",
     "restore_standard_layout",
+    "restore_weight",
+    "snapshot_weight",
 ]
