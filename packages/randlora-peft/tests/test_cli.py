@@ -88,12 +88,13 @@ def test_convert_with_base_model_config_and_back_to_peft(wide, tmp_path, capsys)
     assert main(["convert", str(peft_dir), str(ours), "--to-randlora", "--base-model", str(config_dir)]) == 0
     capsys.readouterr()
     back = tmp_path / "back"
-    assert main(["convert", str(ours), str(back)]) == 0  # direction inferred: a file of ours -> PEFT
+    assert main(["convert", str(ours), str(back), "--task-type", "CAUSAL_LM"]) == 0  # direction inferred: ours -> PEFT
     printed = capsys.readouterr().out
     assert "-> PEFT adapter" in printed and _sizes(printed)["before"] == ours.stat().st_size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(back))
+    assert isinstance(pm2, peft.PeftModelForCausalLM)
     x = tokens(length=5)
     with torch.no_grad():
         assert_close(pm2(x).logits, pm(x).logits)

@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--per-layer-bases", action="store_true", help="to PEFT: also write PEFT's redundant per-layer copies of the bases"
     )
+    conv.add_argument("--task-type", help="to PEFT: task_type for adapter_config.json (e.g. CAUSAL_LM)")
+    conv.add_argument("--base-model-name-or-path", help="to PEFT: base_model_name_or_path for adapter_config.json")
     conv.add_argument(
         "--no-regenerate",
         action="store_true",
@@ -204,7 +206,9 @@ def convert(args: argparse.Namespace, out: Any = None) -> int:
         ckpt = spec_ckpt.load(src, supported_basis_rules=(PORTABLE_RULE,))
         if dst.exists() and not dst.is_dir():
             raise CheckpointError(f"{dst} exists and is not a directory; --to-peft writes a directory")
-        write_peft_adapter(ckpt, dst, per_layer_bases=args.per_layer_bases)
+        info = {"task_type": args.task_type, "base_model_name_or_path": args.base_model_name_or_path}
+        info = {k: v for k, v in info.items() if v is not None}
+        write_peft_adapter(ckpt, dst, per_layer_bases=args.per_layer_bases, peft_info=info)
         before, after = src.stat().st_size, directory_bytes(dst)
         print(f"converted randlora checkpoint {src} -> PEFT adapter {dst}", file=out)
         lines = _format_sizes(before, after, "(randlora checkpoint)", "(PEFT adapter directory)")

@@ -690,7 +690,21 @@ def _torch_tensor(values: np.ndarray, bf16: bool) -> torch.Tensor:
     return t.to(torch.bfloat16) if bf16 else t
 
 
-def peft_files(ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+PEFT_INFO_KEYS = ("task_type", "base_model_name_or_path", "revision", "auto_mapping")
+"""PEFT bookkeeping fields our format does not carry, which the writers accept as ``peft_info``."""
+
+
+def _check_info(peft_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    info = dict(peft_info or {})
+    unknown = sorted(set(info) - set(PEFT_INFO_KEYS))
+    if unknown:
+        raise ConfigError(f"peft_info: unknown keys {unknown}; allowed: {list(PEFT_INFO_KEYS)}")
+    return info
+
+
+def peft_files(
+    ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False, peft_info: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(adapter_config.json content, adapter_model.safetensors tensors)`` of ``ckpt`` in PEFT's layout.
 
     PEFT's config always gets ``save_projection=True`` and the bases are written once, under
@@ -699,6 +713,10 @@ def peft_files(ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False) -> tup
     so the per-layer copies it writes itself are redundant; it then warns about the absent copies
     ("Found missing adapter keys"), which is harmless. ``per_layer_bases=True`` writes the copies
     too, as PEFT does, for byte-for-byte familiarity at PEFT's file size.
+
+    Our format does not carry PEFT's bookkeeping (``task_type``, ``base_model_name_or_path``,
+    ``revision``, ``auto_mapping``); pass them as ``peft_info`` (e.g. ``{"task_type": "CAUSAL_LM"}``
+    so ``PeftModel.from_pretrained`` builds a ``PeftModelForCausalLM``).
 
     ``target_modules`` becomes the explicit list of adapted module paths, so that PEFT adapts the
     same layers and sizes its bases identically whatever targeting options (``exclude_modules``,
@@ -712,6 +730,7 @@ def peft_files(ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False) -> tup
     data["save_projection"] = True
     data["modules_to_save"] = sorted(ckpt.modules_to_save) or None
     data["fan_in_fan_out"] = all(rec.fan_in_fan_out for rec in ckpt.layers.values())
+    data.update(_check_info(peft_info))
     a_full, b_full = checkpoint_bases(ckpt)
     want = peft_bases_shape(ckpt)
     a = a_full[: want.r, :, : want.m_max]
@@ -752,7 +771,9 @@ def sidecar_for(ckpt: AdapterCheckpoint) -> dict[str, Any]:
     }
 
 
-def write_peft_adapter(ckpt: AdapterCheckpoint, out_dir: str | Path, *, per_layer_bases: bool = False) -> Path:
+def write_peft_adapter(
+    ckpt: AdapterCheckpoint, out_dir: str | Path, *, per_layer_bases: bool = False, peft_info: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``ckpt`` as a PEFT adapter directory (see :func:`peft_files`); returns the directory.
 
     The checkpoint is validated first; each file is written atomically. Besides PEFT's two files,
@@ -762,7 +783,7 @@ def write_peft_adapter(ckpt: AdapterCheckpoint, out_dir: str | Path, *, per_laye
     from safetensors.torch import save as st_save
 
     validate_checkpoint(ckpt)
-    data, tensors = peft_files(ckpt, per_layer_bases=per_layer_bases)
+    data, tensors = peft_files(ckpt, per_layer_bases=per_layer_bases, peft_info=peft_info)
     payload = st_save(tensors, metadata={"format": "pt"})
     directory = Path(out_dir)
     if directory.exists() and not directory.is_dir():

@@ -8,8 +8,9 @@ exactly the validation a native checkpoint gets.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -63,7 +64,12 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, adapter_name: str 
 
 
 def save_peft_adapter(
-    randlora_model: nn.Module, out_dir: str | Path, adapter_name: str | None = None, *, per_layer_bases: bool = False
+    randlora_model: nn.Module,
+    out_dir: str | Path,
+    adapter_name: str | None = None,
+    *,
+    per_layer_bases: bool = False,
+    peft_info: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write one adapter of a randlora-core model as a directory ``peft.PeftModel.from_pretrained`` loads.
 
@@ -87,6 +93,8 @@ def save_peft_adapter(
         out_dir: directory to create or overwrite files in.
         adapter_name: the adapter to write (default: the first active one).
         per_layer_bases: also write PEFT's redundant per-layer copies of the bases.
+        peft_info: PEFT bookkeeping for ``adapter_config.json`` (``task_type``,
+            ``base_model_name_or_path``, ``revision``, ``auto_mapping``).
 
     Returns:
         The directory written.
@@ -103,4 +111,4 @@ def save_peft_adapter(
         a = bases.randlora_A[: s.r, :, : s.m_max].detach().cpu().numpy().copy()
         b = bases.randlora_B[: s.M_max, : s.nb_max, : s.r].detach().cpu().numpy().copy()
         ckpt.bases = (a, b)
-    return write_peft_adapter(ckpt, out_dir, per_layer_bases=per_layer_bases)
+    return write_peft_adapter(ckpt, out_dir, per_layer_bases=per_layer_bases, peft_info=peft_info)
