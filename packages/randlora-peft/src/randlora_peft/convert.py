@@ -609,6 +609,9 @@ def _restore_from_sidecar(ckpt: AdapterCheckpoint, sidecar: dict[str, Any]) -> A
     it agrees with PEFT's config on every field that affects the math; the portable rule (and the
     original ``save_projection``) when the stored bases are bit-identical to the portable rule's.
     """
+    layers = sidecar.get("layers")
+    if not isinstance(layers, dict) or sorted(layers) != sorted(ckpt.layers):
+        return ckpt  # a stale sidecar (PEFT re-saved another adapter here): trust nothing in it
     raw = sidecar.get("config")
     if isinstance(raw, str):
         try:
