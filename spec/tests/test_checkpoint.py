@@ -200,3 +200,17 @@ def test_interoperates_with_the_safetensors_library(tmp_path):
     assert theirs.keys() == ours.keys() and all(np.array_equal(theirs[k], ours[k]) for k in ours)
     round_trip, _ = decode(st.save(ours))
     assert all(np.array_equal(round_trip[k], ours[k]) for k in ours)
+
+
+def test_writer_refuses_a_file_readers_cannot_load():
+    ckpt = make(False, basis_rule=PEFT_RULE)
+    with pytest.raises(BasisRuleError, match="refusing to substitute"):
+        checkpoint.to_bytes(ckpt)
+    assert checkpoint.from_bytes(checkpoint.to_bytes(ckpt, readable_basis_rules=[PEFT_RULE]), supported_basis_rules=[PEFT_RULE])
+
+
+def test_bytes_budget_counts_bf16_at_two_bytes():
+    ckpt = make(False)
+    full = checkpoint.checkpoint_bytes_budget(ckpt)
+    ckpt.bf16_keys = frozenset(ckpt.tensors)
+    assert checkpoint.checkpoint_bytes_budget(ckpt) * 2 == full

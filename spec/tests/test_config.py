@@ -123,3 +123,8 @@ def test_from_peft_dict_of_real_peft_shape():
         RandLoraConfig.from_peft_dict({**data, "peft_type": "LORA"})
     with pytest.raises(ConfigError, match="mystery: unknown field"):
         RandLoraConfig.from_peft_dict({**data, "mystery": 1})
+
+
+def test_from_peft_dict_drops_layers_pattern_peft_ignores():
+    cfg = RandLoraConfig.from_peft_dict({"peft_type": "RANDLORA", "target_modules": ["q"], "layers_pattern": "layers"})
+    assert cfg.layers_pattern is None

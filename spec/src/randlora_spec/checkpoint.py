@@ -127,13 +127,18 @@ def metadata_for(ckpt: AdapterCheckpoint) -> dict[str, str]:
     }
 
 
-def to_bytes(ckpt: AdapterCheckpoint) -> bytes:
-    """Serialise (after validating) to safetensors bytes; deterministic for equal inputs."""
+def to_bytes(ckpt: AdapterCheckpoint, readable_basis_rules: Iterable[str] = (PORTABLE_RULE,)) -> bytes:
+    """Serialise (after validating) to safetensors bytes; deterministic for equal inputs.
+
+    The output is validated as a reader supporting ``readable_basis_rules`` would, so by default a
+    file without bases is only written when the portable rule can regenerate them: a writer must
+    not produce a file that ordinary readers refuse.
+    """
     tensors = dict(ckpt.tensors)
     if ckpt.bases is not None:
         tensors[BASIS_A_KEY], tensors[BASIS_B_KEY] = ckpt.bases
     blob = encode(tensors, metadata_for(ckpt), bf16=ckpt.bf16_keys)
-    from_bytes(blob, source="<checkpoint being written>", supported_basis_rules=frozenset({ckpt.config.basis_rule}))
+    from_bytes(blob, source="<checkpoint being written>", supported_basis_rules=readable_basis_rules)
     return blob
 
 
@@ -332,9 +337,13 @@ def resolve_bases(ckpt: AdapterCheckpoint) -> tuple[np.ndarray, np.ndarray]:
 
 def checkpoint_bytes_budget(ckpt: AdapterCheckpoint) -> int:
     """Bytes of the trainable tensors plus (when stored) one copy of each basis; size targets use it."""
-    total = sum(t.nbytes for t in ckpt.tensors.values())
+
+    def stored(key: str, arr: np.ndarray) -> int:
+        return arr.size * 2 if key in ckpt.bf16_keys else arr.nbytes  # BF16 is widened on read
+
+    total = sum(stored(k, t) for k, t in ckpt.tensors.items())
     if ckpt.bases is not None:
-        total += sum(b.nbytes for b in ckpt.bases)
+        total += sum(stored(k, b) for k, b in zip((BASIS_A_KEY, BASIS_B_KEY), ckpt.bases, strict=True))
     return total
 
 

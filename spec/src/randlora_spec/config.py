@@ -192,6 +192,8 @@ class RandLoraConfig(BaseModel):
         if data.get("peft_type") != "RANDLORA":
             raise ConfigError(f"peft_type must be 'RANDLORA', got {data.get('peft_type')!r}")
         fields = {k: v for k, v in data.items() if k not in PEFT_BOOKKEEPING_KEYS}
+        if fields.get("layers_pattern") is not None and fields.get("layers_to_transform") is None:
+            fields["layers_pattern"] = None  # PEFT accepts and ignores it without layers_to_transform
         fields["basis_rule"] = PEFT_RULE
         return cls.parse(fields)
 
