@@ -113,9 +113,17 @@ def fuzz(session: nox.Session) -> None:
     )
 
 
+@nox.session
+def readme(session: nox.Session) -> None:
+    """Run every python example in README.md and the packages' READMEs, with all packages installed."""
+    everything = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together
+    _install(session, everything, "pytest>=8", "pytest-xdist>=3")
+    session.run("pytest", "docs/tests", "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
     """The whole suite CI runs: queues every test session."""
     # notify() of a parametrized session queues one parametrization only, so name each.
-    for name in ["lint", "golden", "spec", *PRESENT, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS)]:
+    for name in ["lint", "golden", "spec", *PRESENT, "readme", *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS)]:
         session.notify(name)
