@@ -192,3 +192,15 @@ def test_quantize_linear_keeps_the_settings() -> None:
     assert int8.weight.dtype == torch.int8 and int8.state.threshold == 4.0
     with pytest.raises(ValueError, match="quant_type"):
         quantize_linear(linear, "int4")
+
+
+def test_quantize_model_replaces_plain_linears_only() -> None:
+    from torch import nn
+
+    from randlora_bnb import quantize_model
+
+    model = nn.Sequential(seeded_linear(8, 8), nn.ReLU(), nn.Sequential(seeded_linear(8, 4, seed=1)), seeded_linear(4, 2))
+    quantize_model(model, "nf4", skip=["3"])
+    assert isinstance(model[0], bnb.nn.Linear4bit) and isinstance(model[2][0], bnb.nn.Linear4bit)
+    assert type(model[3]) is nn.Linear
+    assert isinstance(quantize_model(seeded_linear(8, 8), "int8"), bnb.nn.Linear8bitLt)

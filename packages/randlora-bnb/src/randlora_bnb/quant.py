@@ -378,8 +378,11 @@ def quantize_model(model: nn.Module, quant_type: str, *, skip: Iterable[str] = (
 
     ``skip`` holds module names or ``.``-suffixes left unquantized (e.g. ``["lm_head"]``, as
     transformers' ``llm_int8_skip_modules``). Subclasses of ``nn.Linear`` (bitsandbytes layers
-    included) are left alone. ``options`` are passed to :func:`quantize_linear`.
+    included) are left alone. ``options`` are passed to :func:`quantize_linear`. A bare
+    ``nn.Linear`` cannot be replaced in place: its quantized copy is returned instead.
     """
+    if type(model) is nn.Linear:
+        return quantize_linear(model, quant_type, **options)  # type: ignore[arg-type]
     skipped = tuple(skip)
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or any(name == s or name.endswith("." + s) for s in skipped):
