@@ -419,5 +419,5 @@ def test_register_custom_wrapper() -> None:
     y = model(x)
     model.merge_adapter()
     torch.testing.assert_close(model(x), y)
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigError):
         register_layer_wrapper(MyLinear, object)  # type: ignore[arg-type]

@@ -39,5 +39,9 @@ class TargetModuleError(RandLoraError, ValueError):
     """Target-module selection matched nothing, or matched modules that cannot be adapted."""
 
 
+class DtypeError(RandLoraError, TypeError):
+    """A tensor has a dtype the operation cannot use (for example an integer input to a RandLoRA layer)."""
+
+
 class MergeError(RandLoraError, RuntimeError):
     """A merge or unmerge request is invalid in the current state (for example merging twice)."""

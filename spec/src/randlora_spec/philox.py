@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from randlora_spec.errors import ConfigError, ShapeError
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9  # golden ratio
@@ -35,7 +37,7 @@ def philox4x32(counter: np.ndarray, key: tuple[int, int], rounds: int = ROUNDS) 
     """
     c = np.asarray(counter, dtype=np.uint64)
     if c.shape[-1] != 4:
-        raise ValueError(f"counter must have a trailing axis of 4 words, got shape {c.shape}")
+        raise ShapeError(f"counter must have a trailing axis of 4 words, got shape {c.shape}")
     c0, c1, c2, c3 = (c[..., i] & np.uint64(MASK32) for i in range(4))
     k0, k1 = int(key[0]) & MASK32, int(key[1]) & MASK32
     for round_index in range(rounds):
@@ -52,6 +54,6 @@ def philox4x32(counter: np.ndarray, key: tuple[int, int], rounds: int = ROUNDS) 
 def seed_to_key(seed: int) -> tuple[int, int]:
     """Split a 64-bit seed into the Philox key words: ``(low 32 bits, high 32 bits)``."""
     if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+        raise ConfigError(f"seed must be an integer in [0, 2**64), got {seed}")
     seed = int(seed)
     return seed & MASK32, (seed >> 32) & MASK32

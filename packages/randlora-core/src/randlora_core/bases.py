@@ -64,7 +64,7 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS
     The result has the same shape, each word in ``[0, 2**32)``.
     """
     if counter.shape[-1] != 4:
-        raise ValueError(f"counter must have a trailing axis of 4 words, got shape {tuple(counter.shape)}")
+        raise ShapeError(f"counter must have a trailing axis of 4 words, got shape {tuple(counter.shape)}")
     words = [w.to(torch.int64).bitwise_and(MASK32) for w in counter.unbind(-1)]  # fresh copies
     return torch.stack(_philox_rounds(*words, key, rounds), dim=-1)
 

@@ -27,9 +27,21 @@ from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigEr
 _NUMPY_FOR = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
 
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a sharded ``DTensor`` (FSDP2, tensor parallel) the gathered full tensor.
+
+    Gathering is a collective: with sharded parameters every rank must build the checkpoint.
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
-    """``(array, is_bf16)``: the tensor's values in a dtype that stores them exactly."""
-    t = t.detach().cpu()
+    """``(array, is_bf16)``: the tensor's values in a dtype that stores them exactly (DTensors gathered first)."""
+    t = _full_tensor(t.detach()).cpu()
     if t.dtype == torch.bfloat16:
         return t.to(torch.float32).numpy(), True
     if t.dtype in _NUMPY_FOR:
@@ -38,7 +50,12 @@ def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
 
 
 def build_checkpoint(model: RandLoraModel, adapter_name: str | None = None) -> spec_ckpt.AdapterCheckpoint:
-    """The :class:`~randlora_spec.checkpoint.AdapterCheckpoint` for one adapter of ``model``."""
+    """The :class:`~randlora_spec.checkpoint.AdapterCheckpoint` for one adapter of ``model``.
+
+    Parameters sharded as ``DTensor`` (``torch.distributed.fsdp.fully_shard``) are gathered to full
+    tensors; that is a collective, so with a sharded model call this on every rank (and write the
+    file on one, e.g. ``randlora_spec.checkpoint.save(path, ckpt)`` on rank 0).
+    """
     if adapter_name is None:
         if not model.active_adapters:
             raise AdapterNotFoundError("no active adapter to save; pass adapter_name")
@@ -116,7 +133,12 @@ def _bases_shape(config: RandLoraConfig, records: list[spec_ckpt.LayerRecord], h
 
 
 def save_adapter(model: RandLoraModel, path: str | Path, adapter_name: str | None = None) -> None:
-    """Write one adapter of ``model`` (default: the first active one) to ``path`` atomically."""
+    """Write one adapter of ``model`` (default: the first active one) to ``path`` atomically.
+
+    The file is written to a temporary ``.<name>.<random>.tmp`` in the same directory, fsynced and
+    renamed over ``path``, so ``path`` always holds the old or the new checkpoint, never a torn one.
+    With sharded (FSDP2) parameters this gathers them: see :func:`build_checkpoint`.
+    """
     spec_ckpt.save(path, build_checkpoint(model, adapter_name))
 
 

@@ -38,6 +38,8 @@ from typing import Literal
 
 import torch
 
+from randlora_spec.errors import ConfigError
+
 Compute = Literal["auto", "factored", "dense"]
 Path = Literal["factored", "dense", "hybrid"]
 COMPUTE_VALUES: tuple[str, ...] = ("auto", "factored", "dense")
@@ -53,7 +55,7 @@ def compute_override(compute: Compute | None) -> Iterator[None]:
     does not apply (see :meth:`randlora_core.layer.RandLoraLinear.forward`).
     """
     if compute is not None and compute not in COMPUTE_VALUES:
-        raise ValueError(f"compute must be one of {COMPUTE_VALUES} or None, got {compute!r}")
+        raise ConfigError(f"compute: must be one of {COMPUTE_VALUES} or None, got {compute!r}")
     token = _OVERRIDE.set(compute)
     try:
         yield

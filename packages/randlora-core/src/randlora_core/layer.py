@@ -37,7 +37,7 @@ from randlora_core.functional import LayerPlan, adapter_output, delta_weight, li
 from randlora_core.registry import _register_builtin, is_conv1d_like
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import MergeError, ShapeError
+from randlora_spec.errors import DtypeError, MergeError, ShapeError
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -82,7 +82,10 @@ class RandLoraLinear(nn.Module):
         raise ShapeError(f"cannot read in_features/out_features of {type(base_layer).__name__}")
 
     def _base_forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        """The frozen base layer's output."""
+        """The frozen base layer's output; a float input of another dtype is cast to a float weight's dtype first."""
+        weight = getattr(self.base_layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and x.dtype != weight.dtype:
+            x = x.to(weight.dtype)
         return self.base_layer(x, *args, **kwargs)
 
     def _param_dtype(self) -> torch.dtype:
@@ -213,7 +216,14 @@ class RandLoraLinear(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        """``base(x)`` plus every active, unmerged adapter's output; the result has ``x``'s dtype."""
+        """``base(x)`` plus every active, unmerged adapter's output; the result has ``x``'s dtype.
+
+        ``x`` must be a floating tensor (else :class:`DtypeError`); a float dtype other than the
+        weight's is computed in the weight's dtype and the result cast back (SPEC 5.3).
+        """
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DtypeError(f"layer {self.layer_name!r} needs a floating-point input tensor, got {got}")
         if x.shape[-1] != self.in_features:
             raise ShapeError(
                 f"layer {self.layer_name!r} expects inputs whose last dimension is in_features={self.in_features}, "

@@ -37,6 +37,8 @@ from importlib.metadata import entry_points
 
 from torch import nn
 
+from randlora_spec.errors import ConfigError
+
 ENTRY_POINT_GROUP = "randlora.layers"
 
 Predicate = Callable[[nn.Module], bool]
@@ -66,9 +68,9 @@ def register_layer_wrapper(base_type_or_predicate: type[nn.Module] | Predicate, 
     Registrations made later win over earlier ones, and all of them over the built-in wrappers.
     """
     if not isinstance(wrapper_cls, type) or not issubclass(wrapper_cls, nn.Module):
-        raise TypeError(f"wrapper_cls must be an nn.Module subclass, got {wrapper_cls!r}")
+        raise ConfigError(f"wrapper_cls: must be an nn.Module subclass, got {wrapper_cls!r}")
     if not (isinstance(base_type_or_predicate, type) or callable(base_type_or_predicate)):
-        raise TypeError(f"base_type_or_predicate must be a type or a callable, got {base_type_or_predicate!r}")
+        raise ConfigError(f"base_type_or_predicate: must be a type or a callable, got {base_type_or_predicate!r}")
     load_plugins()  # so plugins discovered later cannot override a user's explicit registration
     _registered.insert(0, (base_type_or_predicate, wrapper_cls))
 

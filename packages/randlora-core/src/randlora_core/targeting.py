@@ -87,7 +87,8 @@ def select_targets(
     """Names of the modules ``config`` targets in ``model``, in model order; validates without modifying.
 
     Raises:
-        ConfigError: ``target_modules`` is not set (core has no per-architecture defaults).
+        ConfigError: ``target_modules`` is not set (core has no per-architecture defaults), or a
+            ``target_modules`` / ``exclude_modules`` string is not a valid regular expression.
         TargetModuleError: nothing matches, or a match cannot be adapted (the message lists names).
 
     """
@@ -96,6 +97,13 @@ def select_targets(
         raise ConfigError(
             "target_modules: must be set (names, a regex, or 'all-linear'); randlora-core has no per-architecture defaults"
         )
+    for field in ("target_modules", "exclude_modules"):
+        pattern = getattr(config, field)
+        if isinstance(pattern, str) and pattern.lower() != ALL_LINEAR:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({exc})") from None
     modules = visible_modules(model, opaque)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, modules)
