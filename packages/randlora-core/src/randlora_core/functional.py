@@ -192,17 +192,26 @@ def combined_scaled_basis(a_s: torch.Tensor, adapters: list[tuple[torch.Tensor, 
 
 
 def _basis_grads(
-    grad_s: torch.Tensor, a_s: torch.Tensor, lam: torch.Tensor, gamma: torch.Tensor, s: float, need_lam: bool, need_gamma: bool
+    grad_s: torch.Tensor,
+    a_s: torch.Tensor,
+    lam: torch.Tensor,
+    gamma: torch.Tensor,
+    s: float,
+    need_lam: bool,
+    need_gamma: bool,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """SPEC 3.6 reductions from ``grad_s`` = dL/d(combined S) (rows ``k*nb + b``) for one adapter of scaling ``s``.
 
-    ``u[k, b, j] = s * grad_S[k, b, j] * A[k, j]`` is formed once; both reductions are then batched
-    matmuls over ``b`` reading it in place (``grad_lambda[k, b] = u[k, b, :] . gamma[b, :]``,
-    ``grad_gamma[b, :] = lambda[:, b] @ u[:, b, :]``), instead of two more full-size products.
+    ``u[k, b, j] = s * grad_S[k, b, j] * A[k, j]`` is formed once (over ``grad_s`` itself when
+    ``in_place``, i.e. when no other adapter needs it); both reductions are then batched matmuls
+    over ``b`` reading it in place (``grad_lambda[k, b] = u[k, b, :] . gamma[b, :]``,
+    ``grad_gamma[b, :] = lambda[:, b] @ u[:, b, :]``) instead of two more full-size products.
     """
     r, m = a_s.shape
     nb = lam.shape[1]
-    u = grad_s.view(r, nb, m) * (a_s * s)[:, None, :]
+    weight = (a_s * s)[:, None, :]
+    u = grad_s.view(r, nb, m).mul_(weight) if in_place else grad_s.view(r, nb, m) * weight
     u_b = u.transpose(0, 1)  # (nb, r, m), a view
     grad_lam = torch.bmm(u_b, gamma[:, :, None]).squeeze(2).T if need_lam else None
     grad_gamma = torch.bmm(lam.T[:, None, :], u_b).squeeze(1) if need_gamma else None
@@ -265,6 +274,7 @@ class RandLoraLinearFunction(torch.autograd.Function):
         hs: list[torch.Tensor] = []
         if plan.dense_forward:
             w_eff = effective_weight(w_c, plan, groups, bases)
+            del bases  # free S before the (tokens x out) output is allocated
             y2 = _base_matmul(x2, w_eff, b_c, plan.weight_in_out)
             del w_eff
         else:
@@ -284,7 +294,12 @@ class RandLoraLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradients for ``x``, the bias and every lambda/gamma (SPEC 3.6); none for the weight or bases."""
+        """Gradients for ``x``, the bias and every lambda/gamma (SPEC 3.6); none for the weight or bases.
+
+        Ordered for a low peak: the lambda/gamma gradients of a group are finished (and their
+        temporaries freed) before its contribution to ``grad_x`` is formed, and on the dense path
+        ``G = g^T x`` and ``W + delta_W`` (both weight-sized) are never alive together.
+        """
         plan: LayerPlan = ctx.plan
         saved = ctx.saved_tensors
         x, weight = saved[0], saved[1]
@@ -295,51 +310,57 @@ class RandLoraLinearFunction(torch.autograd.Function):
         need_x = ctx.needs_input_grad[1]
         need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[3]
         need = ctx.needs_input_grad[4:]
-        need_params = any(need)
-        bases = [combined_scaled_basis(a_s, adapters) for a_s, _, adapters in groups]
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        grads: list[torch.Tensor | None] = [None] * len(ops)
+        offsets, i = [], 0
+        for _, _, adapters in groups:
+            offsets.append(i)
+            i += 2 + 2 * len(adapters)
+
+        def finish(index: int, grad_s: torch.Tensor) -> None:
+            """lambda/gamma gradients of group ``index`` from dL/dS (consumed: reused in place for the last adapter)."""
+            a_s, _, adapters = groups[index]
+            j = offsets[index] + 2
+            for n, (lam, gamma, s) in enumerate(adapters):
+                last = n == len(adapters) - 1
+                grads[j], grads[j + 1] = _basis_grads(grad_s, a_s, lam, gamma, s, need[j], need[j + 1], in_place=last)
+                j += 2
+
+        wanted = [any(need[o + 2 : o + 2 + 2 * len(g[2])]) for o, g in zip(offsets, groups, strict=True)]
         grad_x: torch.Tensor | None = None
-        grad_s: list[torch.Tensor | None] = [None] * len(groups)
         if plan.dense_backward:
+            if any(wanted):
+                g_w = g2.T @ x2  # dL/d(delta_W), (O, I)
+                for index, (_, b_flat, _) in enumerate(groups):
+                    if wanted[index]:
+                        finish(index, b_flat.T @ g_w if plan.in_le_out else (g_w @ b_flat).T)
+                del g_w
             if need_x:
+                bases = [combined_scaled_basis(a_s, adapters) for a_s, _, adapters in groups]
                 w_eff = effective_weight(weight.to(dtype), plan, groups, bases)
+                del bases
                 grad_x = g2 @ w_eff.T if plan.weight_in_out else g2 @ w_eff
                 del w_eff
-            if need_params:
-                g_w = g2.T @ x2  # dL/d(delta_W), (O, I)
-                for i, (_, b_flat, _) in enumerate(groups):
-                    grad_s[i] = b_flat.T @ g_w if plan.in_le_out else (g_w @ b_flat).T
-                del g_w
         else:
             if need_x:
                 w_c = weight.to(dtype)
                 grad_x = g2 @ w_c.T if plan.weight_in_out else g2 @ w_c
-            for i, ((_, b_flat, _), s) in enumerate(zip(groups, bases, strict=True)):
-                if plan.in_le_out:  # x -> h = x S^T -> y = h B^T
+            for index, (a_s, b_flat, adapters) in enumerate(groups):
+                if plan.in_le_out:  # x -> h = x S^T -> y = h B^T;  gh = g B feeds both gradients
                     gh = g2 @ b_flat
+                    if wanted[index]:
+                        finish(index, gh.T @ x2)
                     if grad_x is not None:
-                        grad_x.addmm_(gh, s)
-                    if need_params:
-                        grad_s[i] = gh.T @ x2
+                        grad_x.addmm_(gh, combined_scaled_basis(a_s, adapters))
+                    del gh
                 else:  # x -> h = x B -> y = h S
+                    if wanted[index]:
+                        h = hs[index] if hs else x2 @ b_flat
+                        finish(index, h.T @ g2)
+                        del h
                     if grad_x is not None:
-                        grad_x.addmm_(g2 @ s.T, b_flat.T)
-                    if need_params:
-                        h = hs[i] if hs else x2 @ b_flat
-                        grad_s[i] = h.T @ g2
-        grads: list[torch.Tensor | None] = []
-        j = 0
-        for (a_s, _, adapters), gs in zip(groups, grad_s, strict=True):
-            grads += [None, None]  # the bases
-            j += 2
-            for lam, gamma, s in adapters:
-                if gs is None:
-                    grads += [None, None]
-                else:
-                    g_lam, g_gamma = _basis_grads(gs, a_s, lam, gamma, s, need[j], need[j + 1])
-                    grads += [g_lam, g_gamma]
-                j += 2
+                        grad_x.addmm_(g2 @ combined_scaled_basis(a_s, adapters).T, b_flat.T)
         grad_bias = g2.sum(0).to(ctx.bias_dtype) if need_bias else None
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
