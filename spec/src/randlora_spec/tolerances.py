@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from randlora_spec.errors import DtypeError, ShapeError
+
 
 @dataclass(frozen=True)
 class Tolerance:
@@ -32,10 +34,12 @@ TOLERANCES: dict[str, Tolerance] = {
     "bfloat16": Tolerance(rtol=3e-2, atol=1e-3),
     "float16": Tolerance(rtol=4e-3, atol=1e-4),
     # Quantized bases: the adapter contribution is computed in the compute dtype, but merging
-    # re-quantizes the weight, so merged weights are compared within a few quantization steps
-    # of the largest weight magnitude.
-    "int8": Tolerance(rtol=2.5e-2, atol=1e-4),
-    "nf4": Tolerance(rtol=2.5e-1, atol=1e-3),
+    # re-quantizes the weight once per merged adapter (up to two in the goldens), so merged
+    # weights are compared against the reference merge of the dequantized weight within two
+    # roundings of the largest magnitude: int8 1/254 each (+ float16 rounding), nf4 and fp4 half
+    # their largest code gap (0.304 / 2 and 0.333 / 2) each, plus nested-statistics error.
+    "int8": Tolerance(rtol=1e-2, atol=1e-4),
+    "nf4": Tolerance(rtol=3.2e-1, atol=1e-3),
     "fp4": Tolerance(rtol=3.5e-1, atol=1e-3),
 }
 
@@ -45,7 +49,7 @@ def tolerance(dtype: str) -> Tolerance:
     try:
         return TOLERANCES[dtype]
     except KeyError:
-        raise KeyError(f"no tolerance is declared for dtype {dtype!r}; known: {sorted(TOLERANCES)}") from None
+        raise DtypeError(f"no tolerance is declared for dtype {dtype!r}; known: {sorted(TOLERANCES)}") from None
 
 
 def max_abs_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -53,7 +57,7 @@ def max_abs_error(actual: np.ndarray, expected: np.ndarray) -> float:
     a = np.asarray(actual, np.float64)
     e = np.asarray(expected, np.float64)
     if a.shape != e.shape:
-        raise ValueError(f"shape mismatch: actual {a.shape} vs expected {e.shape}")
+        raise ShapeError(f"shape mismatch: actual {a.shape} vs expected {e.shape}")
     return float(np.max(np.abs(a - e))) if a.size else 0.0
 
 
