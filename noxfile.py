@@ -99,12 +99,13 @@ def conformance(session: nox.Session, impl: str) -> None:
 
 @nox.session
 def fuzz(session: nox.Session) -> None:
-    """Long fuzzing budget for the parsers of untrusted input; prints how many cases ran."""
-    _install(session, [SPEC], *TEST_DEPS)
+    """Long fuzzing budget for the parsers of untrusted input (spec) and core's load_adapter; prints how many cases ran."""
+    _install(session, PACKAGES["core"], *TEST_DEPS)
     examples = session.posargs[0] if session.posargs else "20000"
     session.run(
         "pytest",
         "spec/tests/test_fuzz.py",
+        "packages/randlora-core/tests/test_fuzz_load.py",
         "-q",
         "-p",
         "no:cacheprovider",
