@@ -115,6 +115,13 @@ def fuzz(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Speed/memory benchmark vs PEFT (tools/bench.py): full run writes bench/results/; `-- --smoke` only proves it runs."""
+    _install(session, PACKAGES["core"], "peft==0.21.2", "transformers>=4.46", "matplotlib>=3.7")
+    session.run("python", "tools/bench.py", *session.posargs)
+
+
+@nox.session
 def readme(session: nox.Session) -> None:
     """Run every python example in README.md and the packages' READMEs, with all packages installed."""
     everything = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together

@@ -30,6 +30,7 @@ layer widths, the number of bases, dtype and which gradients are needed all ente
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -173,14 +174,32 @@ def choose_path(
     tokens: int,
     in_features: int,
     out_features: int,
-    ks: list[int],
+    ks: list[int] | tuple[int, ...],
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
     grad_x: bool = True,
     grad_params: bool = True,
 ) -> Path:
-    """The cheapest path under :func:`path_costs` (ties go to ``factored``, the path with least memory)."""
-    costs = path_costs(tokens, in_features, out_features, ks, dtype, device, grad_x, grad_params)
+    """The cheapest path under :func:`path_costs` (ties go to ``factored``, the path with least memory).
+
+    Memoised: a training loop asks the same few questions every step.
+    """
+    device_type = device.type if device is not None else "cpu"
+    return _choose(tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(
+    tokens: int,
+    in_features: int,
+    out_features: int,
+    ks: tuple[int, ...],
+    dtype: torch.dtype,
+    device_type: str,
+    grad_x: bool,
+    grad_params: bool,
+) -> Path:
+    costs = path_costs(tokens, in_features, out_features, list(ks), dtype, torch.device(device_type), grad_x, grad_params)
     best: Path = "factored"
     for path in ("dense", "hybrid"):
         if costs[path] < costs[best]:
