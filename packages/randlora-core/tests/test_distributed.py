@@ -17,6 +17,7 @@ safetensors / JSON files.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -138,7 +139,13 @@ def ddp_worker(rank: int, out: Path) -> None:
     model = mlp_model(adapter_seed=1000 + rank)
     before = bases_hash(model)
     hashes = gathered_hashes(before)  # before DDP exists: nothing has been broadcast
-    ddp = DistributedDataParallel(model, broadcast_buffers=False)  # the bases are identical already; no per-step buffer broadcast
+    # The bases are identical already: no per-step buffer sync (torch < 2.13 spells it broadcast_buffers=False).
+    no_sync = (
+        "forward_sync_buffers"
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        else "broadcast_buffers"
+    )
+    ddp = DistributedDataParallel(model, **{no_sync: False})
     x, y = global_batch()
     per = x.shape[0] // WORLD
     train(ddp, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])
