@@ -9,6 +9,7 @@ layout, every bias and every saved parameter, before it changes anything.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +33,11 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
 
     Gathering is a collective: with sharded parameters every rank must build the checkpoint.
     """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return t
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    # A DTensor can only exist once its module is imported; importing it ourselves costs ~0.8 s on
+    # the first save of every process that never uses it.
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
 
 
 def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
