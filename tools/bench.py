@@ -37,6 +37,7 @@ Usage::
     python tools/bench.py            # full run (~25 min on 2 CPU cores), writes bench/results/
     python tools/bench.py --smoke    # tiny configuration in seconds, writes to a temp dir
     nox -s bench [-- --smoke]
+    python tools/bench.py --report-from bench/results/cpu-2core.json   # re-render a report
 """
 
 from __future__ import annotations
@@ -979,6 +980,53 @@ def evaluate(group: dict[str, Row]) -> dict[str, Any]:
     return ev
 
 
+def step_flops(case: dict[str, Any]) -> dict[str, float] | None:
+    """Exact flop counts of one training step of a linear stack, per method family (``None`` for other suites).
+
+    The bound the targets run into: every path of the exact RandLoRA math does at least this many
+    flops, so a measured ratio can beat these only through GEMM efficiency, never by more. Per
+    layer with ``I`` in, ``O`` out, ``m = min``, ``M = max``, ``k = r * ceil(m / r)`` and ``N`` tokens:
+
+    - ``floor`` (frozen base, input gradient): ``4 N I O``;
+    - ``factored`` (PEFT's and ours): floor ``+ 2 N k M + 2 N k m`` forward ``+ 2 N k M + 4 N k m``
+      backward (no term depends on which side is larger);
+    - ``dense`` (ours, nothing kept between forward and backward): floor ``+ 2 M k m`` (build
+      ``delta_W``) ``+ 2 M k m`` (rebuild for ``grad_x``) ``+ 2 N I O`` (``G = g^T x``) ``+ 2 M k m``
+      (``B^T G``);
+    - ``dense_cached``: the same keeping ``W + delta_W`` from forward to backward (one rebuild less,
+      one weight-sized tensor more per layer): a bound for any implementation that materialises
+      ``delta_W``.
+    """
+    if "kind" not in case:
+        return None
+    dims = [case["d"], case["d"], case["d"]] if case["kind"] == "square" else [case["d"], 4 * case["d"], case["d"]]
+    n, r = case["tokens"], case["r"]
+    total = {"floor": 0.0, "factored": 0.0, "dense": 0.0, "dense_cached": 0.0}
+    for i, o in itertools.pairwise(dims):
+        m, big_m = min(i, o), max(i, o)
+        k = r * -(-m // r)
+        floor = 4.0 * n * i * o
+        total["floor"] += floor
+        total["factored"] += floor + 4.0 * n * k * big_m + 6.0 * n * k * m
+        total["dense"] += floor + 6.0 * big_m * k * m + 2.0 * n * i * o
+        total["dense_cached"] += floor + 4.0 * big_m * k * m + 2.0 * n * i * o
+    return total
+
+
+def flop_bounds(case: dict[str, Any]) -> dict[str, float] | None:
+    """Lowest auto/PEFT and auto/floor ratios the exact math allows at equal GEMM efficiency (stacks only)."""
+    flops = step_flops(case)
+    if flops is None:
+        return None
+    ours = min(flops["factored"], flops["dense"])
+    return {
+        "vs_peft": ours / flops["factored"],
+        "vs_floor": ours / flops["floor"],
+        "vs_peft_any": min(ours, flops["dense_cached"]) / flops["factored"],
+        "vs_floor_any": min(ours, flops["dense_cached"]) / flops["floor"],
+    }
+
+
 def step_table(rows: list[Row], suite: str) -> list[str]:
     """Markdown table of medians and ratios for one suite."""
     groups = {k: g for k, g in _by_case(rows).items() if k[0] == suite}
@@ -1032,6 +1080,18 @@ def memory_table(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _same_path_note(group: dict[str, Row]) -> str:
+    """A note when auto ran exactly the path of the faster forced method: their gap is then run-to-run spread."""
+    auto = group.get("core-auto")
+    times = {m: group[m].median_ms for m in ("core-factored", "core-dense") if m in group}
+    if auto is None or not times or not auto.paths:
+        return ""
+    best = min(times, key=lambda m: times[m]).removeprefix("core-")
+    if all(p.rsplit(":", 1)[-1] == best for p in auto.paths.split()):
+        return f" (auto ran the {best} path on every layer, as core-{best} did: the gap is timing spread)"
+    return ""
+
+
 def target_summary(rows: list[Row]) -> list[str]:
     """Counts of met targets and the list of points where a target is not met."""
     lines = []
@@ -1042,6 +1102,13 @@ def target_summary(rows: list[Row]) -> list[str]:
         "t_best": "auto <= 1.05 x min(factored, dense)",
         "t_mem": "peak memory (total) auto <= PEFT RandLoRA",
     }
+    lines.append(
+        "Flop bound: the ratio the exact math allows at equal GEMM efficiency (`step_flops`; linear stacks only): "
+        "ours = the cheaper of factored and dense, 'any materialising path' also keeps `W + delta_W` alive from "
+        "forward to backward. A measured ratio above its bound is a kernel-efficiency gap; a target below the "
+        "bound cannot be met by any implementation of these paths. See bench/NOTES.md."
+    )
+    lines.append("")
     for key, text in checks.items():
         results = [(g, evaluate(g)) for g in groups.values()]
         applicable = [(g, ev) for g, ev in results if ev[key] is not None]
@@ -1053,9 +1120,14 @@ def target_summary(rows: list[Row]) -> list[str]:
                 figure = {
                     "t_peft": f"auto/PEFT = {ev['auto_vs_peft']:.2f}",
                     "t_floor": f"auto/floor = {ev['auto_vs_floor']:.2f}",
-                    "t_best": f"auto/best = {ev['auto_vs_best']:.2f}",
+                    "t_best": f"auto/best = {ev['auto_vs_best']:.2f}" + _same_path_note(g),
                     "t_mem": f"auto/PEFT memory = {ev['mem_ratio']:.2f}",
                 }[key]
+                bounds = flop_bounds(case)
+                if bounds is not None and key == "t_peft":
+                    figure += f" (flop bound {bounds['vs_peft']:.2f}; any materialising path {bounds['vs_peft_any']:.2f})"
+                elif bounds is not None and key == "t_floor":
+                    figure += f" (flop bound {bounds['vs_floor']:.2f}; any materialising path {bounds['vs_floor_any']:.2f})"
                 name = f"{case.get('kind', 'llama')} d={case['d']} tokens={case['tokens']} r={case['r']}"
                 lines.append(f"  - not met: {name}: {figure}")
     return lines
@@ -1129,6 +1201,8 @@ def write_report(out: Path, machine: str, data: dict[str, Any], rows: list[Row])
     ]
     if data.get("dropped"):
         lines.append(f"- dropped from the grid (time budget): {', '.join(data['dropped'])}")
+    if data.get("re_rendered"):
+        lines.append(f"- report re-rendered from `{machine}.json` ({data['re_rendered']}); every number is the run's above")
     lines += ["", "Step = forward + backward + AdamW on the adapter parameters; the input requires grad. Times in ms.", ""]
     lines += ["## Targets", "", *target_summary(rows), ""]
     lines += ["## Linear stacks", "", *step_table(rows, "stack"), ""]
@@ -1238,9 +1312,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="run only cases whose label contains this text")
     parser.add_argument("--calibrate", action="store_true", help="fit/check the cost model of randlora_core.compute")
     parser.add_argument("--memory-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--report-from", type=Path, default=None, help="rewrite the report of an earlier run from its JSON (no measuring)"
+    )
     args = parser.parse_args(argv)
     if args.memory_server:
         return memory_server()
+    if args.report_from is not None:
+        print(f"[bench] wrote {report_from(args.report_from)}")
+        return 0
     warnings.filterwarnings("ignore")
     if args.calibrate:
         out = args.out or (Path(tempfile.mkdtemp(prefix="randlora-bench-")) if args.smoke else DEFAULT_OUT)
@@ -1319,6 +1399,18 @@ def main(argv: list[str] | None = None) -> int:
     path = write_report(out, machine, data, rows)
     print(f"[bench] wrote {path} ({data['duration_s']:.0f}s)")
     return 0
+
+
+def report_from(json_path: Path) -> Path:
+    """Rewrite ``<machine>.md`` (and the plot) next to ``json_path`` from the measurements it holds.
+
+    The numbers are the earlier run's; only the report's analysis (bounds, notes) is new.
+    """
+    saved = json.loads(json_path.read_text())
+    fields = {f for f in Row.__dataclass_fields__}
+    rows = [Row(**{k: v for k, v in row.items() if k in fields}) for row in saved.pop("rows")]
+    saved["re_rendered"] = f"`tools/bench.py --report-from` at commit {environment()['commit']}"
+    return write_report(json_path.parent, json_path.stem, saved, rows)
 
 
 def _median_load(rows: list[Row]) -> float:
