@@ -73,3 +73,19 @@ def test_non_reentrant_or_disabled_checkpointing_adds_no_hook(use_checkpointing:
     )
     assert model.checkpointing == ([{"use_reentrant": False}] if use_checkpointing else [])
     assert not model.embed(torch.tensor([1])).requires_grad
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8"])
+def test_parameter_counts_see_quantized_weights_at_their_real_size(quant: str) -> None:
+    # 4-bit weights are packed two values per byte; the counts must not halve them.
+    def base(quantized: bool) -> nn.Module:
+        layers = [seeded_linear(64, 48, seed=i) for i in range(2)]
+        if quantized:
+            layers[0] = quantize_linear(layers[0], quant, compute_dtype=torch.float32)
+        return nn.ModuleDict({"a": layers[0], "b": layers[1]})
+
+    config = RandLoraConfig(r=8, target_modules=["a", "b"])
+    quantized = get_randlora_model(base(True), config).trainable_parameters()
+    reference = get_randlora_model(base(False), config).trainable_parameters()
+    assert quantized == reference
+    assert reference[1] == 2 * (64 * 48 + 48) + reference[0]

@@ -18,6 +18,7 @@ deleting or disabling while merged, and non-finite safe merges :class:`MergeErro
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,6 +80,15 @@ def allocation(dims: list[tuple[int, int]], ranks: list[int]) -> BasesShape:
     return BasesShape(
         r=max(ranks), m_max=m_max, M_max=max(largest_in, largest_out), nb_max=max(num_bases(m_max, r) for r in ranks)
     )
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    """Number of values ``param`` represents, which for packed quantized storage is not its ``numel()``.
+
+    bitsandbytes' 4-bit weights keep two values per byte; their ``quant_state.shape`` is the real shape.
+    """
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
 
 
 class RandLoraModel(nn.Module):
@@ -409,7 +419,7 @@ class RandLoraModel(nn.Module):
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts of the whole model, adapters included."""
         params = list(self.parameters())
-        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        return sum(_logical_numel(p) for p in params if p.requires_grad), sum(_logical_numel(p) for p in params)
 
     get_nb_trainable_parameters = trainable_parameters
 
