@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from randlora_core import RandLoraConfig, get_randlora_model
 from randlora_core.driver import Conv1DLike
 
 
@@ -64,6 +65,30 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if "randlora_lambda" in name or "randlora_gamma" in name:
                 param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.dtype) * 0.5)
+
+
+class Holder(nn.Module):
+    """One adapted layer under the name ``layer``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def adapted(in_f: int, out_f: int, r: int, dtype: torch.dtype = torch.float64, conv1d: bool = False, **cfg: object):
+    """A seeded ``nn.Linear`` (or Conv1D-like) layer with a randomized adapter: ``(model, adapted layer)``."""
+    torch.manual_seed(0)
+    layer = Conv1DLike(in_f, out_f, dtype=dtype) if conv1d else nn.Linear(in_f, out_f, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.3)
+        layer.bias.normal_(0, 0.1)
+    config = RandLoraConfig(r=r, randlora_alpha=2.0 * r, target_modules=["layer"], fan_in_fan_out=conv1d, **cfg)
+    model = get_randlora_model(Holder(layer), config)
+    randomize_adapters(model)
+    return model, model.model.layer
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import np64, randomize_adapters
+from conftest import Holder, adapted, np64
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
 from randlora_core.compute import choose_compute, choose_path, compute_override, path_costs
-from randlora_core.driver import Conv1DLike
 from randlora_core.functional import LayerPlan, RandLoraLinearFunction, adapter_output
 from randlora_spec import reference
 from randlora_spec.bases import BasesShape, generate_bases
@@ -141,27 +140,6 @@ def test_dense_saves_no_out_by_in_matrix(in_f: int, out_f: int) -> None:
 
 
 # -- through the layer and the model ------------------------------------------------------------
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-def adapted(in_f: int, out_f: int, r: int, dtype=torch.float64, conv1d: bool = False, **cfg):
-    torch.manual_seed(0)
-    layer = Conv1DLike(in_f, out_f, dtype=dtype) if conv1d else nn.Linear(in_f, out_f, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.3)
-        layer.bias.normal_(0, 0.1)
-    config = RandLoraConfig(r=r, randlora_alpha=2.0 * r, target_modules=["layer"], fan_in_fan_out=conv1d, **cfg)
-    model = get_randlora_model(Holder(layer), config)
-    randomize_adapters(model)
-    return model, model.model.layer
 
 
 def spy_plans(monkeypatch: pytest.MonkeyPatch) -> list[LayerPlan]:

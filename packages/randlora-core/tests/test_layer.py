@@ -5,36 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import np64, randomize_adapters
+from conftest import Holder, adapted, np64
 from torch import nn
 
 from randlora_core import RandLoraConfig, RandLoraLinear, ShapeError, get_randlora_model
-from randlora_core.driver import Conv1DLike
 from randlora_spec import reference
 from randlora_spec.tolerances import check_close
 
 SHAPES = [(6, 10, 2), (10, 6, 2), (8, 8, 3), (10, 14, 4), (3, 8, 5)]
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-def adapted(in_f: int, out_f: int, r: int, dtype=torch.float64, conv1d: bool = False, **cfg):
-    torch.manual_seed(0)
-    layer = Conv1DLike(in_f, out_f, dtype=dtype) if conv1d else nn.Linear(in_f, out_f, dtype=dtype)
-    with torch.no_grad():
-        layer.weight.normal_(0, 0.3)
-        layer.bias.normal_(0, 0.1)
-    config = RandLoraConfig(r=r, randlora_alpha=2.0 * r, target_modules=["layer"], fan_in_fan_out=conv1d, **cfg)
-    model = get_randlora_model(Holder(layer), config)
-    randomize_adapters(model)
-    return model, model.model.layer
 
 
 def reference_io(layer: RandLoraLinear, x: torch.Tensor, grad_y: torch.Tensor | None = None):
