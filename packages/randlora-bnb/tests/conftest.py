@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
+from randlora_core.driver import SingleLayer
 from randlora_core.model import RandLoraModel
 
 # bitsandbytes is imported inside the helpers, not here: pytest imports conftest before it captures
@@ -34,15 +35,6 @@ def quantized(in_f: int, out_f: int, quant: str, seed: int = 0, bias: bool = Tru
     return quantize_linear(seeded_linear(in_f, out_f, seed, bias), quant, **options)
 
 
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
 class MLP(nn.Module):
     """Three linear layers (two hidden), enough for targeting and training tests."""
 
@@ -57,8 +49,8 @@ class MLP(nn.Module):
 
 
 def adapt(layer: nn.Module, r: int = 4, alpha: float = 8.0, seed: int = 3, **config: object) -> RandLoraModel:
-    """A RandLoraModel around ``Holder(layer)`` with one adapter whose lambda/gamma are random (not a no-op)."""
-    model = get_randlora_model(Holder(layer), RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=["layer"], **config))
+    """A RandLoraModel around ``SingleLayer(layer)`` with one adapter whose lambda/gamma are random (not a no-op)."""
+    model = get_randlora_model(SingleLayer(layer), RandLoraConfig(r=r, randlora_alpha=alpha, target_modules=["layer"], **config))
     randomize(model, seed)
     return model
 

@@ -17,10 +17,11 @@ from types import ModuleType
 
 import pytest
 import torch
-from conftest import MLP, Holder, adapt, quantized, seeded_linear
+from conftest import MLP, adapt, quantized, seeded_linear
 from torch import nn
 
 from randlora_core import load_adapter
+from randlora_core.driver import SingleLayer
 
 
 def _load_catalogue() -> ModuleType:
@@ -113,7 +114,7 @@ def _merge_twice(tmp: Path):
 def _load_into_different(tmp: Path):
     path = tmp / "adapter.safetensors"
     adapt(quantized(16, 8, "nf4")).save_adapter(path)
-    model = Holder(quantized(16, 12, "nf4"))
+    model = SingleLayer(quantized(16, 12, "nf4"))
     return model, lambda: load_adapter(model, path)
 
 

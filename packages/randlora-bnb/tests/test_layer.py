@@ -5,7 +5,7 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import QUANTS, Holder, adapt, dense_reference, quantized, seeded_linear
+from conftest import QUANTS, adapt, dense_reference, quantized, seeded_linear
 
 from randlora_bnb import (
     RandLoraLinear4bit,
@@ -16,6 +16,7 @@ from randlora_bnb import (
     restore_standard_layout,
 )
 from randlora_core import RandLoraConfig, get_randlora_model
+from randlora_core.driver import SingleLayer
 from randlora_spec.tolerances import check_close
 
 VARIANTS = [
@@ -39,7 +40,7 @@ def test_wraps_with_the_bnb_wrapper_and_starts_as_a_no_op(quant: str) -> None:
     x = torch.randn(5, 24)
     with torch.no_grad():
         before = layer(x)
-    model = get_randlora_model(Holder(layer), RandLoraConfig(r=4, target_modules=["layer"]))
+    model = get_randlora_model(SingleLayer(layer), RandLoraConfig(r=4, target_modules=["layer"]))
     wrapper = model.model.layer
     assert type(wrapper) is (RandLoraLinear8bitLt if quant == "int8" else RandLoraLinear4bit)
     assert wrapper.get_base_layer() is layer and wrapper.quant_type == quant

@@ -5,10 +5,11 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import QUANTS, Holder, adapt, half_step, quantized
+from conftest import QUANTS, adapt, half_step, quantized
 
 from randlora_bnb import QuantizedMergeWarning, RandLoraBnbLinear, dequantize_weight, requantize_weight
 from randlora_core import MergeError, RandLoraConfig, get_randlora_model
+from randlora_core.driver import SingleLayer
 
 
 def within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:
@@ -69,7 +70,7 @@ def test_unmerge_restores_the_original_weight_bit_for_bit(quant: str) -> None:
 @pytest.mark.parametrize("quant", ["int8", "nf4"])
 def test_two_adapters_merge_in_order_and_unmerge_exactly(quant: str) -> None:
     layer = quantized(64, 48, quant)
-    model = get_randlora_model(Holder(layer), RandLoraConfig(r=4, target_modules=["layer"]), adapter_name="a")
+    model = get_randlora_model(SingleLayer(layer), RandLoraConfig(r=4, target_modules=["layer"]), adapter_name="a")
     model.add_adapter("b", RandLoraConfig(r=2, target_modules=["layer"]))
     from conftest import randomize
 

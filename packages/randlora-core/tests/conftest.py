@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.driver import Conv1DLike
+from randlora_core.driver import Conv1DLike, SingleLayer
 
 
 class Block(nn.Module):
@@ -67,17 +67,6 @@ def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
                 param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float64).to(param.dtype) * 0.5)
 
 
-class Holder(nn.Module):
-    """One adapted layer under the name ``layer``."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
 def adapted(in_f: int, out_f: int, r: int, dtype: torch.dtype = torch.float64, conv1d: bool = False, **cfg: object):
     """A seeded ``nn.Linear`` (or Conv1D-like) layer with a randomized adapter: ``(model, adapted layer)``."""
     torch.manual_seed(0)
@@ -86,7 +75,7 @@ def adapted(in_f: int, out_f: int, r: int, dtype: torch.dtype = torch.float64, c
         layer.weight.normal_(0, 0.3)
         layer.bias.normal_(0, 0.1)
     config = RandLoraConfig(r=r, randlora_alpha=2.0 * r, target_modules=["layer"], fan_in_fan_out=conv1d, **cfg)
-    model = get_randlora_model(Holder(layer), config)
+    model = get_randlora_model(SingleLayer(layer), config)
     randomize_adapters(model)
     return model, model.model.layer
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import Holder, adapted, np64
+from conftest import adapted, np64
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
 from randlora_core.compute import choose_compute, choose_path, compute_override, path_costs
+from randlora_core.driver import SingleLayer
 from randlora_core.functional import LayerPlan, RandLoraLinearFunction, adapter_output
 from randlora_spec import reference
 from randlora_spec.bases import BasesShape, generate_bases
@@ -244,7 +245,7 @@ def test_dense_request_falls_back_where_it_does_not_apply(monkeypatch) -> None:
         model(torch.randn(3, 12))
     assert not plans
     torch.manual_seed(0)
-    custom = get_randlora_model(Holder(CustomLinear(12, 20)), RandLoraConfig(r=4, target_modules=["layer"], compute="dense"))
+    custom = get_randlora_model(SingleLayer(CustomLinear(12, 20)), RandLoraConfig(r=4, target_modules=["layer"], compute="dense"))
     custom(torch.randn(3, 12))
     assert not plans
 

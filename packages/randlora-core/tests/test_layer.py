@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import Holder, adapted, np64
+from conftest import adapted, np64
 from torch import nn
 
 from randlora_core import RandLoraConfig, RandLoraLinear, ShapeError, get_randlora_model
+from randlora_core.driver import SingleLayer
 from randlora_spec import reference
 from randlora_spec.tolerances import check_close
 
@@ -92,7 +93,7 @@ def test_wrong_input_size_names_layer_and_sizes() -> None:
 
 def test_init_weights_true_is_exact_noop() -> None:
     torch.manual_seed(0)
-    base = Holder(nn.Linear(10, 14))
+    base = SingleLayer(nn.Linear(10, 14))
     x = torch.randn(4, 10)
     y0 = base(x)
     model = get_randlora_model(base, RandLoraConfig(r=4, target_modules=["layer"]))
@@ -104,7 +105,7 @@ def test_init_weights_true_is_exact_noop() -> None:
 
 def test_init_weights_false() -> None:
     torch.manual_seed(0)
-    model = get_randlora_model(Holder(nn.Linear(10, 14)), RandLoraConfig(r=4, target_modules=["layer"], init_weights=False))
+    model = get_randlora_model(SingleLayer(nn.Linear(10, 14)), RandLoraConfig(r=4, target_modules=["layer"], init_weights=False))
     layer = model.model.layer
     assert layer.randlora_lambda["default"].abs().sum() > 0
     torch.testing.assert_close(layer.randlora_gamma["default"], torch.full((3, 10), 1 / 14))

@@ -41,7 +41,7 @@ from torch import nn
 
 from randlora_bnb.quant import QUANT_TYPES, dequantize_weight, quantize_linear
 from randlora_core import RandLoraConfig, generate_bases, get_randlora_model, load_adapter
-from randlora_core.driver import Conv1DLike
+from randlora_core.driver import Conv1DLike, SingleLayer
 from randlora_core.model import RandLoraModel
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
@@ -49,15 +49,6 @@ from randlora_spec.driver import Unsupported
 from randlora_spec.golden import GoldenCase
 
 QUANTIZED_OUTPUTS = ("merged_weight", "unmerged_weight")
-
-
-class _Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _t(a: np.ndarray) -> torch.Tensor:
@@ -133,7 +124,7 @@ class BnbDriver:
                 very_sparse=p.get("basis_kind") == "very_sparse",
             )
             if model is None:
-                model = get_randlora_model(_Holder(self._quantized(weight_oi, i.get("bias"))), config, adapter_name=name)
+                model = get_randlora_model(SingleLayer(self._quantized(weight_oi, i.get("bias"))), config, adapter_name=name)
             else:
                 model.add_adapter(name, config)
         assert model is not None

@@ -70,12 +70,15 @@ def build_model(layers: dict[str, tuple[int, int, bool, bool]], dtype: torch.dty
     return root
 
 
-class _Holder(nn.Module):
+class SingleLayer(nn.Module):
+    """A model made of one layer registered as ``layer`` (the target name the drivers and tests use)."""
+
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         self.layer = layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output."""
         return self.layer(x)
 
 
@@ -140,7 +143,7 @@ class CoreDriver:
                 very_sparse=p.get("basis_kind") == "very_sparse",
             )
             if model is None:
-                model = get_randlora_model(_Holder(layer), config, adapter_name=name)
+                model = get_randlora_model(SingleLayer(layer), config, adapter_name=name)
             else:
                 model.add_adapter(name, config)
         assert model is not None

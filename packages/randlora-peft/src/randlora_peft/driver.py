@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from randlora_core.driver import SingleLayer
 from randlora_peft._peft import import_peft
 from randlora_peft.accelerate import accelerate
 from randlora_peft.convert import write_peft_adapter
@@ -36,17 +37,6 @@ from randlora_spec.driver import Unsupported
 from randlora_spec.golden import GoldenCase
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class _Holder(nn.Module):
-    """One layer under the name ``layer``; PEFT targets it by that name."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _make_layer(in_features: int, out_features: int, has_bias: bool, fan_in_fan_out: bool, dtype: torch.dtype) -> nn.Module:
@@ -132,7 +122,7 @@ class PeftDriver:
                 randlora_dropout=0.0,
             )
             if model is None:
-                model = peft.get_peft_model(_Holder(layer), cfg, adapter_name=name)
+                model = peft.get_peft_model(SingleLayer(layer), cfg, adapter_name=name)
             else:
                 model.add_adapter(name, cfg)
         assert model is not None
