@@ -999,10 +999,10 @@ def step_flops(case: dict[str, Any]) -> dict[str, float] | None:
     """
     if "kind" not in case:
         return None
-    dims = [case["d"], case["d"], case["d"]] if case["kind"] == "square" else [case["d"], 4 * case["d"], case["d"]]
-    n, r = case["tokens"], case["r"]
+    stack = StackCase(**case)
+    n, r = stack.tokens, stack.r
     total = {"floor": 0.0, "factored": 0.0, "dense": 0.0, "dense_cached": 0.0}
-    for i, o in itertools.pairwise(dims):
+    for i, o in itertools.pairwise(stack.dims):
         m, big_m = min(i, o), max(i, o)
         k = r * -(-m // r)
         floor = 4.0 * n * i * o
