@@ -9,18 +9,19 @@
   writes the file, and an unsharded model loaded from it gives the sharded model's outputs (and
   single-process training's).
 
-Workers are spawned processes with a join timeout, a free port on 127.0.0.1 and
-``GLOO_SOCKET_IFNAME=lo``; each destroys its process group in ``finally``. Results travel as
-safetensors / JSON files.
+Workers are spawned processes with a join timeout, a rendezvous store held by the test process on
+127.0.0.1 and ``GLOO_SOCKET_IFNAME=lo``; each meets the others at a barrier, destroys its process
+group and exits without interpreter finalization. Results travel as safetensors / JSON files, a
+worker's Python traceback as ``error<rank>.txt`` and a crash's thread stacks as ``fault<rank>.txt``.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import inspect
 import json
 import os
-import socket
 import traceback
 import warnings
 from collections.abc import Callable
@@ -46,34 +47,44 @@ LR = 1e-3
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _entry(fn: Callable[[int, Path], None], rank: int, port: int, out: Path) -> None:
+def _entry(fn: Callable[[int, Path], None], rank: int, store_port: int, out: Path) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    # A crash in C++ (SIGABRT, SIGSEGV) leaves no Python traceback: dump every thread's stack instead.
+    fault_log = (out / f"fault{rank}.txt").open("w")
+    faulthandler.enable(fault_log, all_threads=True)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
+    code = 1
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60)
-        )
+        timeout = timedelta(seconds=60)
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
         try:
             fn(rank, out)
+            # No rank closes its connections while a peer may still be inside a collective.
+            dist.barrier()
         finally:
             dist.destroy_process_group()
+        code = 0
     except BaseException:
         (out / f"error{rank}.txt").write_text(traceback.format_exc())
-        raise
+    finally:
+        # Leave the way fork-started workers do: a spawned child otherwise runs full interpreter
+        # finalization, where torch's C++ communication threads can be torn down in any order and
+        # abort ("terminate called without an active exception") after all the work succeeded.
+        fault_log.flush()
+        os._exit(code)
 
 
 def run_world(fn: Callable[[int, Path], None], out: Path) -> None:
-    """Run ``fn(rank, out)`` on WORLD spawned processes; fail with the workers' tracebacks."""
+    """Run ``fn(rank, out)`` on WORLD spawned processes; fail with the workers' tracebacks.
+
+    The rendezvous store lives in this process, bound to a port the OS picks, so no rank depends on
+    another rank's process staying alive for it and no other test can take the port in between.
+    """
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
     ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, rank, port, out), daemon=True) for rank in range(WORLD)]
+    procs = [ctx.Process(target=_entry, args=(fn, rank, store.port, out), daemon=True) for rank in range(WORLD)]
     for p in procs:
         p.start()
     try:
@@ -84,7 +95,7 @@ def run_world(fn: Callable[[int, Path], None], out: Path) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(10)
-    errors = "\n".join(f.read_text() for f in sorted(out.glob("error*.txt")))
+    errors = "\n".join(f.read_text() for f in sorted(out.glob("error*.txt")) + sorted(out.glob("fault*.txt")))
     assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}\n{errors}"
 
 
