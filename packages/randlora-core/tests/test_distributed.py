@@ -41,6 +41,7 @@ from randlora_spec import checkpoint as spec_ckpt
 
 WORLD = 2
 JOIN_TIMEOUT_S = 180
+COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 STEPS = 5
 LR = 1e-3
 
@@ -56,9 +57,8 @@ def _entry(fn: Callable[[int, Path], None], rank: int, store_port: int, out: Pat
     warnings.simplefilter("ignore")
     code = 1
     try:
-        timeout = timedelta(seconds=60)
-        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=timeout)
+        store = dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
         try:
             fn(rank, out)
             # No rank closes its connections while a peer may still be inside a collective.
@@ -82,7 +82,7 @@ def run_world(fn: Callable[[int, Path], None], out: Path) -> None:
     The rendezvous store lives in this process, bound to a port the OS picks, so no rank depends on
     another rank's process staying alive for it and no other test can take the port in between.
     """
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=60))
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_entry, args=(fn, rank, store.port, out), daemon=True) for rank in range(WORLD)]
     for p in procs:
