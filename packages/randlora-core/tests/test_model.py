@@ -364,21 +364,14 @@ def test_unload_restores_base(tiny_lm: TinyLM) -> None:
     seed=st.integers(0, 2**64 - 1),
 )
 def test_property_merged_equals_unmerged(in_f: int, out_f: int, r: int, conv1d: bool, seed: int) -> None:
-    from randlora_core.driver import make_layer
+    from randlora_core.driver import SingleLayer, make_layer
 
-    class Holder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = make_layer(in_f, out_f, True, conv1d, torch.float64)
-            with torch.no_grad():
-                self.layer.weight.normal_()
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.layer(x)
-
+    layer = make_layer(in_f, out_f, True, conv1d, torch.float64)
+    with torch.no_grad():
+        layer.weight.normal_()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_randlora_model(Holder(), cfg(r=r, target_modules=["layer"], projection_prng_key=seed))
+        model = get_randlora_model(SingleLayer(layer), cfg(r=r, target_modules=["layer"], projection_prng_key=seed))
     randomize_adapters(model, seed % 1000)
     x = torch.randn(3, in_f, dtype=torch.float64)
     y = model(x).detach().numpy()
