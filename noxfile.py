@@ -13,11 +13,17 @@ distribution alone works. Sessions:
     nox -s lint | golden | spec | core | peft | bnb
 
 On a machine whose only local torch is the CPU wheel, set PIP_CONSTRAINT=.ci/constraints.txt
-(``.ci/run`` does) so pip picks it instead of a multi-GB CUDA build.
+(``.ci/run`` does) so pip picks it instead of a multi-GB CUDA build. With RANDLORA_DROP_VENVS=1
+(``.ci/run`` sets it too) each session deletes its venv when it ends: a full ``nox -s tests`` holds
+about 11 GB of venvs otherwise, more than a CI machine's disk has been seen to have free.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import nox
@@ -42,11 +48,29 @@ PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] 
 IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
 
 
+def _frugal(func: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a session so that, with RANDLORA_DROP_VENVS=1, its venv is deleted when it ends, pass or fail."""
+
+    @functools.wraps(func)
+    def run(session: nox.Session, *args: object, **kwargs: object) -> None:
+        try:
+            func(session, *args, **kwargs)
+        finally:
+            if os.environ.get("RANDLORA_DROP_VENVS") == "1":
+                # Only the venv nox created for this session; nothing else lives under it.
+                location = getattr(session.virtualenv, "location", None)
+                if location and Path(location).resolve().parent == (ROOT / ".nox").resolve():
+                    shutil.rmtree(location, ignore_errors=True)
+
+    return run
+
+
 def _install(session: nox.Session, paths: list[str], *extra: str) -> None:
     session.install(*(str(ROOT / p) for p in paths), *extra)
 
 
 @nox.session
+@_frugal
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole tree."""
     session.install("ruff==0.17.6")
@@ -55,6 +79,7 @@ def lint(session: nox.Session) -> None:
 
 
 @nox.session
+@_frugal
 def golden(session: nox.Session) -> None:
     """Golden fixtures and the JSON Schema are exactly what the generators produce."""
     session.install("numpy>=1.24", "pydantic>=2.5")
@@ -63,6 +88,7 @@ def golden(session: nox.Session) -> None:
 
 
 @nox.session
+@_frugal
 def spec(session: nox.Session) -> None:
     """Unit tests of randlora-spec (no torch in this venv)."""
     _install(session, [SPEC], *TEST_DEPS, "safetensors>=0.4")
@@ -86,7 +112,7 @@ def _package_session(name: str, paths: list[str]) -> None:
         )
 
     run.__doc__ = f"Unit tests of {Path(paths[-1]).name} in a venv holding only it and its dependencies."
-    nox.session(name=name)(run)
+    nox.session(name=name)(_frugal(run))
 
 
 for _name, _paths in PRESENT.items():
@@ -95,6 +121,7 @@ for _name, _paths in PRESENT.items():
 
 @nox.session
 @nox.parametrize("impl", list(IMPLEMENTATIONS))
+@_frugal
 def conformance(session: nox.Session, impl: str) -> None:
     """One implementation, installed alone, against every golden case."""
     _install(session, IMPLEMENTATIONS[impl], "pytest>=8", "pytest-xdist>=3")
@@ -107,6 +134,7 @@ def conformance(session: nox.Session, impl: str) -> None:
 
 
 @nox.session
+@_frugal
 def fuzz(session: nox.Session) -> None:
     """Long fuzzing budget for the parsers of untrusted input (spec) and core's load_adapter; prints how many cases ran."""
     _install(session, PACKAGES["core"], *TEST_DEPS)
@@ -124,6 +152,7 @@ def fuzz(session: nox.Session) -> None:
 
 
 @nox.session
+@_frugal
 def bench(session: nox.Session) -> None:
     """Speed/memory benchmark vs PEFT (tools/bench.py): full run writes bench/results/; `-- --smoke` only proves it runs."""
     _install(session, PACKAGES["core"], "peft==0.21.2", "transformers>=4.46", "matplotlib>=3.7")
@@ -131,6 +160,7 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session
+@_frugal
 def example(session: nox.Session) -> None:
     """End-to-end fine-tune of all-MiniLM-L6-v2 (examples/finetune_minilm.py); fails if its reload/merge/accuracy checks fail.
 
@@ -145,6 +175,7 @@ def example(session: nox.Session) -> None:
 
 
 @nox.session
+@_frugal
 def readme(session: nox.Session) -> None:
     """Run every python example in README.md and the packages' READMEs, with all packages installed."""
     everything = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together
