@@ -48,8 +48,8 @@ PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] 
 IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
 
 
-def _frugal(func: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a session so that, with RANDLORA_DROP_VENVS=1, its venv is deleted when it ends, pass or fail."""
+def _session(func: Callable[..., None], name: str | None = None) -> Callable[..., None]:
+    """``nox.session`` for a venv session that, with RANDLORA_DROP_VENVS=1, deletes its venv when it ends, pass or fail."""
 
     @functools.wraps(func)
     def run(session: nox.Session, *args: object, **kwargs: object) -> None:
@@ -62,15 +62,14 @@ def _frugal(func: Callable[..., None]) -> Callable[..., None]:
                 if location and Path(location).resolve().parent == (ROOT / ".nox").resolve():
                     shutil.rmtree(location, ignore_errors=True)
 
-    return run
+    return nox.session(run, name=name)
 
 
 def _install(session: nox.Session, paths: list[str], *extra: str) -> None:
     session.install(*(str(ROOT / p) for p in paths), *extra)
 
 
-@nox.session
-@_frugal
+@_session
 def lint(session: nox.Session) -> None:
     """ruff check and ruff format --check over the whole tree."""
     session.install("ruff==0.17.6")
@@ -78,8 +77,7 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
 
 
-@nox.session
-@_frugal
+@_session
 def golden(session: nox.Session) -> None:
     """Golden fixtures and the JSON Schema are exactly what the generators produce."""
     session.install("numpy>=1.24", "pydantic>=2.5")
@@ -87,8 +85,7 @@ def golden(session: nox.Session) -> None:
     session.run("python", "tools/export_schema.py", "--check")
 
 
-@nox.session
-@_frugal
+@_session
 def spec(session: nox.Session) -> None:
     """Unit tests of randlora-spec (no torch in this venv)."""
     _install(session, [SPEC], *TEST_DEPS, "safetensors>=0.4")
@@ -112,16 +109,15 @@ def _package_session(name: str, paths: list[str]) -> None:
         )
 
     run.__doc__ = f"Unit tests of {Path(paths[-1]).name} in a venv holding only it and its dependencies."
-    nox.session(name=name)(_frugal(run))
+    _session(run, name=name)
 
 
 for _name, _paths in PRESENT.items():
     _package_session(_name, _paths)
 
 
-@nox.session
+@_session
 @nox.parametrize("impl", list(IMPLEMENTATIONS))
-@_frugal
 def conformance(session: nox.Session, impl: str) -> None:
     """One implementation, installed alone, against every golden case."""
     _install(session, IMPLEMENTATIONS[impl], "pytest>=8", "pytest-xdist>=3")
@@ -133,8 +129,7 @@ def conformance(session: nox.Session, impl: str) -> None:
     )
 
 
-@nox.session
-@_frugal
+@_session
 def fuzz(session: nox.Session) -> None:
     """Long fuzzing budget for the parsers of untrusted input (spec) and core's load_adapter; prints how many cases ran."""
     _install(session, PACKAGES["core"], *TEST_DEPS)
@@ -151,16 +146,14 @@ def fuzz(session: nox.Session) -> None:
     )
 
 
-@nox.session
-@_frugal
+@_session
 def bench(session: nox.Session) -> None:
     """Speed/memory benchmark vs PEFT (tools/bench.py): full run writes bench/results/; `-- --smoke` only proves it runs."""
     _install(session, PACKAGES["core"], "peft==0.21.2", "transformers>=4.46", "matplotlib>=3.7")
     session.run("python", "tools/bench.py", *session.posargs)
 
 
-@nox.session
-@_frugal
+@_session
 def example(session: nox.Session) -> None:
     """End-to-end fine-tune of all-MiniLM-L6-v2 (examples/finetune_minilm.py); fails if its reload/merge/accuracy checks fail.
 
@@ -174,8 +167,7 @@ def example(session: nox.Session) -> None:
     session.run("python", "examples/finetune_minilm.py", *args, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
 
 
-@nox.session
-@_frugal
+@_session
 def readme(session: nox.Session) -> None:
     """Run every python example in README.md and the packages' READMEs, with all packages installed."""
     everything = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together
