@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "spec" / "src"))  # run from a checkout without installing anything
 
 from randlora_spec import checkpoint  # noqa: E402
-from randlora_spec.bases import BasesShape, bases_shape_for_layers, basis_kind, generate_bases  # noqa: E402
+from randlora_spec.bases import basis_kind, generate_bases  # noqa: E402
 from randlora_spec.config import RandLoraConfig  # noqa: E402
 from randlora_spec.driver import ReferenceDriver  # noqa: E402
+from randlora_spec.geometry import BasesShape, LayerGeometry, allocation, bases_shape_for_layers  # noqa: E402
 from randlora_spec.golden import GOLDEN_FORMAT, MANIFEST_NAME, GoldenCase  # noqa: E402
-from randlora_spec.reference import LayerGeometry  # noqa: E402
 from randlora_spec.safetensors_io import encode  # noqa: E402
 from randlora_spec.tolerances import tolerance  # noqa: E402
 
@@ -120,10 +120,7 @@ def layer_inputs(spec: LayerSpec, case_id: str, dtype: str) -> tuple[dict, dict]
     """Inputs and params of a layer case (the same inputs serve forward, backward and merge)."""
     rng = rng_for(case_id)
     i_f, o_f = spec.in_features, spec.out_features
-    r_alloc = max(spec.adapters.values())
-    nb_alloc = max(LayerGeometry(i_f, o_f, r).nb for r in spec.adapters.values())
-    shape = bases_shape_for_layers([(i_f + spec.alloc_extra[0], o_f + spec.alloc_extra[1])], r_alloc)
-    shape = BasesShape(r_alloc, shape.m_max, shape.M_max, max(shape.nb_max, nb_alloc))
+    shape = allocation([(i_f + spec.alloc_extra[0], o_f + spec.alloc_extra[1])], spec.adapters.values())
     a, b = generate_bases(spec.seed, shape, spec.basis)
     weight = rng.standard_normal((o_f, i_f)) / np.sqrt(i_f)
     inputs = {

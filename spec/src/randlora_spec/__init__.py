@@ -5,7 +5,7 @@ format, declared tolerances, golden cases and the conformance driver interface. 
 numpy and pydantic; it never imports torch.
 """
 
-from randlora_spec.bases import PEFT_RULE, PORTABLE_RULE, BasesShape, bases_shape_for_layers, generate_bases, num_bases
+from randlora_spec.bases import PEFT_RULE, PORTABLE_RULE, generate_bases
 from randlora_spec.config import SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import (
     AdapterNotFoundError,
@@ -18,6 +18,7 @@ from randlora_spec.errors import (
     ShapeError,
     TargetModuleError,
 )
+from randlora_spec.geometry import BasesShape, LayerGeometry, allocation, bases_shape_for_layers, num_bases, shape_of_bases
 from randlora_spec.tolerances import TOLERANCES, Tolerance, check_close, tolerance
 
 __version__ = "1.0.0"
@@ -33,15 +34,18 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DtypeError",
+    "LayerGeometry",
     "MergeError",
     "RandLoraConfig",
     "RandLoraError",
     "ShapeError",
     "TargetModuleError",
     "Tolerance",
+    "allocation",
     "bases_shape_for_layers",
     "check_close",
     "generate_bases",
     "num_bases",
+    "shape_of_bases",
     "tolerance",
 ]

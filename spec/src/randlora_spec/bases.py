@@ -11,12 +11,12 @@ basis generated for the smaller shape.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from randlora_spec.errors import BasisRuleError, ShapeError
+from randlora_spec.geometry import BasesShape, bases_shape_for_layers, num_bases
 from randlora_spec.philox import philox4x32, seed_to_key
 
 PORTABLE_RULE = "randlora-philox4x32-10-v1"
@@ -35,47 +35,6 @@ SPARSE_S = 3
 """Sparsity parameter s of the ``sparse`` kind: P(+1) = P(-1) = 1/(2s)."""
 
 BasisKind = Literal["dense", "sparse", "very_sparse"]
-
-
-@dataclass(frozen=True)
-class BasesShape:
-    """The allocation of the shared bases: A is (r, 1, m_max), B is (M_max, nb_max, r)."""
-
-    r: int
-    m_max: int
-    M_max: int
-    nb_max: int
-
-    @property
-    def a_shape(self) -> tuple[int, int, int]:
-        """Shape of the shared A basis."""
-        return (self.r, 1, self.m_max)
-
-    @property
-    def b_shape(self) -> tuple[int, int, int]:
-        """Shape of the shared B basis."""
-        return (self.M_max, self.nb_max, self.r)
-
-
-def num_bases(m: int, r: int) -> int:
-    """Number of rank-r bases needed for full rank on the smaller side: ``ceil(m / r)``."""
-    if r < 1 or m < 1:
-        raise ShapeError(f"num_bases needs m >= 1 and r >= 1, got m={m}, r={r}")
-    return -(-m // r)
-
-
-def bases_shape_for_layers(layer_shapes: list[tuple[int, int]], r: int) -> BasesShape:
-    """Allocation of the shared bases for targeted layers given as ``(in_features, out_features)``.
-
-    As in PEFT, the largest input and largest output are taken separately over all layers, then
-    ``M_max = max(largest_out, largest_in)`` and ``m_max = min(largest_out, largest_in)``.
-    """
-    if not layer_shapes:
-        raise ShapeError("bases_shape_for_layers needs at least one layer shape")
-    largest_in = max(int(i) for i, _ in layer_shapes)
-    largest_out = max(int(o) for _, o in layer_shapes)
-    m_max, big_m = min(largest_in, largest_out), max(largest_in, largest_out)
-    return BasesShape(r=r, m_max=m_max, M_max=big_m, nb_max=num_bases(m_max, r))
 
 
 def _words(seed: int, tag: int, shape: tuple[int, int, int]) -> np.ndarray:
@@ -166,3 +125,24 @@ def generate_bases(
     a = generate_basis(seed, TAG_A, shape.a_shape, kind, shape.m_max)
     b = generate_basis(seed, TAG_B, shape.b_shape, kind, shape.m_max)
     return a, b
+
+
+__all__ = [
+    "DENSE_SCALE",
+    "PEFT_RULE",
+    "PORTABLE_RULE",
+    "SPARSE_S",
+    "TAG_A",
+    "TAG_B",
+    "BasesShape",
+    "BasisKind",
+    "bases_shape_for_layers",
+    "basis_kind",
+    "dense_from_words",
+    "generate_bases",
+    "generate_basis",
+    "num_bases",
+    "sparse_scale",
+    "sparse_threshold",
+    "ternary_from_words",
+]

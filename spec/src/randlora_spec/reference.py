@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from randlora_spec.bases import num_bases
 from randlora_spec.errors import AdapterNotFoundError, ShapeError
+from randlora_spec.geometry import LayerGeometry, shape_of_bases
 
 
 def exact_sum(values: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -41,35 +41,6 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class LayerGeometry:
-    """Sizes derived from a layer's (in_features, out_features) and the adapter rank r (SPEC 3.1)."""
-
-    in_features: int
-    out_features: int
-    r: int
-
-    @property
-    def m(self) -> int:
-        """The smaller side, on which the trainable scaling acts."""
-        return min(self.in_features, self.out_features)
-
-    @property
-    def M(self) -> int:  # noqa: N802 - the spec's symbol
-        """The larger side."""
-        return max(self.in_features, self.out_features)
-
-    @property
-    def nb(self) -> int:
-        """Number of bases: ``ceil(m / r)``."""
-        return num_bases(self.m, self.r)
-
-    @property
-    def in_le_out(self) -> bool:
-        """True when the update is ``s * P`` (not transposed)."""
-        return self.in_features <= self.out_features
-
-
-@dataclass(frozen=True)
 class Adapter:
     """One adapter's state on one layer: rank, alpha and the trainable lambda (r, nb), gamma (nb, m)."""
 
@@ -86,13 +57,8 @@ class Adapter:
 
 def slice_bases(a: np.ndarray, b: np.ndarray, geom: LayerGeometry) -> tuple[np.ndarray, np.ndarray]:
     """Window of the shared bases used by a layer: A[:r, 0, :m] -> (r, m), B[:M, :nb, :r] -> (M, nb, r)."""
-    if a.ndim != 3 or a.shape[1] != 1 or b.ndim != 3:
-        raise ShapeError(f"bases must be A (r, 1, m_max) and B (M_max, nb_max, r); got {a.shape} and {b.shape}")
+    shape_of_bases(a.shape, b.shape).check_holds(geom, "the given bases")
     r, m, big_m, nb = geom.r, geom.m, geom.M, geom.nb
-    if a.shape[0] < r or a.shape[2] < m:
-        raise ShapeError(f"basis A of shape {a.shape} is too small for r={r}, m={m}")
-    if b.shape[0] < big_m or b.shape[1] < nb or b.shape[2] < r:
-        raise ShapeError(f"basis B of shape {b.shape} is too small for M={big_m}, nb={nb}, r={r}")
     return np.asarray(a[:r, 0, :m], np.float64), np.asarray(b[:big_m, :nb, :r], np.float64)
 
 
