@@ -1,4 +1,4 @@
-"""The fused layer function (factored / dense / hybrid paths), the compute setting and the cost model (issue #6).
+"""The engine's node with a fused base (factored / dense / hybrid paths), the compute setting and the cost model.
 
 No timing assertions here: speed is measured by tools/bench.py.
 """
@@ -13,7 +13,8 @@ from torch import nn
 from randlora_core import RandLoraConfig, get_randlora_model
 from randlora_core.compute import choose_compute, choose_path, compute_override, path_costs
 from randlora_core.driver import SingleLayer
-from randlora_core.functional import LayerPlan, RandLoraLinearFunction, adapter_output
+from randlora_core.engine import GroupPlan, Plan, RandLoraFunction
+from randlora_core.plain import adapter_output
 from randlora_spec import reference
 from randlora_spec.bases import BasesShape, generate_bases
 from randlora_spec.errors import ConfigError
@@ -22,6 +23,12 @@ from randlora_spec.tolerances import check_close
 # (in, out, r): in < out, in > out, square, m not divisible by r, r > m
 SHAPES = [(6, 10, 2), (10, 6, 2), (8, 8, 3), (10, 14, 4), (3, 8, 5)]
 PATHS = {"factored": (False, False), "dense": (True, True), "hybrid": (True, False)}
+
+
+def fused_plan(in_le_out: bool, weight_in_out: bool, scalings: tuple[tuple[float, ...], ...], path: str) -> Plan:
+    """A plan with the base matmul inside the node and one group per tuple of scalings."""
+    groups = tuple(GroupPlan(s, own_input=False) for s in scalings)
+    return Plan(in_le_out, weight_in_out, True, groups, *PATHS[path])
 
 
 def window(in_f: int, out_f: int, r: int, dtype: torch.dtype = torch.float64, seed: int = 0):
@@ -54,10 +61,10 @@ def test_gradcheck_every_path(in_f: int, out_f: int, r: int, fifo: bool, path: s
     weight = torch.randn(in_f, out_f, dtype=torch.float64) if fifo else torch.randn(out_f, in_f, dtype=torch.float64)
     bias = torch.randn(out_f, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 3, in_f, dtype=torch.float64, requires_grad=True)
-    plan = LayerPlan(in_f <= out_f, fifo, ((0.7, -1.3),), *PATHS[path])
+    plan = fused_plan(in_f <= out_f, fifo, ((0.7, -1.3),), path)
 
     def fn(x, bias, lam1, gamma1, lam2, gamma2):
-        return RandLoraLinearFunction.apply(plan, x, weight, bias, a_s, b_flat, lam1, gamma1, lam2, gamma2)
+        return RandLoraFunction.apply(plan, x, weight, bias, None, a_s, b_flat, lam1, gamma1, lam2, gamma2)
 
     assert torch.autograd.gradcheck(fn, (x, bias, lam1, gamma1, lam2, gamma2))
 
@@ -76,9 +83,9 @@ def test_paths_match_base_plus_factored_adapters(in_f: int, out_f: int, r: int, 
     bias = torch.randn(out_f, dtype=torch.float64)
     x = torch.randn(7, in_f, dtype=torch.float64, requires_grad=True)
     grad_y = torch.randn(7, out_f, dtype=torch.float64)
-    plan = LayerPlan(in_f <= out_f, False, ((0.5, 2.0), (-0.25,)), *PATHS[path])
+    plan = fused_plan(in_f <= out_f, False, ((0.5, 2.0), (-0.25,)), path)
     ops = [a1, b1, *ps[0], *ps[1], a2, b2, *ps[2]]
-    y = RandLoraLinearFunction.apply(plan, x, weight, bias, *ops)
+    y = RandLoraFunction.apply(plan, x, weight, bias, None, *ops)
     leaves = [x, *[t for p in ps for t in p]]
     got = torch.autograd.grad(y, leaves, grad_y)
     expected_y = nn.functional.linear(x, weight, bias)
@@ -99,8 +106,8 @@ def test_only_the_needed_gradients(path: str) -> None:
     gamma.requires_grad_(False)
     x = torch.randn(4, 10, dtype=torch.float64)
     weight = torch.randn(6, 10, dtype=torch.float64)
-    plan = LayerPlan(False, False, ((1.5,),), *PATHS[path])
-    y = RandLoraLinearFunction.apply(plan, x, weight, None, a_s, b_flat, lam, gamma)
+    plan = fused_plan(False, False, ((1.5,),), path)
+    y = RandLoraFunction.apply(plan, x, weight, None, None, a_s, b_flat, lam, gamma)
     y.sum().backward()
     lam2 = lam.detach().clone().requires_grad_()
     (nn.functional.linear(x, weight) + adapter_output(x, a_s, b_flat, lam2, gamma, 1.5, False)).sum().backward()
@@ -130,9 +137,9 @@ def test_dense_saves_no_out_by_in_matrix(in_f: int, out_f: int) -> None:
     weight = torch.randn(out_f, in_f)
     x = torch.randn(96, in_f, requires_grad=True)
     size = {}
-    for path, flags in PATHS.items():
-        plan = LayerPlan(in_f <= out_f, False, ((2.0,),), *flags)
-        saved = _saved(lambda plan=plan: RandLoraLinearFunction.apply(plan, x, weight, None, a_s, b_flat, lam, gamma))
+    for path in PATHS:
+        plan = fused_plan(in_f <= out_f, False, ((2.0,),), path)
+        saved = _saved(lambda plan=plan: RandLoraFunction.apply(plan, x, weight, None, None, a_s, b_flat, lam, gamma))
         weight_like = [t for t in saved if t.shape in ((out_f, in_f), (in_f, out_f))]
         assert len(weight_like) == 1 and weight_like[0].data_ptr() == weight.data_ptr()  # a reference, not a new matrix
         size[path] = sum(t.numel() for t in saved if t.data_ptr() not in (weight.data_ptr(), x.data_ptr()))
@@ -143,15 +150,15 @@ def test_dense_saves_no_out_by_in_matrix(in_f: int, out_f: int) -> None:
 # -- through the layer and the model ------------------------------------------------------------
 
 
-def spy_plans(monkeypatch: pytest.MonkeyPatch) -> list[LayerPlan]:
-    plans: list[LayerPlan] = []
-    original = RandLoraLinearFunction.apply
+def spy_plans(monkeypatch: pytest.MonkeyPatch) -> list[Plan]:
+    plans: list[Plan] = []
+    original = RandLoraFunction.apply
 
     def apply(plan, *args):
         plans.append(plan)
         return original(plan, *args)
 
-    monkeypatch.setattr(RandLoraLinearFunction, "apply", apply)
+    monkeypatch.setattr(RandLoraFunction, "apply", apply)
     return plans
 
 
@@ -216,10 +223,11 @@ def test_mixed_settings_between_adapters(monkeypatch) -> None:
     model.add_adapter("third", RandLoraConfig(r=2, target_modules=["layer"], compute="factored"))
     model.set_adapter(["default", "other"])
     model(torch.randn(2, 16))
-    assert plans[-1].dense_forward and plans[-1].scalings == ((layer.scaling["default"], layer.scaling["other"]),)
+    assert plans[-1].dense_forward
+    assert [g.scalings for g in plans[-1].groups] == [(layer.scaling["default"], layer.scaling["other"])]
     model.set_adapter(["default", "other", "third"])  # dense against factored: factored
     model(torch.randn(2, 16))
-    assert not plans[-1].dense_forward and len(plans[-1].scalings) == 2
+    assert not plans[-1].dense_forward and len(plans[-1].groups) == 2
 
 
 class CustomLinear(nn.Linear):
@@ -228,30 +236,53 @@ class CustomLinear(nn.Linear):
 
 
 def test_dense_request_falls_back_where_it_does_not_apply(monkeypatch) -> None:
-    """Active dropout, a base with its own forward, forward hooks, autocast: the factored per-adapter path, still correct."""
+    """Active dropout and autocast keep the factored path; a base with its own forward or hooks keeps its own call."""
     plans = spy_plans(monkeypatch)
     model, layer = adapted(12, 20, 4, dtype=torch.float32, compute="dense", randlora_dropout=0.5)
     model.train()
     model(torch.randn(3, 12))
-    assert not plans  # dropout active in training: dense would feed the base dropped inputs
+    # dropout active in training: the adapter reads its own input, so delta_W cannot fold into the base matmul
+    assert not plans[-1].dense_forward and plans[-1].groups[0].own_input
     model.eval()
     model(torch.randn(3, 12))
-    assert len(plans) == 1  # dropout is the identity in eval
-    plans.clear()
+    assert plans[-1].fused_base and plans[-1].dense_forward  # dropout is the identity in eval
     handle = layer.get_base_layer().register_forward_hook(lambda *a: None)
     model(torch.randn(3, 12))
     handle.remove()
+    assert not plans[-1].fused_base  # the hook expects the base layer's own call
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(3, 12))
-    assert not plans
+    assert not plans[-1].fused_base and not plans[-1].dense_forward
     torch.manual_seed(0)
     custom = get_randlora_model(SingleLayer(CustomLinear(12, 20)), RandLoraConfig(r=4, target_modules=["layer"], compute="dense"))
-    custom(torch.randn(3, 12))
-    assert not plans
+    x = torch.randn(3, 12)
+    y = custom(x)
+    assert not plans[-1].fused_base  # its own forward runs; delta_W is applied beside it
+    inner = custom.model.layer
+    expected = inner.get_base_layer()(x) + x @ inner.get_delta_weight("default").T
+    torch.testing.assert_close(y, expected)
+
+
+def test_frozen_weight_flag_does_not_change_the_path_without_grad(monkeypatch) -> None:
+    """A frozen weight that requires grad (FSDP flat params) fuses under no_grad; it needs its gradient otherwise."""
+    plans = spy_plans(monkeypatch)
+    model, layer = adapted(16, 24, 4, dtype=torch.float32)
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        y_frozen = model(x)
+        layer.get_base_layer().weight.requires_grad_(True)
+        y_flagged = model(x)
+    assert plans[0] == plans[1] and plans[1].fused_base
+    assert torch.equal(y_frozen, y_flagged)
+    y = model(x)
+    assert not plans[-1].fused_base  # the weight's gradient is computed by the base layer itself
+    y.sum().backward()
+    assert layer.get_base_layer().weight.grad is not None
+    torch.testing.assert_close(y, y_frozen)
 
 
 def test_half_weights_on_cpu(monkeypatch) -> None:
-    """bfloat16 base on CPU: auto keeps the base matmul in bf16 (per-adapter path); explicit dense runs it in float32."""
+    """bfloat16 base on CPU: auto keeps the base matmul in bf16 (the base's own call); explicit dense runs it in float32."""
     plans = spy_plans(monkeypatch)
     results = {}
     for compute in ("auto", "dense"):
@@ -259,7 +290,7 @@ def test_half_weights_on_cpu(monkeypatch) -> None:
         x = torch.randn(256, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
         results[compute] = model(x)
         assert results[compute].dtype == torch.bfloat16
-    assert len(plans) == 1 and plans[0].dense_forward
+    assert not plans[0].fused_base and plans[1].fused_base and plans[1].dense_forward
     assert check_close(np64(results["dense"]), np64(results["auto"]), "bfloat16")[0]
 
 

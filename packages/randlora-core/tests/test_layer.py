@@ -80,8 +80,9 @@ def test_dtypes_on_cpu(dtype: torch.dtype, name: str) -> None:
 
 def test_half_adapter_math_runs_in_float32_on_cpu() -> None:
     _, layer = adapted(12, 20, 4, dtype=torch.bfloat16)
-    a_s, b_flat, lam, gamma, dtype = layer._operands("default", torch.device("cpu"))
-    assert dtype == torch.float32 and a_s.dtype == b_flat.dtype == lam.dtype == gamma.dtype == torch.float32
+    dtype = layer._compute_dtype(["default"], torch.device("cpu"))
+    op = layer.adapter_call("default", dtype, torch.device("cpu"))
+    assert dtype == torch.float32 and op.a_s.dtype == op.b_flat.dtype == op.lam.dtype == op.gamma.dtype == torch.float32
     assert layer.get_delta_weight("default").dtype == torch.float32
 
 

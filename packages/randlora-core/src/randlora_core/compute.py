@@ -22,7 +22,9 @@ throughput with a per-dimension efficiency ramp, memory bandwidth for the elemen
 fixed cost per kernel). :data:`CPU_PROFILE` was calibrated on the 2-core AMD EPYC CI machine with
 ``python tools/bench.py --calibrate`` (see ``bench/NOTES.md``); other devices use the same flop model
 with :data:`DEFAULT_PROFILE`, whose absolute numbers do not matter, only the ratios. Tokens,
-layer widths, the number of bases, dtype and which gradients are needed all enter the choice.
+layer widths, the number of bases, dtype, which gradients are needed and whether the base matmul
+runs in the same node (so ``delta_W`` folds into it) all enter the choice. The layer engine
+(:mod:`randlora_core.engine`) asks :func:`choose_path` once per call under ``auto``.
 
 :func:`compute_override` forces a path for a block of code (benchmarks, the ``core-dense`` and
 ``core-factored`` conformance drivers, or checkpoints loaded without a ``compute`` preference).
@@ -33,7 +35,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,8 +45,15 @@ from randlora_spec.errors import ConfigError
 Compute = Literal["auto", "factored", "dense"]
 Path = Literal["factored", "dense", "hybrid"]
 COMPUTE_VALUES: tuple[str, ...] = ("auto", "factored", "dense")
+PATHS: tuple[Path, ...] = ("factored", "dense", "hybrid")
 
-_OVERRIDE: ContextVar[str | None] = ContextVar("randlora_compute_override", default=None)
+_OVERRIDES: list[str | None] = [None]
+"""The stack of active :func:`compute_override` values, innermost last.
+
+A plain module-level list rather than a ``ContextVar``: ``torch.compile`` traces a read of a global
+without a graph break (it guards on the value), while ``ContextVar.get`` breaks the graph at every
+layer call. The override is therefore process-wide, not per thread or task.
+"""
 
 
 @contextmanager
@@ -53,20 +61,26 @@ def compute_override(compute: Compute | None) -> Iterator[None]:
     """Force ``compute`` for every RandLoRA layer call inside the block (``None`` lifts an outer override).
 
     The override beats the adapters' config; it still cannot force ``dense`` where the dense path
-    does not apply (see :meth:`randlora_core.layer.RandLoraLinear.forward`).
+    does not apply (see :mod:`randlora_core.engine`). It applies to the whole process.
     """
     if compute is not None and compute not in COMPUTE_VALUES:
         raise ConfigError(f"compute: must be one of {COMPUTE_VALUES} or None, got {compute!r}")
-    token = _OVERRIDE.set(compute)
+    _OVERRIDES.append(compute)
     try:
         yield
     finally:
-        _OVERRIDE.reset(token)
+        _OVERRIDES.pop()
 
 
 def current_override() -> str | None:
     """The innermost :func:`compute_override` in effect, or ``None``."""
-    return _OVERRIDE.get()
+    return _OVERRIDES[-1]
+
+
+def resolve_compute(requested: str) -> str:
+    """The compute a call uses: an active :func:`compute_override`, else the layers' ``requested`` setting."""
+    override = _OVERRIDES[-1]
+    return requested if override is None else override
 
 
 @dataclass(frozen=True)
@@ -116,6 +130,7 @@ def path_costs(
     device: torch.device | None = None,
     grad_x: bool = True,
     grad_params: bool = True,
+    fused_base: bool = True,
 ) -> dict[str, float]:
     """Estimated seconds of each path for one layer call (forward, plus backward if any grad is needed).
 
@@ -129,6 +144,8 @@ def path_costs(
         device: selects the :class:`CostProfile`.
         grad_x: the input's gradient is needed.
         grad_params: lambda/gamma gradients are needed.
+        fused_base: the base matmul runs in the same node, so a dense ``delta_W`` folds into it;
+            otherwise applying ``delta_W`` is one more (tokens x in x out) matmul each way.
 
     Returns:
         ``{"factored": s, "dense": s, "hybrid": s}``; only differences between paths matter (the
@@ -163,6 +180,9 @@ def path_costs(
             dense_bwd += sum(_gemm(p, big_m, k, m) for k in ks) + _pass(p, big_m * m, item, 2)
         if grad_params:  # G = g^T x, then B_flat^T G per group
             dense_bwd += _gemm(p, o, n, i) + sum(_gemm(p, k, big_m, m) for k in ks)
+    if not fused_base:
+        dense_fwd += _gemm(p, n, i, o)
+        dense_bwd += _gemm(p, n, o, i) if grad_x else 0.0
     return {
         "factored": fact_fwd + fact_bwd,
         "dense": dense_fwd + dense_bwd,
@@ -179,13 +199,14 @@ def choose_path(
     device: torch.device | None = None,
     grad_x: bool = True,
     grad_params: bool = True,
+    fused_base: bool = True,
 ) -> Path:
     """The cheapest path under :func:`path_costs` (ties go to ``factored``, the path with least memory).
 
     Memoised: a training loop asks the same few questions every step.
     """
     device_type = device.type if device is not None else "cpu"
-    return _choose(tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params)
+    return _choose(tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params, fused_base)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -198,12 +219,15 @@ def _choose(
     device_type: str,
     grad_x: bool,
     grad_params: bool,
+    fused_base: bool,
 ) -> Path:
-    costs = path_costs(tokens, in_features, out_features, list(ks), dtype, torch.device(device_type), grad_x, grad_params)
+    costs = path_costs(
+        tokens, in_features, out_features, list(ks), dtype, torch.device(device_type), grad_x, grad_params, fused_base
+    )
     best: Path = "factored"
-    for path in ("dense", "hybrid"):
+    for path in PATHS[1:]:
         if costs[path] < costs[best]:
-            best = path  # type: ignore[assignment]
+            best = path
     return best
 
 

@@ -12,16 +12,12 @@ PEFT). The output is cast to the input's dtype.
 
 Subclasses for other base layers (e.g. bitsandbytes) override the small hooks
 ``_features``, ``_base_forward``, ``_param_dtype``, ``_dense_weight``, ``_merge_delta`` and
-``_unmerge_delta``; the adapter math stays in ``_adapter_output`` / ``get_delta_weight``.
+``_unmerge_delta``.
 
-Compute paths (config field ``compute``, issue #6): for a plain float ``nn.Linear`` / Conv1D base,
-the base matmul and every active adapter run as one autograd node
-(:class:`~randlora_core.functional.RandLoraLinearFunction`), either *factored* (two thin matmuls
-per group of equal-rank adapters, accumulated into the base output) or *dense* (``delta_W`` built
-once per call and folded into the base matmul), chosen per call by
-:mod:`randlora_core.compute`'s cost model under ``auto``. Everywhere else (a subclass's own base
-forward, active dropout, autocast, extra forward arguments, hooks on the base layer) the layer
-adds each adapter's factored output to the base layer's own output, as before.
+Forward: the layer gathers its operands (the base call, and per active adapter its basis windows,
+lambda, gamma, scaling and dropout, via :meth:`RandLoraLinear.adapter_call`) and hands them to
+:func:`randlora_core.engine.layer_forward`, which plans the call (base matmul fused or the base
+layer's own call; factored, dense or hybrid path) and evaluates it as one autograd node.
 """
 
 from __future__ import annotations
@@ -32,8 +28,9 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
-from randlora_core.compute import choose_path, current_override
-from randlora_core.functional import LayerPlan, adapter_output, delta_weight, linear_forward
+from randlora_core.compute import Compute
+from randlora_core.engine import AdapterCall, BaseCall, layer_forward, plain_linear_operands
+from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
@@ -183,27 +180,30 @@ class RandLoraLinear(nn.Module):
         self.compute.pop(adapter_name, None)
         self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
 
-    # -- math -----------------------------------------------------------------------------------
+    # -- forward: gather the operands, let the engine plan and run the call -------------------
 
-    def _compute_dtype(self, param_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        # Half-precision matmuls are slow (and on some CPUs unsupported) on CPU, as PEFT notes.
-        return torch.float32 if device.type == "cpu" and param_dtype in HALF_DTYPES else param_dtype
+    def _compute_dtype(self, names: list[str], device: torch.device) -> torch.dtype:
+        """The dtype of the adapter math (SPEC 5.2): lambda's, but float32 for half precision on CPU (as PEFT)."""
+        dtype = self.randlora_lambda[names[0]].dtype
+        for name in names[1:]:
+            dtype = torch.promote_types(dtype, self.randlora_lambda[name].dtype)
+        # Half-precision matmuls are slow (and on some CPUs unsupported) on CPU.
+        return torch.float32 if device.type == "cpu" and dtype in HALF_DTYPES else dtype
 
-    def _operands(
-        self, adapter_name: str, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.dtype]:
-        lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
-        dtype = self._compute_dtype(lam.dtype, device)
+    def adapter_call(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> AdapterCall:
+        """The operands of ``adapter_name`` for one call, in ``dtype`` on ``device``."""
         r, m, big_m, nb = self.geometry(adapter_name)
         a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
-        return a_s, b_flat, lam.to(device=device, dtype=dtype), gamma.to(device=device, dtype=dtype), dtype
-
-    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``dropout(x) @ delta_W^T`` for one adapter, via the memory-lean autograd function."""
-        a_s, b_flat, lam, gamma, dtype = self._operands(adapter_name, x.device)
-        x_in = self.randlora_dropout[adapter_name](x).to(dtype)
-        in_le_out = self.in_features <= self.out_features
-        return adapter_output(x_in, a_s, b_flat, lam, gamma, self.scaling[adapter_name], in_le_out)
+        lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
+        return AdapterCall(
+            a_s=a_s,
+            b_flat=b_flat,
+            lam=lam.to(device=device, dtype=dtype),
+            gamma=gamma.to(device=device, dtype=dtype),
+            scaling=self.scaling[adapter_name],
+            window=r,  # equal rank on one layer: the same windows of the one shared pair
+            dropout=self.randlora_dropout[adapter_name],
+        )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta-W of ``adapter_name`` in the weight's storage layout, in the adapter's compute dtype.
@@ -211,8 +211,8 @@ class RandLoraLinear(nn.Module):
         Differentiable with respect to lambda and gamma.
         """
         device = self.randlora_lambda[adapter_name].device
-        a_s, b_flat, lam, gamma, _ = self._operands(adapter_name, device)
-        delta = delta_weight(a_s, b_flat, lam, gamma, self.scaling[adapter_name], self.in_features <= self.out_features)
+        op = self.adapter_call(adapter_name, self._compute_dtype([adapter_name], device), device)
+        delta = delta_weight(op.a_s, op.b_flat, op.lam, op.gamma, op.scaling, self.in_features <= self.out_features)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
@@ -232,114 +232,36 @@ class RandLoraLinear(nn.Module):
         if self.disable_adapters and self.merged:
             warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
             self.unmerge()
-        if self.disable_adapters:
+        names = [] if self.disable_adapters else self._active_unmerged()
+        if not names:
             return self._base_forward(x, *args, **kwargs).to(x.dtype)
-        names = [n for n in self.active_adapters if n in self.randlora_lambda and n not in self.merged_adapters]
-        if names and not args and not kwargs:
-            fused = self._fused_forward(x, names)
-            if fused is not None:
-                return fused
-        result = self._base_forward(x, *args, **kwargs)
-        for name in names:
-            result = result + self._adapter_output(x, name).to(result.dtype)
-        return result.to(x.dtype)
+        dtype = self._compute_dtype(names, x.device)
+        weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
+        base = BaseCall(lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out)
+        adapters = [self.adapter_call(n, dtype, x.device) for n in names]
+        return layer_forward(x, base, adapters, self.in_features, self.out_features, self._requested_compute(names))
 
-    # -- the fused factored / dense path (issue #6) ---------------------------------------------
+    def _active_unmerged(self) -> list[str]:
+        return [n for n in self.active_adapters if n in self.randlora_lambda and n not in self.merged_adapters]
 
-    def _requested_compute(self, names: list[str]) -> str:
-        """``compute`` for a call with adapters ``names``: an active override, else the adapters' settings.
+    def _requested_compute(self, names: list[str]) -> Compute:
+        """The adapters' ``compute`` for a call: an explicit setting beats ``auto``.
 
-        Adapters that disagree: an explicit setting beats ``auto``; ``dense`` against ``factored``
-        gives ``factored`` (the path that is always available and needs least memory).
+        ``dense`` against ``factored`` gives ``factored``, the path that always applies and needs least memory.
         """
-        override = current_override()
-        if override is not None:
-            return override
         modes = {self.compute.get(n, "auto") for n in names}
         if len(modes) > 1:
             modes.discard("auto")
-        return modes.pop() if len(modes) == 1 else "factored"
+        return modes.pop() if len(modes) == 1 else "factored"  # type: ignore[return-value]
 
-    def _fusable_base(self) -> bool:
-        """Whether the base layer's forward is exactly ``x @ W^T + b`` (or ``x @ W + b`` for Conv1D) with no hooks.
+    def _fusable_operands(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(weight, bias)`` when the base forward may be replaced by the engine's own matmul, else ``(None, None)``.
 
-        Only then may the fused function replace the base layer's call: a subclass with its own
-        ``_base_forward`` (quantized layers), a base class with its own ``forward``, and hooks that
-        would expect the base layer to be called all keep the base layer's own forward.
+        A subclass with its own ``_base_forward`` (quantized layers) always keeps the base layer's call.
         """
         if type(self)._base_forward is not RandLoraLinear._base_forward:
-            return False
-        base = self.get_base_layer()
-        if base._forward_hooks or base._forward_pre_hooks or _global_module_hooks():
-            return False
-        if isinstance(base, nn.Linear):
-            plain = type(base).forward is nn.Linear.forward and not self.fan_in_fan_out
-        else:
-            plain = self.fan_in_fan_out and is_conv1d_like(base) and _plain_conv1d(type(base))
-        weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
-        return (
-            plain
-            and isinstance(weight, torch.Tensor)
-            and weight.is_floating_point()
-            and not weight.requires_grad
-            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype == weight.dtype))
-        )
-
-    def _fused_forward(self, x: torch.Tensor, names: list[str]) -> torch.Tensor | None:
-        """The output via :class:`~randlora_core.functional.RandLoraLinearFunction`, or ``None`` where it does not apply."""
-        if not self._fusable_base() or torch.is_autocast_enabled(x.device.type):
-            return None
-        for name in names:
-            dropout = self.randlora_dropout[name]
-            if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-                return None  # dense needs the adapter input to be the base input; dropout makes them differ
-        base = self.get_base_layer()
-        weight, bias = base.weight, base.bias
-        if weight.device != x.device:
-            return None
-        requested = self._requested_compute(names)
-        by_rank: dict[int, list[str]] = {}
-        for name in names:
-            by_rank.setdefault(self.r[name], []).append(name)
-        ops: list[torch.Tensor] = []
-        scalings: list[tuple[float, ...]] = []
-        ks: list[int] = []
-        dtypes = set()
-        for group in by_rank.values():
-            a_s, b_flat, _, _, dtype = self._operands(group[0], x.device)
-            ops += [a_s, b_flat]
-            for name in group:
-                lam, gamma = self.randlora_lambda[name], self.randlora_gamma[name]
-                ops += [lam.to(dtype), gamma.to(dtype)]
-                dtypes.add(dtype)
-            scalings.append(tuple(self.scaling[n] for n in group))
-            ks.append(b_flat.shape[1])
-        if len(dtypes) != 1:
-            return None
-        (dtype,) = dtypes
-        native = x.dtype == dtype and weight.dtype == dtype
-        if requested == "dense":
-            path = "dense"
-        elif requested == "factored" or not native:
-            # Without a common dtype the fused function would run the base matmul in the adapter's
-            # compute dtype (float32 for half weights on CPU); only an explicit "dense" asks for that.
-            if not native:
-                return None
-            path = "factored"
-        else:
-            grad = torch.is_grad_enabled()
-            need_x = grad and x.requires_grad
-            need_params = grad and any(t.requires_grad for t in ops)
-            tokens = x.numel() // self.in_features if self.in_features else 0
-            path = choose_path(tokens, self.in_features, self.out_features, ks, dtype, x.device, need_x, need_params)
-        plan = LayerPlan(
-            in_le_out=self.in_features <= self.out_features,
-            weight_in_out=self.fan_in_fan_out,
-            scalings=tuple(scalings),
-            dense_forward=path != "factored",
-            dense_backward=path == "dense",
-        )
-        return linear_forward(plan, x, weight, bias, ops)
+            return None, None
+        return plain_linear_operands(self.get_base_layer(), self.fan_in_fan_out)
 
     # -- merging --------------------------------------------------------------------------------
 
@@ -383,24 +305,6 @@ class RandLoraLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"fan_in_fan_out={self.fan_in_fan_out}, adapters={list(self.r)}"
         )
-
-
-def _global_module_hooks() -> bool:
-    """Whether any global module forward hook is registered (it would expect the base layer's own call)."""
-    from torch.nn.modules import module as _m
-
-    return bool(
-        getattr(_m, "_global_forward_hooks", None)
-        or getattr(_m, "_global_forward_pre_hooks", None)
-        or getattr(_m, "_global_forward_hooks_always_called", None)
-    )
-
-
-def _plain_conv1d(cls: type) -> bool:
-    """A Conv1D class whose forward is known to be ``addmm(bias, x, weight)``: transformers' own, or one marked so."""
-    if getattr(cls, "_randlora_plain_conv1d", False):
-        return True
-    return cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
 
 
 _register_builtin(nn.Linear, RandLoraLinear)

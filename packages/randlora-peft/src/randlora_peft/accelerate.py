@@ -18,21 +18,24 @@ left on PEFT's code path (with a warning).
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 from torch import nn
 
+from randlora_core.compute import COMPUTE_VALUES
 from randlora_peft._peft import import_peft, peft_randlora_linear
 from randlora_spec.errors import ConfigError, TargetModuleError
 
-COMPUTE_VALUES = ("auto", "factored", "dense")
-COMPUTE_ATTR = "randlora_compute"
-"""Instance attribute of an accelerated layer holding its compute preference."""
+
+def _accelerated() -> Any:
+    """The module defining the accelerated class: it subclasses PEFT's layer, so it imports PEFT."""
+    from randlora_peft import _accelerated
+
+    return _accelerated
 
 
 def _accelerated_cls() -> type:
-    from randlora_peft._accelerated import AcceleratedRandLoraLinear
-
-    return AcceleratedRandLoraLinear
+    return _accelerated().AcceleratedRandLoraLinear
 
 
 def is_accelerated(module: nn.Module) -> bool:
@@ -66,14 +69,15 @@ def accelerate(peft_model: nn.Module, compute: str = "auto") -> nn.Module:
     linear_cls = peft_randlora_linear()
     layer_base = peft.tuners.randlora.layer.RandLoraLayer
     fast = _accelerated_cls()
+    attr = _accelerated().COMPUTE_ATTR
     found, skipped = 0, []
     for name, module in peft_model.named_modules():
         if isinstance(module, fast):
-            setattr(module, COMPUTE_ATTR, compute)
+            setattr(module, attr, compute)
             found += 1
         elif type(module) is linear_cls:
             module.__class__ = fast
-            setattr(module, COMPUTE_ATTR, compute)
+            setattr(module, attr, compute)
             found += 1
         elif isinstance(module, layer_base):
             skipped.append(f"{name} ({type(module).__name__})")
@@ -94,5 +98,5 @@ def unaccelerate(peft_model: nn.Module) -> nn.Module:
     for module in peft_model.modules():
         if type(module) is fast:
             module.__class__ = linear_cls
-            module.__dict__.pop(COMPUTE_ATTR, None)
+            module.__dict__.pop(_accelerated().COMPUTE_ATTR, None)
     return peft_model
