@@ -8,7 +8,7 @@ distribution alone works. Sessions:
     nox -s tests         everything CI runs: lint, golden, spec, each package, README examples,
                          the fine-tuning example, conformance, a smoke run of the benchmark
     nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
-    nox -s bench         benchmark against PEFT (tools/bench.py), writes bench/results/
+    nox -s bench         benchmark against PEFT (tools/bench/), writes bench/results/
     nox -s fuzz          long fuzzing budget
     nox -s lint | golden | spec | core | peft | bnb
 
@@ -148,9 +148,9 @@ def fuzz(session: nox.Session) -> None:
 
 @_session
 def bench(session: nox.Session) -> None:
-    """Speed/memory benchmark vs PEFT (tools/bench.py): full run writes bench/results/; `-- --smoke` only proves it runs."""
+    """Speed/memory benchmark vs PEFT (python tools/bench): full run writes bench/results/; `-- --smoke` only proves it runs."""
     _install(session, PACKAGES["core"], "peft==0.21.2", "transformers>=4.46", "matplotlib>=3.7")
-    session.run("python", "tools/bench.py", *session.posargs)
+    session.run("python", "tools/bench", *session.posargs)  # runs the package's __main__.py
 
 
 @_session
