@@ -1,4 +1,4 @@
-"""Every use of randlora-core's internal modules (``compute``, ``functional``, ``bases``) by the benchmark.
+"""Every use of randlora-core's internal modules (``compute``, ``engine``, ``plain``, ``bases``) by the benchmark.
 
 The rest of the package uses only the public API (``get_randlora_model``, ``RandLoraConfig``, the
 model's methods); what reaches below it (the cost model, the autograd functions, path forcing,
@@ -49,60 +49,68 @@ def profile_constants() -> Any:
 
 def run_path(path: str, step: Callable[[], None]) -> None:
     """One step with every layer forced onto ``path`` (``hybrid``: dense forward, factored backward)."""
-    from randlora_core import functional
+    import dataclasses
+
     from randlora_core.compute import compute_override
+    from randlora_core.engine import RandLoraFunction
 
     if path != "hybrid":
         with compute_override(path):  # type: ignore[arg-type]
             step()
         return
-    original = functional.RandLoraLinearFunction.apply
+    original = RandLoraFunction.apply
 
     def hybrid(plan: Any, *args: Any) -> Any:
-        plan = functional.LayerPlan(plan.in_le_out, plan.weight_in_out, plan.scalings, True, False)
-        return original(plan, *args)
+        return original(dataclasses.replace(plan, dense_forward=True, dense_backward=False), *args)
 
-    functional.RandLoraLinearFunction.apply = hybrid  # type: ignore[method-assign]
+    RandLoraFunction.apply = hybrid  # type: ignore[method-assign]
     try:
         with compute_override("dense"):
             step()
     finally:
-        functional.RandLoraLinearFunction.apply = original  # type: ignore[method-assign]
+        RandLoraFunction.apply = original  # type: ignore[method-assign]
 
 
 def layer_variants(
     x: Any, weight: Any, bias: Any, a_s: Any, b_flat: Any, adapters: list[Adapter]
 ) -> dict[str, Callable[[], Any]]:
-    """One square layer's output computed four ways through ``randlora_core.functional``, each a forward to time.
+    """One square layer's output computed four ways, each a forward to time.
 
-    ``per-adapter`` is the pre-issue-#6 path (base ``F.linear`` plus one ``RandLoraFunction`` per
-    adapter, each scaling its output and adding it); ``fused factored`` / ``fused dense`` are
-    ``RandLoraLinearFunction`` (scaling folded into S, adapter matmuls accumulated into the base
-    output, equal-rank adapters evaluated together); ``plain autograd`` is the factored math through
-    ordinary ops (what autograd keeps without a custom function, as PEFT does).
+    ``per-adapter`` evaluates each adapter in a node of its own beside the base ``F.linear`` call
+    (the engine with an external base and no grouping, the pre-issue-#6 shape of the work);
+    ``fused factored`` / ``fused dense`` are the engine's normal node (base matmul inside,
+    scaling folded into S, equal-rank adapters evaluated together); ``plain autograd`` is the
+    factored math through ordinary ops (what autograd keeps without a custom function, as PEFT does).
     """
     import torch
 
-    from randlora_core import functional as fn
+    from randlora_core.engine import AdapterCall, BaseCall, layer_forward
+    from randlora_core.plain import adapter_output
 
-    plan_scalings = (tuple(s for *_, s in adapters),)
-    ops = [a_s, b_flat, *[t for lam, gamma, _ in adapters for t in (lam, gamma)]]
+    d_in, d_out = weight.shape[1], weight.shape[0]
+    calls = [AdapterCall(a_s, b_flat, lam, gamma, s, window=0) for lam, gamma, s in adapters]
 
-    def per_adapter(plain: bool = False) -> Any:
+    def plain() -> Any:
         y = torch.nn.functional.linear(x, weight, bias)
-        f = fn.adapter_output_plain if plain else fn.adapter_output
         for lam, gamma, s in adapters:
-            y = y + f(x, a_s, b_flat, lam, gamma, s, True)
+            y = y + adapter_output(x, a_s, b_flat, lam, gamma, s, True)
         return y
 
-    def fused(dense: bool) -> Any:
-        return fn.linear_forward(fn.LayerPlan(True, False, plan_scalings, dense, dense), x, weight, bias, ops)
+    def per_adapter() -> Any:
+        y = torch.nn.functional.linear(x, weight, bias)
+        for call in calls:
+            y = layer_forward(x, BaseCall(lambda y=y: y), [call], d_in, d_out, "factored")
+        return y
+
+    def fused(compute: str) -> Any:
+        base = BaseCall(lambda: torch.nn.functional.linear(x, weight, bias), weight, bias)
+        return layer_forward(x, base, calls, d_in, d_out, compute)  # type: ignore[arg-type]
 
     return {
-        "plain autograd": lambda: per_adapter(plain=True),
-        "per-adapter (RandLoraFunction)": per_adapter,
-        "fused factored": lambda: fused(False),
-        "fused dense": lambda: fused(True),
+        "plain autograd": plain,
+        "per-adapter (external base)": per_adapter,
+        "fused factored": lambda: fused("factored"),
+        "fused dense": lambda: fused("dense"),
     }
 
 

@@ -1,6 +1,6 @@
 """The engine's node with a fused base (factored / dense / hybrid paths), the compute setting and the cost model.
 
-No timing assertions here: speed is measured by tools/bench.py.
+No timing assertions here: speed is measured by tools/bench.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ narrow band just below the training crossover of layers with ``in <= out``.
 :func:`path_costs` turns those flop counts into seconds with a :class:`CostProfile` (GEMM
 throughput with a per-dimension efficiency ramp, memory bandwidth for the elementwise passes and a
 fixed cost per kernel). :data:`CPU_PROFILE` was calibrated on the 2-core AMD EPYC CI machine with
-``python tools/bench.py --calibrate`` (see ``bench/NOTES.md``); other devices use the same flop model
+``python tools/bench --calibrate`` (see ``bench/NOTES.md``); other devices use the same flop model
 with :data:`DEFAULT_PROFILE`, whose absolute numbers do not matter, only the ratios. Tokens,
 layer widths, the number of bases, dtype, which gradients are needed and whether the base matmul
 runs in the same node (so ``delta_W`` folds into it) all enter the choice. The layer engine
@@ -99,7 +99,7 @@ class CostProfile:
 
 
 CPU_PROFILE = CostProfile(gemm_flops=180e9, gemm_ramp=24.0, bandwidth=10e9, op_seconds=15e-6)
-"""Calibrated on cpu-2core (AMD EPYC, 2 threads, torch 2.13 + MKL, float32): ``tools/bench.py --calibrate``."""
+"""Calibrated on cpu-2core (AMD EPYC, 2 threads, torch 2.13 + MKL, float32): ``tools/bench --calibrate``."""
 
 DEFAULT_PROFILE = CostProfile(gemm_flops=1.0e12, gemm_ramp=64.0, bandwidth=1.0e12, op_seconds=10e-6)
 """Other devices: the flop model with round numbers (GPUs want larger tiles, hence the larger ramp)."""
