@@ -6,15 +6,17 @@ Quick start::
     model = get_randlora_model(my_module, RandLoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
 
 See :mod:`randlora_core.model` for the adapter API, :mod:`randlora_core.registry` for the wrapper
-protocol, and :mod:`randlora_core.checkpoint` for the file format.
+protocol, :mod:`randlora_core.state` for the in-memory checkpoint seam and
+:mod:`randlora_core.checkpoint` for checkpoint files.
 """
 
 from randlora_core.bases import RandLoraBases, generate_bases
-from randlora_core.checkpoint import build_checkpoint, load_adapter, save_adapter
+from randlora_core.checkpoint import apply_checkpoint, load_adapter, save_adapter
 from randlora_core.layer import RandLoraLinear
 from randlora_core.model import RandLoraModel, get_randlora_model
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.registry import is_conv1d_like, register_layer_wrapper
+from randlora_core.state import build_checkpoint
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import (
     AdapterNotFoundError,
@@ -45,6 +47,7 @@ __all__ = [
     "RandLoraModel",
     "ShapeError",
     "TargetModuleError",
+    "apply_checkpoint",
     "build_checkpoint",
     "generate_bases",
     "get_randlora_model",

@@ -9,22 +9,19 @@ accelerated PEFT layers) gather their operands into a :class:`BaseCall` and one 
 per active adapter and call :func:`layer_forward`, which
 
 1. groups the adapters (:func:`group_adapters`): adapters reading the same basis window and the
-   same input are evaluated together, since the output is linear in ``S_flat``: their scaled
-   bases are summed and a group costs one pair of thin matmuls however many adapters it holds.
-   An adapter whose dropout is active reads its own input and forms a group of its own;
-2. plans the call (:func:`plan_call`, pure): whether the base matmul runs inside the node
-   (*fused*: the base layer is exactly ``x @ W^T + b``, its weight needs no gradient, no
-   autocast) or is the base layer's own output added to it (*external*), and the path,
-   ``factored`` (two thin matmuls per group, ``x -> r*nb -> out``), ``dense`` (``delta_W`` built
-   once per call: folded into the base matmul, or one extra matmul when the base is external) or
-   ``hybrid`` (dense forward, factored backward), forced by ``compute`` or chosen by
-   :mod:`randlora_core.compute`'s cost model;
+   same input are evaluated together (the output is linear in ``S_flat``, so their scaled bases
+   are summed and a group costs one pair of thin matmuls); an adapter whose dropout is active
+   reads its own input and forms a group of its own;
+2. plans the call (:func:`plan_call`, pure): the base matmul inside the node (*fused*: the base is
+   exactly ``x @ W^T + b``, its weight needs no gradient, no autocast) or the base layer's own
+   output added to it (*external*); and the path, ``factored`` (``x -> r*nb -> out`` per group),
+   ``dense`` (``delta_W`` built once per call, folded into ``W`` when fused) or ``hybrid`` (dense
+   forward, factored backward), forced by ``compute`` or picked by :mod:`randlora_core.compute`;
 3. runs :class:`RandLoraFunction`.
 
 Memory: only ``x``, the base weight (a reference), the operands and, for a factored ``I > O``
-layer that trains, ``h = x @ b_flat`` (tokens x r*nb, what PEFT keeps too) are saved for backward.
-``S_flat`` and ``W + delta_W`` are rebuilt in backward rather than kept, so a step holds no
-weight-sized temporary between forward and backward on any path.
+layer that trains, ``h = x @ b_flat`` (tokens x r*nb, as PEFT keeps) are saved for backward;
+``S_flat`` and ``W + delta_W`` are rebuilt in backward, never kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -117,43 +114,6 @@ class Plan:
     groups: tuple[GroupPlan, ...]
     dense_forward: bool
     dense_backward: bool
-
-
-def plain_linear_operands(base: nn.Module, weight_in_out: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(weight, bias)`` of a base layer whose forward is exactly ``x @ W^T + b`` (``x @ W + b`` for Conv1D), else Nones.
-
-    That is an ``nn.Linear`` with ``nn.Linear.forward``, or a Conv1D known to compute
-    ``addmm(bias, x, weight)`` (transformers' own, or a class marked ``_randlora_plain_conv1d``),
-    with a floating weight, a bias of the same dtype, and no forward hooks on it or globally (they
-    expect the base layer's own call).
-    """
-    if base._forward_hooks or base._forward_pre_hooks or _global_module_hooks():
-        return None, None
-    if isinstance(base, nn.Linear):
-        plain = type(base).forward is nn.Linear.forward and not weight_in_out
-    else:
-        cls = type(base)
-        known = getattr(cls, "_randlora_plain_conv1d", False) or (
-            cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
-        )
-        plain = weight_in_out and bool(known) and isinstance(getattr(base, "nf", None), int)
-    weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
-    if not plain or not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        return None, None
-    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != weight.dtype):
-        return None, None
-    return weight, bias
-
-
-def _global_module_hooks() -> bool:
-    """Whether any global module forward hook is registered."""
-    from torch.nn.modules import module as _m
-
-    return bool(
-        getattr(_m, "_global_forward_hooks", None)
-        or getattr(_m, "_global_forward_pre_hooks", None)
-        or getattr(_m, "_global_forward_hooks_always_called", None)
-    )
 
 
 def group_adapters(adapters: Sequence[AdapterCall]) -> list[list[AdapterCall]]:

@@ -1,16 +1,11 @@
 """``RandLoraModel``: injects RandLoRA layers into any ``nn.Module`` and manages adapters.
 
 One model holds one shared pair of bases (:class:`~randlora_core.bases.RandLoraBases`, registered
-once as ``randlora_bases``) sized for every adapter on it (SPEC 3.9): ``m_max`` / ``M_max`` over
-all adapted layers, the largest rank, and enough bases for the smallest rank. Adding an adapter
-that needs a larger allocation regenerates the bases at the larger size, which under the portable
-rule leaves every existing window bit-identical (the slice property). Regrowing is impossible, and
-raises :class:`ShapeError`, when the bases were injected or loaded from a file without provenance
-(``regenerable`` false), or for ``very_sparse`` bases whose ``m_max`` would change (their values
-depend on ``m_max``).
+once as ``randlora_bases``) sized for every adapter on it (SPEC 3.9; :mod:`randlora_core.planning`).
 
 Every method validates completely before modifying anything, so a call that raises leaves the
-model as it was. Error catalogue of the model-level API: unknown adapter names raise
+model as it was: adding an adapter is planned (:func:`~randlora_core.planning.plan_adapter`) and
+then committed in one step. Error catalogue of the model-level API: unknown adapter names raise
 :class:`AdapterNotFoundError`; incompatible or invalid configs :class:`ConfigError`; bad targets
 :class:`TargetModuleError`; merging an already-merged adapter, unmerging when nothing is merged,
 deleting or disabling while merged, and non-finite safe merges :class:`MergeError`.
@@ -19,7 +14,6 @@ deleting or disabling while merged, and non-finite safe merges :class:`MergeErro
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,58 +22,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from randlora_core.bases import RandLoraBases, generate_bases
+from randlora_core.bases import RandLoraBases
 from randlora_core.layer import RandLoraLinear
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.registry import is_conv1d_like, load_plugins, wrapper_for
-from randlora_core.targeting import name_matches, select_targets, visible_modules
-from randlora_spec.bases import PORTABLE_RULE, BasesShape, basis_kind, num_bases
+from randlora_core.planning import AdapterPlan, opaque, plan_adapter, windows_fit
+from randlora_core.registry import is_randlora_layer
+from randlora_core.state import build_checkpoint
+from randlora_core.targeting import visible_modules
+from randlora_spec import checkpoint as spec_ckpt
+from randlora_spec.bases import basis_kind
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigError, MergeError, ShapeError
-
-SHARED_CONFIG_FIELDS = ("projection_prng_key", "save_projection", "sparse", "very_sparse", "basis_rule")
-"""Config fields every adapter on one model must agree on (one shared pair of bases, SPEC 3.9)."""
-
-
-def is_randlora_layer(module: nn.Module) -> bool:
-    """True for a wrapper following the protocol of :mod:`randlora_core.registry`."""
-    return isinstance(module, RandLoraLinear) or (hasattr(module, "update_layer") and hasattr(module, "randlora_lambda"))
-
-
-def _opaque(module: nn.Module) -> bool:
-    return is_randlora_layer(module) or isinstance(module, ModulesToSaveWrapper)
-
-
-def _adaptable(module: nn.Module) -> bool:
-    return is_randlora_layer(module) or wrapper_for(module) is not None
-
-
-def _layout(module: nn.Module) -> bool | None:
-    """Storage layout a base layer dictates: True for (in, out), False for (out, in), None if unknown."""
-    if is_conv1d_like(module):
-        return True
-    if isinstance(module, nn.Linear):
-        return False
-    return None
-
-
-def _windows_fit(shape: BasesShape, dims: list[tuple[int, int]], ranks: list[int]) -> bool:
-    """Whether every layer's window, for every rank, lies inside an allocation ``shape``."""
-    for in_f, out_f in dims:
-        m, big_m = min(in_f, out_f), max(in_f, out_f)
-        for r in ranks:
-            if r > shape.r or m > shape.m_max or big_m > shape.M_max or num_bases(m, r) > shape.nb_max:
-                return False
-    return True
-
-
-def allocation(dims: list[tuple[int, int]], ranks: list[int]) -> BasesShape:
-    """SPEC 3.9 allocation: maxima of in/out taken separately, largest r, most bases (smallest r)."""
-    largest_in, largest_out = max(i for i, _ in dims), max(o for _, o in dims)
-    m_max = min(largest_in, largest_out)
-    return BasesShape(
-        r=max(ranks), m_max=m_max, M_max=max(largest_in, largest_out), nb_max=max(num_bases(m_max, r) for r in ranks)
-    )
+from randlora_spec.errors import AdapterNotFoundError, ConfigError, MergeError, ShapeError
+from randlora_spec.geometry import shape_of_bases
 
 
 def _logical_numel(param: torch.Tensor) -> int:
@@ -133,12 +87,12 @@ class RandLoraModel(nn.Module):
 
     def named_randlora_layers(self) -> Iterator[tuple[str, RandLoraLinear]]:
         """``(path, wrapper)`` for every RandLoRA layer, with paths as in the base model."""
-        for name, module in visible_modules(self.model, _opaque):
+        for name, module in visible_modules(self.model, opaque):
             if is_randlora_layer(module):
                 yield name, module  # type: ignore[misc]
 
     def _modules_to_save(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
-        for name, module in visible_modules(self.model, _opaque):
+        for name, module in visible_modules(self.model, opaque):
             if isinstance(module, ModulesToSaveWrapper):
                 yield name, module
 
@@ -166,107 +120,6 @@ class RandLoraModel(nn.Module):
         """
         self._add_adapter(adapter_name, config)
 
-    def _check_new(self, adapter_name: str, config: RandLoraConfig) -> None:
-        if not isinstance(config, RandLoraConfig):
-            raise ConfigError(f"config must be a randlora RandLoraConfig, got {type(config).__name__}")
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ConfigError(f"adapter name must be a non-empty string without '.', got {adapter_name!r}")
-        if adapter_name in self.peft_config:
-            raise ConfigError(f"an adapter named {adapter_name!r} already exists; delete it first or pick another name")
-        for other_name, other in self.peft_config.items():
-            for field in SHARED_CONFIG_FIELDS:
-                if getattr(other, field) != getattr(config, field):
-                    raise ConfigError(
-                        f"{field}: all adapters on one model share the bases and must agree on {field}; "
-                        f"adapter {other_name!r} has {getattr(other, field)!r}, the new one {getattr(config, field)!r}"
-                    )
-
-    def _plan_layers(self, paths: list[str], config: RandLoraConfig, warn: bool) -> list[tuple[str, nn.Module, bool]]:
-        """``(path, layer, is_new)`` for each target; new wrappers are built but not yet inserted."""
-        plan = []
-        for path in paths:
-            module = self.model.get_submodule(path)
-            if is_randlora_layer(module):
-                plan.append((path, module, False))
-                continue
-            wrapper_cls = wrapper_for(module)
-            if wrapper_cls is None:
-                raise ShapeError(f"module {path!r} ({type(module).__name__}) cannot be adapted by any registered wrapper")
-            layout = _layout(module)
-            fan_in_fan_out = config.fan_in_fan_out if layout is None else layout
-            if warn and layout is not None and layout != config.fan_in_fan_out:
-                kind = "Conv1D" if layout else "torch.nn.Linear"
-                warnings.warn(
-                    f"fan_in_fan_out is set to {config.fan_in_fan_out} but the target module {path!r} is `{kind}`. "
-                    f"Setting fan_in_fan_out to {layout} for this layer.",
-                    stacklevel=5,
-                )
-            wrapper = wrapper_cls(module, fan_in_fan_out)
-            wrapper.layer_name = path
-            plan.append((path, wrapper, True))
-        return plan
-
-    def _resolve_saved(self, config: RandLoraConfig) -> list[str]:
-        names = config.modules_to_save or []
-        modules = visible_modules(self.model, _opaque)
-        found = [n for n, m in modules if name_matches(names, n) and not is_randlora_layer(m)] if names else []
-        missing = [t for t in names if not any(n == t or n.endswith("." + t) for n in found)]
-        if missing:
-            raise ConfigError(f"modules_to_save: {missing} match no module of the model (or only RandLoRA layers)")
-        return found
-
-    def _plan_bases(
-        self,
-        config: RandLoraConfig,
-        dims: list[tuple[int, int]],
-        ranks: list[int],
-        device: torch.device,
-        stored: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, bool] | None:
-        """New ``(A, B, regenerable)`` for the shared bases, or ``None`` to keep the current pair."""
-        kind = basis_kind(config.sparse, config.very_sparse)
-        needed = allocation(dims, ranks)
-        current = self.randlora_bases
-        if current is None:
-            if stored is not None:
-                a, b = stored
-                have = BasesShape(r=min(a.shape[0], b.shape[2]), m_max=a.shape[2], M_max=b.shape[0], nb_max=b.shape[1])
-                if not _windows_fit(have, dims, ranks):
-                    raise ShapeError(f"the given bases {have} are too small for the adapted layers (need {needed})")
-                return a, b, config.basis_rule == PORTABLE_RULE
-            return (*generate_bases(config.projection_prng_key, needed, kind, device, config.basis_rule), True)
-        have = current.shape
-        result = None
-        if not _windows_fit(have, dims, ranks):
-            if not current.regenerable:
-                raise ShapeError(
-                    f"the shared bases {have} are too small for the new adapter (needs {needed}) and cannot be "
-                    "regenerated (they were injected or loaded); add the adapter with the larger layers/rank first"
-                )
-            if kind == "very_sparse" and needed.m_max != have.m_max:
-                raise ShapeError(
-                    f"very_sparse bases depend on m_max: the new adapter needs m_max={needed.m_max} but the model's "
-                    f"bases have m_max={have.m_max}, so their values would change"
-                )
-            grown = BasesShape(
-                r=max(have.r, needed.r),
-                m_max=max(have.m_max, needed.m_max),
-                M_max=max(have.M_max, needed.M_max),
-                nb_max=max(have.nb_max, needed.nb_max),
-            )
-            a, b = generate_bases(current.seed, grown, current.kind, current.randlora_A.device)
-            if not _same_on_overlap((a, b), (current.randlora_A, current.randlora_B)):
-                raise ShapeError("the shared bases do not match the portable rule's values, so they cannot be regrown")
-            result = (a, b, True)
-        if stored is not None:
-            mine = (result[0], result[1]) if result is not None else (current.randlora_A, current.randlora_B)
-            if not _same_on_overlap(stored, mine):
-                raise CheckpointError(
-                    "the checkpoint's stored bases differ from the model's shared bases; one model holds one pair of "
-                    "bases, so adapters with different bases cannot be combined"
-                )
-        return result
-
     def _add_adapter(
         self,
         adapter_name: str,
@@ -275,22 +128,13 @@ class RandLoraModel(nn.Module):
         stored_bases: tuple[torch.Tensor, torch.Tensor] | None = None,
         warn: bool = True,
     ) -> None:
-        load_plugins()
-        self._check_new(adapter_name, config)
-        saved = self._resolve_saved(config)
-        if paths is None:
-            paths = select_targets(self.model, config, _adaptable, _opaque)
-        plan = self._plan_layers(paths, config, warn)
-        new_paths = {p for p, _, _ in plan}
-        dims = [(layer.in_features, layer.out_features) for _, layer, _ in plan]
-        dims += [(layer.in_features, layer.out_features) for p, layer in self.named_randlora_layers() if p not in new_paths]
-        ranks = [c.r for c in self.peft_config.values()] + [config.r]
-        device = next((layer._param_device() for _, layer, _ in plan if hasattr(layer, "_param_device")), torch.device("cpu"))
-        new_bases = self._plan_bases(config, dims, ranks, device, stored_bases)
+        self._commit(plan_adapter(self, adapter_name, config, paths, stored_bases, warn))
 
-        # Everything is validated; from here on the model changes.
-        if new_bases is not None:
-            a, b, regenerable = new_bases
+    def _commit(self, plan: AdapterPlan) -> None:
+        """Apply a validated :class:`~randlora_core.planning.AdapterPlan` (the only place adding an adapter mutates)."""
+        adapter_name, config, device = plan.name, plan.config, plan.device
+        if plan.bases is not None:
+            a, b, regenerable = plan.bases
             if self.randlora_bases is None:
                 kind = basis_kind(config.sparse, config.very_sparse)
                 self.randlora_bases = RandLoraBases(a.to(device), b.to(device), config.projection_prng_key, kind, regenerable)
@@ -298,19 +142,19 @@ class RandLoraModel(nn.Module):
                 self.randlora_bases.replace(a, b, regenerable)
         if not self.peft_config:
             self.model.requires_grad_(False)
-        for path, layer, is_new in plan:
+        for path, layer, is_new in plan.layers:
             if is_new:
                 self._replace(path, layer)
             layer.update_layer(adapter_name, config, self.randlora_bases)
-        for path in saved:
+        for path in plan.saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):
                 module = ModulesToSaveWrapper(module)
                 self._replace(path, module)
             module.add_adapter(adapter_name)
         self.peft_config[adapter_name] = config.model_copy(deep=True)
-        self._targets[adapter_name] = list(paths)
-        self._saved[adapter_name] = saved
+        self._targets[adapter_name] = [path for path, _, _ in plan.layers]
+        self._saved[adapter_name] = list(plan.saved)
         if not self._active:
             self._active = [adapter_name]
         self._apply_active()
@@ -328,9 +172,9 @@ class RandLoraModel(nn.Module):
         a, b = randlora_A.detach().to(torch.float32), randlora_B.detach().to(torch.float32)
         if a.dim() != 3 or b.dim() != 3:
             raise ShapeError(f"bases must be 3-D: A (r, 1, m_max), B (M_max, nb_max, r); got {tuple(a.shape)}, {tuple(b.shape)}")
-        have = BasesShape(r=min(a.shape[0], b.shape[2]), m_max=a.shape[2], M_max=b.shape[0], nb_max=b.shape[1])
+        have = shape_of_bases(a.shape, b.shape)
         dims = [(layer.in_features, layer.out_features) for _, layer in self.named_randlora_layers()]
-        if not _windows_fit(have, dims, [c.r for c in self.peft_config.values()]):
+        if not windows_fit(have, dims, [c.r for c in self.peft_config.values()]):
             raise ShapeError(f"bases of allocation {have} are too small for the model's layers and ranks")
         self.randlora_bases.replace(a, b, regenerable)
 
@@ -407,7 +251,7 @@ class RandLoraModel(nn.Module):
         if mode == "none":
             return out
         wanted = set(self._targets[adapter_name])
-        for path, module in visible_modules(self.model, _opaque):
+        for path, module in visible_modules(self.model, opaque):
             if isinstance(module, ModulesToSaveWrapper) or (mode == "randlora_only" and path not in wanted):
                 continue
             base = module.get_base_layer() if is_randlora_layer(module) else module
@@ -500,18 +344,7 @@ class RandLoraModel(nn.Module):
 
     def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter (default: the active one) to ``path`` in checkpoint format v1, atomically."""
-        from randlora_core.checkpoint import save_adapter
-
-        save_adapter(self, path, adapter_name)
-
-
-def _same_on_overlap(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    """Whether two base pairs hold identical values on their common window."""
-    for p, q in zip(x, y, strict=True):
-        window = tuple(slice(0, min(a, b)) for a, b in zip(p.shape, q.shape, strict=True))
-        if not torch.equal(p[window].to(q.device, torch.float32), q[window].to(torch.float32)):
-            return False
-    return True
+        spec_ckpt.save(path, build_checkpoint(self, adapter_name))
 
 
 def get_randlora_model(model: nn.Module, config: RandLoraConfig, adapter_name: str = "default") -> RandLoraModel:

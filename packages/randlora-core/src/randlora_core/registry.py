@@ -35,6 +35,7 @@ import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 
+import torch
 from torch import nn
 
 from randlora_spec.errors import ConfigError
@@ -59,6 +60,57 @@ def is_conv1d_like(module: nn.Module) -> bool:
         and isinstance(weight, nn.Parameter)
         and weight.dim() == 2
         and weight.shape[1] == nf
+    )
+
+
+def is_randlora_layer(module: nn.Module) -> bool:
+    """True for a wrapper following the protocol above (core's, a plugin's, or PEFT's own RandLoRA layers)."""
+    return hasattr(module, "update_layer") and hasattr(module, "randlora_lambda")
+
+
+def layout_of(module: nn.Module) -> bool | None:
+    """Storage layout a base layer dictates: True for (in, out) (Conv1D), False for (out, in) (``nn.Linear``), None if unknown."""
+    if is_conv1d_like(module):
+        return True
+    if isinstance(module, nn.Linear):
+        return False
+    return None
+
+
+def plain_linear_operands(base: nn.Module, weight_in_out: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(weight, bias)`` of a base layer whose forward is exactly ``x @ W^T + b`` (``x @ W + b`` for Conv1D), else Nones.
+
+    That is an ``nn.Linear`` with ``nn.Linear.forward``, or a Conv1D known to compute
+    ``addmm(bias, x, weight)`` (transformers' own, or a class marked ``_randlora_plain_conv1d``),
+    with a floating weight, a bias of the same dtype, and no forward hooks on it or globally (they
+    expect the base layer's own call).
+    """
+    if base._forward_hooks or base._forward_pre_hooks or _global_module_hooks():
+        return None, None
+    if isinstance(base, nn.Linear):
+        plain = type(base).forward is nn.Linear.forward and not weight_in_out
+    else:
+        cls = type(base)
+        known = getattr(cls, "_randlora_plain_conv1d", False) or (
+            cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils"
+        )
+        plain = weight_in_out and bool(known) and isinstance(getattr(base, "nf", None), int)
+    weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
+    if not plain or not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        return None, None
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != weight.dtype):
+        return None, None
+    return weight, bias
+
+
+def _global_module_hooks() -> bool:
+    """Whether any global module forward hook is registered."""
+    from torch.nn.modules import module as _m
+
+    return bool(
+        getattr(_m, "_global_forward_hooks", None)
+        or getattr(_m, "_global_forward_pre_hooks", None)
+        or getattr(_m, "_global_forward_hooks_always_called", None)
     )
 
 

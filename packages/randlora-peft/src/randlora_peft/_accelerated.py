@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from randlora_core.engine import AdapterCall, BaseCall, layer_forward, plain_linear_operands
+from randlora_core.engine import AdapterCall, BaseCall, layer_forward
 from randlora_core.plain import delta_weight
+from randlora_core.registry import plain_linear_operands
 from randlora_peft._peft import peft_randlora_linear
 from randlora_spec.geometry import LayerGeometry, shape_of_bases
 

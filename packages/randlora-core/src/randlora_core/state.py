@@ -1,0 +1,240 @@
+"""The in-memory checkpoint seam: a model's adapter <-> :class:`~randlora_spec.checkpoint.AdapterCheckpoint`.
+
+:func:`build_checkpoint` reads one adapter out of a model; :func:`apply_checkpoint_to` adds one to
+a :class:`~randlora_core.model.RandLoraModel`. Neither touches a file: saving and loading
+(:mod:`randlora_core.checkpoint`), randlora-peft's PEFT bridge and the CLI all go through here,
+so every path gets the same validation, done completely before the model changes.
+
+A checkpoint holds lambda/gamma of every adapted layer in their parameter dtype (bfloat16 as
+``BF16``), the shared bases once when ``save_projection`` is set (the adapter's own window of the
+model's allocation), trainable biases and ``modules_to_save`` copies.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from randlora_core.bases import generate_bases
+from randlora_core.modules_to_save import ModulesToSaveWrapper
+from randlora_core.planning import plan_adapter, resolve_saved
+from randlora_core.registry import is_randlora_layer, layout_of, load_plugins, wrapper_for
+from randlora_spec import checkpoint as spec_ckpt
+from randlora_spec.bases import PORTABLE_RULE, basis_kind
+from randlora_spec.config import RandLoraConfig
+from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigError
+from randlora_spec.geometry import BasesShape, bases_shape_for_layers, num_bases
+
+if TYPE_CHECKING:
+    from randlora_core.model import RandLoraModel
+
+_NUMPY_FOR = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or for a sharded ``DTensor`` (FSDP2, tensor parallel) the gathered full tensor.
+
+    Gathering is a collective: with sharded parameters every rank must build the checkpoint.
+    """
+    # A DTensor can only exist once its module is imported; importing it ourselves costs ~0.8 s on
+    # the first save of every process that never uses it.
+    module = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(module, "DTensor", None)
+    return t.full_tensor() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+def _to_numpy(t: torch.Tensor) -> tuple[np.ndarray, bool]:
+    """``(array, is_bf16)``: the tensor's values in a dtype that stores them exactly (DTensors gathered first)."""
+    t = _full_tensor(t.detach()).cpu()
+    if t.dtype == torch.bfloat16:
+        return t.to(torch.float32).numpy(), True
+    if t.dtype in _NUMPY_FOR:
+        return t.numpy().copy(), False
+    return t.to(torch.float32).numpy(), False
+
+
+class _Tensors:
+    """Collects a checkpoint's tensors and remembers which were bfloat16."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self.bf16: set[str] = set()
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        self.arrays[key], is_bf16 = _to_numpy(t)
+        if is_bf16:
+            self.bf16.add(key)
+
+
+def build_checkpoint(model: RandLoraModel, adapter_name: str | None = None) -> spec_ckpt.AdapterCheckpoint:
+    """The :class:`~randlora_spec.checkpoint.AdapterCheckpoint` for one adapter (default: the first active one).
+
+    Parameters sharded as ``DTensor`` (``torch.distributed.fsdp.fully_shard``) are gathered to full
+    tensors; that is a collective, so with a sharded model call this on every rank (and write the
+    file on one, e.g. ``randlora_spec.checkpoint.save(path, ckpt)`` on rank 0).
+    """
+    if adapter_name is None:
+        if not model.active_adapters:
+            raise AdapterNotFoundError("no active adapter to save; pass adapter_name")
+        adapter_name = model.active_adapters[0]
+    if adapter_name not in model.peft_config:
+        raise AdapterNotFoundError(f"adapter {adapter_name!r} not found; the model has {list(model.peft_config)}")
+    config = model.peft_config[adapter_name]
+    layers, tensors = {}, _Tensors()
+    for path, layer in model.named_randlora_layers():
+        if adapter_name not in layer.randlora_lambda:
+            continue
+        layers[path] = spec_ckpt.LayerRecord(layer.in_features, layer.out_features, bool(layer.fan_in_fan_out))
+        tensors.add(path + spec_ckpt.LAMBDA_SUFFIX, layer.randlora_lambda[adapter_name])
+        tensors.add(path + spec_ckpt.GAMMA_SUFFIX, layer.randlora_gamma[adapter_name])
+    if not layers:
+        raise CheckpointError(f"adapter {adapter_name!r} has no layers in the model (were they unloaded?)")
+    biases = model._bias_params(adapter_name)
+    for path, bias in biases.items():
+        tensors.add(path + ".bias", bias)
+    saved: dict[str, list[str]] = {}
+    for path in model._saved[adapter_name]:
+        wrapper = model.model.get_submodule(path)
+        assert isinstance(wrapper, ModulesToSaveWrapper)
+        saved[path] = []
+        for name, param in wrapper.modules_to_save[adapter_name].named_parameters():
+            tensors.add(f"{path}.{name}", param)
+            saved[path].append(name)
+    bases_module = model.randlora_bases
+    assert bases_module is not None
+    shape = _recorded_shape(config, list(layers.values()), bases_module.shape)
+    bases = None
+    # Only the portable rule can be regenerated by any reader; other rules' bases always travel.
+    if config.save_projection or config.basis_rule != PORTABLE_RULE:
+        a = bases_module.randlora_A[: shape.r, :, : shape.m_max].detach().cpu().numpy().copy()
+        b = bases_module.randlora_B[: shape.M_max, : shape.nb_max, : shape.r].detach().cpu().numpy().copy()
+        bases = (a, b)
+    return spec_ckpt.AdapterCheckpoint(
+        config=config,
+        adapter_name=adapter_name,
+        layers=layers,
+        bases_shape=shape,
+        tensors=tensors.arrays,
+        bases=bases,
+        biases=sorted(biases),
+        modules_to_save=saved,
+        bf16_keys=frozenset(tensors.bf16),
+    )
+
+
+def _recorded_shape(config: RandLoraConfig, records: list[spec_ckpt.LayerRecord], have: BasesShape) -> BasesShape:
+    """The allocation recorded for an adapter: its own (SPEC 3.1) when the model's bases hold it.
+
+    very_sparse values depend on m_max, so the model's m_max is recorded (regeneration then
+    reproduces them). Bases injected with a tighter allocation than the formula's fall back to the
+    tightest allocation that holds every window.
+    """
+    r = config.r
+    if config.very_sparse:
+        big_m = max(have.m_max, *(rec.M for rec in records))
+        return BasesShape(r=r, m_max=have.m_max, M_max=big_m, nb_max=num_bases(have.m_max, r))
+    shape = bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in records], r)
+    if have.covers(shape):
+        return shape
+    m_max = max(rec.m for rec in records)
+    return BasesShape(r=r, m_max=m_max, M_max=max(rec.M for rec in records), nb_max=num_bases(m_max, r))
+
+
+def base_module(root: nn.Module, path: str) -> nn.Module | None:
+    """The module at ``path`` seen through RandLoRA and ``modules_to_save`` wrappers, or ``None``."""
+    try:
+        module = root.get_submodule(path)
+    except AttributeError:
+        return None
+    if isinstance(module, ModulesToSaveWrapper):
+        return module.original_module
+    return module.get_base_layer() if is_randlora_layer(module) else module
+
+
+def check_fits(root: nn.Module, ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> None:
+    """Every recorded layer, bias and saved parameter exists in ``root`` with the recorded shape and layout."""
+    for path, rec in ckpt.layers.items():
+        module = base_module(root, path)
+        if module is None:
+            raise CheckpointError(f"{source}: the model has no module {path!r} recorded in the checkpoint")
+        top = root.get_submodule(path)
+        wrapper_cls = type(top) if is_randlora_layer(top) else wrapper_for(module)
+        if wrapper_cls is None:
+            raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
+        layer = top if is_randlora_layer(top) else wrapper_cls(module, rec.fan_in_fan_out)
+        layout = layer.fan_in_fan_out if is_randlora_layer(top) else layout_of(module)
+        if (layer.in_features, layer.out_features) != (rec.in_features, rec.out_features):
+            raise CheckpointError(
+                f"{source}: layer {path!r} is {layer.in_features}x{layer.out_features} (in x out) in the model, "
+                f"but {rec.in_features}x{rec.out_features} in the checkpoint"
+            )
+        if layout is not None and layout != rec.fan_in_fan_out:
+            raise CheckpointError(
+                f"{source}: layer {path!r} stores its weight with fan_in_fan_out={layout}, "
+                f"the checkpoint says {rec.fan_in_fan_out}"
+            )
+    for path in ckpt.biases:
+        module = base_module(root, path)
+        bias = module._parameters.get("bias") if module is not None else None
+        want = ckpt.tensors[path + ".bias"].shape
+        if bias is None or tuple(bias.shape) != want:
+            got = "no bias" if bias is None else f"bias of shape {tuple(bias.shape)}"
+            raise CheckpointError(f"{source}: module {path!r} has {got}; the checkpoint stores a bias of shape {want}")
+    for path, names in ckpt.modules_to_save.items():
+        module = base_module(root, path)
+        if module is None:
+            raise CheckpointError(f"{source}: the model has no module {path!r} (modules_to_save)")
+        params = dict(module.named_parameters())
+        for name in names:
+            want = ckpt.tensors[f"{path}.{name}"].shape
+            if name not in params or tuple(params[name].shape) != want:
+                raise CheckpointError(f"{source}: module {path!r} has no parameter {name!r} of shape {want} (modules_to_save)")
+
+
+def checkpoint_bases(ckpt: spec_ckpt.AdapterCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint's bases as float32 tensors: the stored ones, or regenerated by the portable rule."""
+    if ckpt.bases is not None:
+        a, b = ckpt.bases
+        return torch.from_numpy(np.ascontiguousarray(a, np.float32)), torch.from_numpy(np.ascontiguousarray(b, np.float32))
+    # The spec's validation has refused absent bases under any other rule; torch generates much faster than numpy.
+    cfg = ckpt.config
+    return generate_bases(cfg.projection_prng_key, ckpt.bases_shape, basis_kind(cfg.sparse, cfg.very_sparse))
+
+
+def apply_checkpoint_to(
+    model: RandLoraModel, ckpt: spec_ckpt.AdapterCheckpoint, adapter_name: str = "default", source: str = "<checkpoint>"
+) -> None:
+    """Add the adapter ``ckpt`` holds to ``model`` as ``adapter_name`` (not activated unless it is the first).
+
+    ``ckpt`` and its fit to the model are validated completely first; on any error the model is unchanged.
+    """
+    load_plugins()
+    spec_ckpt.to_bytes(ckpt)  # every check of the spec's reader
+    check_fits(model.model, ckpt, source)
+    try:
+        saved = resolve_saved(model.model, ckpt.config)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    unsaved = sorted(set(ckpt.modules_to_save) - set(saved))
+    if unsaved:
+        raise CheckpointError(f"{source}: modules_to_save tensors for {unsaved} do not match the config's modules_to_save")
+    layer_paths = sorted(ckpt.layers)
+    plan = plan_adapter(model, adapter_name, ckpt.config, layer_paths, checkpoint_bases(ckpt), warn=False)
+    model._commit(plan)
+    with torch.no_grad():
+        for path in layer_paths:
+            layer = model.model.get_submodule(path)
+            layer.randlora_lambda[adapter_name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.lam(path))))
+            layer.randlora_gamma[adapter_name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.gamma(path))))
+        for path in ckpt.biases:
+            module = base_module(model.model, path)
+            assert module is not None
+            module._parameters["bias"].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.tensors[path + ".bias"])))
+        for path, names in ckpt.modules_to_save.items():
+            params = dict(model.model.get_submodule(path).modules_to_save[adapter_name].named_parameters())
+            for name in names:
+                params[name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.tensors[f"{path}.{name}"])))
