@@ -1,20 +1,20 @@
 """Loading PEFT RandLoRA adapters into randlora-core models, and saving core adapters for PEFT.
 
 Both directions go through :class:`randlora_spec.checkpoint.AdapterCheckpoint` (see
-:mod:`randlora_peft.convert`) and randlora-core's own checkpoint loader, so a PEFT adapter gets
-exactly the validation a native checkpoint gets.
+:mod:`randlora_peft.convert`) and randlora-core's in-memory checkpoint seam
+(:func:`randlora_core.apply_checkpoint`, :func:`randlora_core.build_checkpoint`), so a PEFT adapter
+gets exactly the validation a native checkpoint gets, without a temporary file.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from randlora_peft.convert import read_peft_adapter, validate_checkpoint, write_peft_adapter
+from randlora_peft.convert import read_peft_adapter, write_peft_adapter
 from randlora_spec.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, adapter_name: str 
         BasisRuleError: see :func:`~randlora_peft.convert.read_peft_adapter`.
 
     """
-    from randlora_core import load_adapter
+    from randlora_core import apply_checkpoint
     from randlora_peft._peft import import_peft
 
     if isinstance(model, import_peft().PeftModel):
@@ -55,12 +55,7 @@ def load_peft_adapter(model: nn.Module, peft_dir: str | Path, adapter_name: str 
             "after unload()), or keep the PeftModel and call accelerate() on it"
         )
     ckpt = read_peft_adapter(peft_dir, model=model, adapter_name=adapter_name)
-    blob = validate_checkpoint(ckpt)
-    with tempfile.TemporaryDirectory(prefix="randlora-peft-") as tmp:
-        path = Path(tmp) / "adapter.safetensors"
-        path.write_bytes(blob)
-        del blob
-        return load_adapter(model, path, adapter_name)
+    return apply_checkpoint(model, ckpt, adapter_name, source=str(peft_dir))
 
 
 def save_peft_adapter(
