@@ -71,10 +71,13 @@ def _install(session: nox.Session, paths: list[str], *extra: str) -> None:
 
 @_session
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check over the whole tree."""
-    session.install("ruff==0.17.6")
+    """ruff check and ruff format --check over the whole tree; import-linter's layering contracts (.importlinter)."""
+    session.install("ruff==0.17.6", "import-linter==2.17")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    # grimp parses the source trees statically: they only need to be on the path, not installed.
+    sources = [str(ROOT / paths[-1] / "src") for paths in PACKAGES.values()]
+    session.run("lint-imports", env={"PYTHONPATH": os.pathsep.join([str(ROOT / "spec" / "src"), *sources, str(ROOT)])})
 
 
 @_session

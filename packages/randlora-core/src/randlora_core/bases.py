@@ -32,6 +32,7 @@ from randlora_spec.bases import (
     sparse_threshold,
 )
 from randlora_spec.errors import BasisRuleError, ShapeError
+from randlora_spec.geometry import shape_of_bases
 from randlora_spec.philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, ROUNDS, seed_to_key
 
 MASK32 = 0xFFFFFFFF
@@ -141,11 +142,6 @@ def generate_bases(
     return a, b
 
 
-def covers(big: BasesShape, small: BasesShape) -> bool:
-    """True when an allocation ``big`` holds every window of ``small``."""
-    return big.r >= small.r and big.m_max >= small.m_max and big.M_max >= small.M_max and big.nb_max >= small.nb_max
-
-
 class RandLoraBases(nn.Module):
     """The model's shared bases: buffers ``randlora_A`` (r, 1, m_max) and ``randlora_B`` (M_max, nb_max, r).
 
@@ -166,18 +162,10 @@ class RandLoraBases(nn.Module):
         self.register_buffer("randlora_B", _checked_float32(b, "B"), persistent=False)
         self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
 
-    @classmethod
-    def generate(cls, seed: int, shape: BasesShape, kind: BasisKind, device: torch.device | str | None = None) -> RandLoraBases:
-        """Bases for ``shape`` from the portable rule."""
-        a, b = generate_bases(seed, shape, kind, device)
-        return cls(a, b, seed, kind, regenerable=True)
-
     @property
     def shape(self) -> BasesShape:
         """The current allocation."""
-        r, _, m_max = self.randlora_A.shape
-        big_m, nb_max, r_b = self.randlora_B.shape
-        return BasesShape(r=min(r, r_b), m_max=m_max, M_max=big_m, nb_max=nb_max)
+        return shape_of_bases(self.randlora_A.shape, self.randlora_B.shape)
 
     def replace(self, a: torch.Tensor, b: torch.Tensor, regenerable: bool) -> None:
         """Swap in a new pair (same device as the current buffers); every layer sees it at once."""
@@ -187,10 +175,6 @@ class RandLoraBases(nn.Module):
         self.regenerable = regenerable
         self._cast_cache.clear()
 
-    def regrow(self, shape: BasesShape) -> None:
-        """Regenerate a larger allocation; the slice property keeps every existing window's values."""
-        self.replace(*generate_bases(self.seed, shape, self.kind, self.randlora_A.device), regenerable=True)
-
     def window(
         self, r: int, m: int, big_m: int, nb: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,11 +182,9 @@ class RandLoraBases(nn.Module):
 
         In float32 on the buffers' device these are views of the shared storage (no copy).
         """
+        if not self.shape.covers(BasesShape(r=r, m_max=m, M_max=big_m, nb_max=nb)):
+            raise ShapeError(f"shared bases {self.shape} are too small for a window r={r}, m={m}, M={big_m}, nb={nb}")
         a, b = self._cast(dtype, device)
-        if a.shape[0] < r or a.shape[2] < m or b.shape[0] < big_m or b.shape[1] < nb or b.shape[2] < r:
-            raise ShapeError(
-                f"shared bases A{tuple(a.shape)}, B{tuple(b.shape)} are too small for a window r={r}, m={m}, M={big_m}, nb={nb}"
-            )
         return a[:r, 0, :m], b[:big_m, :nb, :r].reshape(big_m, nb * r)
 
     def _cast(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
