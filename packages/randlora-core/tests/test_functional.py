@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from randlora_core.engine import AdapterCall, BaseCall, GroupPlan, Plan, RandLoraFunction, layer_forward
+from randlora_core.engine import GroupPlan, Plan, RandLoraFunction, layer_forward
+from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import adapter_output as adapter_output_plain
 from randlora_core.plain import delta_weight, scaled_basis
 from randlora_spec import reference

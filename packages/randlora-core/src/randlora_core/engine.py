@@ -26,7 +26,7 @@ layer that trains, ``h = x @ b_flat`` (tokens x r*nb, as PEFT keeps) are saved f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,55 +35,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from randlora_core.compute import Compute, choose_path, resolve_compute
-
-
-@dataclass(frozen=True)
-class AdapterCall:
-    """One active adapter's operands for a call, in the call's compute dtype on the input's device.
-
-    Attributes:
-        a_s: the window ``A[:r, 0, :m]``, (r, m).
-        b_flat: the window ``B[:M, :nb, :r]`` flattened to (M, nb*r).
-        lam: lambda (r, nb).
-        gamma: gamma (nb, m).
-        scaling: ``alpha / r``.
-        window: adapters with equal ``window`` read the same ``a_s`` / ``b_flat``.
-        dropout: the adapter's dropout module (``None`` for none).
-
-    """
-
-    a_s: torch.Tensor
-    b_flat: torch.Tensor
-    lam: torch.Tensor
-    gamma: torch.Tensor
-    scaling: float
-    window: Hashable
-    dropout: nn.Module | None = None
-
-    @property
-    def own_input(self) -> bool:
-        """Whether active dropout gives this adapter an input of its own."""
-        d = self.dropout
-        return d is not None and d.training and not isinstance(d, nn.Identity) and getattr(d, "p", 1.0) > 0
-
-
-@dataclass(frozen=True)
-class BaseCall:
-    """The frozen base layer of a call.
-
-    Attributes:
-        forward: computes the base layer's own output for the call's input (with its extra arguments).
-        weight: the weight, when ``forward`` is exactly ``x @ W^T + bias`` (``x @ W + bias`` if
-            ``weight_in_out``) and may be replaced by the fused node; else ``None``.
-        bias: the bias of that expression (may train), or ``None``.
-        weight_in_out: the weight is stored ``(I, O)`` (``fan_in_fan_out``).
-
-    """
-
-    forward: Callable[[], torch.Tensor]
-    weight: torch.Tensor | None = None
-    bias: torch.Tensor | None = None
-    weight_in_out: bool = False
+from randlora_core.operands import AdapterCall, BaseCall
 
 
 @dataclass(frozen=True)
@@ -372,81 +324,106 @@ class RandLoraFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        """Gradients for ``x``, the bias, ``base_out``, own inputs and every lambda/gamma (SPEC 3.6).
+        """Gradients for ``x``, the bias, ``base_out``, own inputs and every lambda/gamma (SPEC 3.6); see :class:`_Backward`."""
+        return _Backward(ctx, grad_y).run()
 
-        Ordered for a low peak: a group's lambda/gamma gradients are finished (and their
-        temporaries freed) before its part of the input gradient is formed, and on the dense path
-        ``G = g^T x`` and ``W + delta_W`` (both weight-sized) are never alive together.
-        """
-        plan: Plan = ctx.plan
+
+class _Backward:
+    """One backward pass of :class:`RandLoraFunction`.
+
+    Ordered for a low peak: a group's lambda/gamma gradients are finished (and their temporaries
+    freed) before its part of the input gradient is formed, and on the dense path ``G = g^T x``
+    and ``W + delta_W`` (both weight-sized) are never alive together.
+    """
+
+    def __init__(self, ctx: Any, grad_y: torch.Tensor) -> None:
+        self.ctx, self.grad_y, self.plan = ctx, grad_y, ctx.plan
         saved = ctx.saved_tensors
-        x, weight = saved[0], saved[1]
+        self.x, self.weight = saved[0], saved[1]
         ops = saved[2 : len(saved) - ctx.n_h]
-        hs = list(saved[len(saved) - ctx.n_h :])
-        groups = _unflatten(plan, ops)
-        dtype = groups[0].a_s.dtype
-        need = ctx.needs_input_grad[5:]
-        x2 = x.reshape(-1, x.shape[-1]).to(dtype) if plan.fused_base or any(g.x is None for g in groups) else x
-        g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
-        grads: list[torch.Tensor | None] = [None] * len(ops)
+        self.hs = saved[len(saved) - ctx.n_h :]
+        self.groups = _unflatten(self.plan, ops)
+        self.dtype = self.groups[0].a_s.dtype
+        self.need = ctx.needs_input_grad[5:]
+        self.need_x = ctx.needs_input_grad[1]
+        reads_x = self.plan.fused_base or any(g.x is None for g in self.groups)
+        self.x2 = self.x.reshape(-1, self.x.shape[-1]).to(self.dtype) if reads_x else self.x
+        self.g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(self.dtype)
+        self.grads: list[torch.Tensor | None] = [None] * len(ops)
 
-        def finish(group: _Group, grad_s: torch.Tensor) -> None:
-            """lambda/gamma gradients of ``group`` from dL/dS (consumed: reused in place for the last adapter)."""
-            j = group.offset + int(group.x is not None) + 2
-            for n, (lam, gamma, s) in enumerate(group.adapters):
-                last = n == len(group.adapters) - 1
-                grads[j], grads[j + 1] = _basis_grads(grad_s, group.a_s, lam, gamma, s, (need[j], need[j + 1]), last)
-                j += 2
-
-        def wanted(group: _Group) -> bool:
-            j = group.offset + int(group.x is not None) + 2
-            return any(need[j : j + 2 * len(group.adapters)])
-
-        grad_x: torch.Tensor | None = None
-        if plan.fused_base and ctx.needs_input_grad[1] and not plan.dense_backward:
-            grad_x = _grad_times(g2, weight.to(dtype), plan.weight_in_out)
-        if plan.dense_backward:
-            if any(wanted(g) for g in groups):
-                g_w = g2.T @ x2  # dL/d(delta_W), (O, I)
-                for group in groups:
-                    if wanted(group):
-                        finish(group, group.b_flat.T @ g_w if plan.in_le_out else (g_w @ group.b_flat).T)
-                del g_w
-            if ctx.needs_input_grad[1]:
-                bases = [combined_scaled_basis(g.a_s, g.adapters) for g in groups]
-                w = weight.to(dtype) if plan.fused_base else None
-                grad_x = _grad_times(g2, _delta_sum(w, plan, groups, bases), plan.weight_in_out)
-                del bases
-        else:
-            for index, group in enumerate(groups):
-                xg = x2 if group.x is None else group.x.reshape(-1, x.shape[-1])
-                into = grad_x if group.x is None else None  # accumulate in place where a buffer exists
-                need_in = ctx.needs_input_grad[1] if group.x is None else need[group.offset]
-                grad_in: torch.Tensor | None = None
-                if plan.in_le_out:  # h = x S^T, y = h B^T: gh = g B feeds both gradients
-                    gh = g2 @ group.b_flat
-                    if wanted(group):
-                        finish(group, gh.T @ xg)
-                    if need_in:
-                        s = combined_scaled_basis(group.a_s, group.adapters)
-                        grad_in = into.addmm_(gh, s) if into is not None else gh @ s
-                    del gh
-                else:  # h = x B, y = h S
-                    if wanted(group):
-                        h = hs[index] if hs else xg @ group.b_flat
-                        finish(group, h.T @ g2)
-                        del h
-                    if need_in:
-                        gs = g2 @ combined_scaled_basis(group.a_s, group.adapters).T
-                        grad_in = into.addmm_(gs, group.b_flat.T) if into is not None else gs @ group.b_flat.T
-                if grad_in is None:
-                    continue
-                if group.x is not None:
-                    grads[group.offset] = grad_in.reshape(group.x.shape).to(group.x.dtype)
-                else:
-                    grad_x = grad_in
-        grad_bias = g2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
-        grad_base = grad_y.to(ctx.base_dtype) if ctx.base_dtype is not None and ctx.needs_input_grad[4] else None
+    def run(self) -> tuple[torch.Tensor | None, ...]:
+        ctx = self.ctx
+        grad_x = self.dense() if self.plan.dense_backward else self.factored()
+        grad_bias = self.g2.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[3] else None
+        grad_base = self.grad_y.to(ctx.base_dtype) if ctx.base_dtype is not None and ctx.needs_input_grad[4] else None
         if grad_x is not None:
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        return (None, grad_x, None, grad_bias, grad_base, *grads)
+            grad_x = grad_x.reshape(self.x.shape).to(self.x.dtype)
+        return (None, grad_x, None, grad_bias, grad_base, *self.grads)
+
+    def _first_param(self, group: _Group) -> int:
+        return group.offset + int(group.x is not None) + 2
+
+    def wanted(self, group: _Group) -> bool:
+        """Whether any lambda/gamma of ``group`` needs a gradient."""
+        j = self._first_param(group)
+        return any(self.need[j : j + 2 * len(group.adapters)])
+
+    def finish(self, group: _Group, grad_s: torch.Tensor) -> None:
+        """lambda/gamma gradients of ``group`` from dL/dS (consumed: reused in place for the last adapter)."""
+        j = self._first_param(group)
+        for n, (lam, gamma, s) in enumerate(group.adapters):
+            last = n == len(group.adapters) - 1
+            self.grads[j], self.grads[j + 1] = _basis_grads(
+                grad_s, group.a_s, lam, gamma, s, (self.need[j], self.need[j + 1]), last
+            )
+            j += 2
+
+    def dense(self) -> torch.Tensor | None:
+        """``G = g^T x`` for every group's lambda/gamma, then ``grad_x = g @ (W + delta_W)`` (every group reads ``x``)."""
+        plan, g2 = self.plan, self.g2
+        if any(self.wanted(g) for g in self.groups):
+            g_w = g2.T @ self.x2  # dL/d(delta_W), (O, I)
+            for group in self.groups:
+                if self.wanted(group):
+                    self.finish(group, group.b_flat.T @ g_w if plan.in_le_out else (g_w @ group.b_flat).T)
+            del g_w
+        if not self.need_x:
+            return None
+        bases = [combined_scaled_basis(g.a_s, g.adapters) for g in self.groups]
+        w = self.weight.to(self.dtype) if plan.fused_base else None
+        return _grad_times(g2, _delta_sum(w, plan, self.groups, bases), plan.weight_in_out)
+
+    def factored(self) -> torch.Tensor | None:
+        """Per group, its lambda/gamma gradients and its input's gradient through the two thin matmuls."""
+        grad_x = None
+        if self.plan.fused_base and self.need_x:
+            grad_x = _grad_times(self.g2, self.weight.to(self.dtype), self.plan.weight_in_out)
+        for index, group in enumerate(self.groups):
+            if group.x is None:
+                grad_x = self.factored_group(index, group, grad_x if self.need_x else None, self.need_x)
+                continue
+            grad_in = self.factored_group(index, group, None, self.need[group.offset])
+            if grad_in is not None:
+                self.grads[group.offset] = grad_in.reshape(group.x.shape).to(group.x.dtype)
+        return grad_x
+
+    def factored_group(self, index: int, group: _Group, into: torch.Tensor | None, need_in: bool) -> torch.Tensor | None:
+        """One group's lambda/gamma gradients; returns its input gradient (accumulated into ``into`` when given)."""
+        g2, b_flat = self.g2, group.b_flat
+        xg = self.x2 if group.x is None else group.x.reshape(-1, self.x.shape[-1])
+        if self.plan.in_le_out:  # h = x S^T, y = h B^T: gh = g B feeds both gradients
+            gh = g2 @ b_flat
+            if self.wanted(group):
+                self.finish(group, gh.T @ xg)
+            if not need_in:
+                return into
+            s = combined_scaled_basis(group.a_s, group.adapters)
+            return into.addmm_(gh, s) if into is not None else gh @ s
+        if self.wanted(group):  # h = x B, y = h S
+            h = self.hs[index] if self.hs else xg @ b_flat
+            self.finish(group, h.T @ g2)
+            del h
+        if not need_in:
+            return into
+        gs = g2 @ combined_scaled_basis(group.a_s, group.adapters).T
+        return into.addmm_(gs, b_flat.T) if into is not None else gs @ b_flat.T

@@ -29,7 +29,8 @@ from torch import nn
 
 from randlora_core.bases import RandLoraBases
 from randlora_core.compute import Compute
-from randlora_core.engine import AdapterCall, BaseCall, layer_forward
+from randlora_core.engine import layer_forward
+from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, plain_linear_operands
 from randlora_spec.bases import num_bases

@@ -70,6 +70,33 @@ class _Tensors:
             self.bf16.add(key)
 
 
+def _collect_layers(model: RandLoraModel, adapter_name: str, tensors: _Tensors) -> dict[str, spec_ckpt.LayerRecord]:
+    """Each adapted layer's record, its lambda and gamma added to ``tensors``."""
+    layers = {}
+    for path, layer in model.named_randlora_layers():
+        if adapter_name not in layer.randlora_lambda:
+            continue
+        layers[path] = spec_ckpt.LayerRecord(layer.in_features, layer.out_features, bool(layer.fan_in_fan_out))
+        tensors.add(path + spec_ckpt.LAMBDA_SUFFIX, layer.randlora_lambda[adapter_name])
+        tensors.add(path + spec_ckpt.GAMMA_SUFFIX, layer.randlora_gamma[adapter_name])
+    if not layers:
+        raise CheckpointError(f"adapter {adapter_name!r} has no layers in the model (were they unloaded?)")
+    return layers
+
+
+def _collect_saved(model: RandLoraModel, adapter_name: str, tensors: _Tensors) -> dict[str, list[str]]:
+    """Parameter names of each ``modules_to_save`` copy, the parameters added to ``tensors``."""
+    saved: dict[str, list[str]] = {}
+    for path in model._saved[adapter_name]:
+        wrapper = model.model.get_submodule(path)
+        assert isinstance(wrapper, ModulesToSaveWrapper)
+        saved[path] = []
+        for name, param in wrapper.modules_to_save[adapter_name].named_parameters():
+            tensors.add(f"{path}.{name}", param)
+            saved[path].append(name)
+    return saved
+
+
 def build_checkpoint(model: RandLoraModel, adapter_name: str | None = None) -> spec_ckpt.AdapterCheckpoint:
     """The :class:`~randlora_spec.checkpoint.AdapterCheckpoint` for one adapter (default: the first active one).
 
@@ -84,26 +111,12 @@ def build_checkpoint(model: RandLoraModel, adapter_name: str | None = None) -> s
     if adapter_name not in model.peft_config:
         raise AdapterNotFoundError(f"adapter {adapter_name!r} not found; the model has {list(model.peft_config)}")
     config = model.peft_config[adapter_name]
-    layers, tensors = {}, _Tensors()
-    for path, layer in model.named_randlora_layers():
-        if adapter_name not in layer.randlora_lambda:
-            continue
-        layers[path] = spec_ckpt.LayerRecord(layer.in_features, layer.out_features, bool(layer.fan_in_fan_out))
-        tensors.add(path + spec_ckpt.LAMBDA_SUFFIX, layer.randlora_lambda[adapter_name])
-        tensors.add(path + spec_ckpt.GAMMA_SUFFIX, layer.randlora_gamma[adapter_name])
-    if not layers:
-        raise CheckpointError(f"adapter {adapter_name!r} has no layers in the model (were they unloaded?)")
+    tensors = _Tensors()
+    layers = _collect_layers(model, adapter_name, tensors)
     biases = model._bias_params(adapter_name)
     for path, bias in biases.items():
         tensors.add(path + ".bias", bias)
-    saved: dict[str, list[str]] = {}
-    for path in model._saved[adapter_name]:
-        wrapper = model.model.get_submodule(path)
-        assert isinstance(wrapper, ModulesToSaveWrapper)
-        saved[path] = []
-        for name, param in wrapper.modules_to_save[adapter_name].named_parameters():
-            tensors.add(f"{path}.{name}", param)
-            saved[path].append(name)
+    saved = _collect_saved(model, adapter_name, tensors)
     bases_module = model.randlora_bases
     assert bases_module is not None
     shape = _recorded_shape(config, list(layers.values()), bases_module.shape)
@@ -155,28 +168,42 @@ def base_module(root: nn.Module, path: str) -> nn.Module | None:
     return module.get_base_layer() if is_randlora_layer(module) else module
 
 
+def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source: str) -> None:
+    module = base_module(root, path)
+    if module is None:
+        raise CheckpointError(f"{source}: the model has no module {path!r} recorded in the checkpoint")
+    top = root.get_submodule(path)
+    wrapper_cls = type(top) if is_randlora_layer(top) else wrapper_for(module)
+    if wrapper_cls is None:
+        raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
+    layer = top if is_randlora_layer(top) else wrapper_cls(module, rec.fan_in_fan_out)
+    layout = layer.fan_in_fan_out if is_randlora_layer(top) else layout_of(module)
+    if (layer.in_features, layer.out_features) != (rec.in_features, rec.out_features):
+        raise CheckpointError(
+            f"{source}: layer {path!r} is {layer.in_features}x{layer.out_features} (in x out) in the model, "
+            f"but {rec.in_features}x{rec.out_features} in the checkpoint"
+        )
+    if layout is not None and layout != rec.fan_in_fan_out:
+        raise CheckpointError(
+            f"{source}: layer {path!r} stores its weight with fan_in_fan_out={layout}, the checkpoint says {rec.fan_in_fan_out}"
+        )
+
+
+def _check_saved(root: nn.Module, path: str, names: list[str], ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> None:
+    module = base_module(root, path)
+    if module is None:
+        raise CheckpointError(f"{source}: the model has no module {path!r} (modules_to_save)")
+    params = dict(module.named_parameters())
+    for name in names:
+        want = ckpt.tensors[f"{path}.{name}"].shape
+        if name not in params or tuple(params[name].shape) != want:
+            raise CheckpointError(f"{source}: module {path!r} has no parameter {name!r} of shape {want} (modules_to_save)")
+
+
 def check_fits(root: nn.Module, ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> None:
     """Every recorded layer, bias and saved parameter exists in ``root`` with the recorded shape and layout."""
     for path, rec in ckpt.layers.items():
-        module = base_module(root, path)
-        if module is None:
-            raise CheckpointError(f"{source}: the model has no module {path!r} recorded in the checkpoint")
-        top = root.get_submodule(path)
-        wrapper_cls = type(top) if is_randlora_layer(top) else wrapper_for(module)
-        if wrapper_cls is None:
-            raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
-        layer = top if is_randlora_layer(top) else wrapper_cls(module, rec.fan_in_fan_out)
-        layout = layer.fan_in_fan_out if is_randlora_layer(top) else layout_of(module)
-        if (layer.in_features, layer.out_features) != (rec.in_features, rec.out_features):
-            raise CheckpointError(
-                f"{source}: layer {path!r} is {layer.in_features}x{layer.out_features} (in x out) in the model, "
-                f"but {rec.in_features}x{rec.out_features} in the checkpoint"
-            )
-        if layout is not None and layout != rec.fan_in_fan_out:
-            raise CheckpointError(
-                f"{source}: layer {path!r} stores its weight with fan_in_fan_out={layout}, "
-                f"the checkpoint says {rec.fan_in_fan_out}"
-            )
+        _check_layer(root, path, rec, source)
     for path in ckpt.biases:
         module = base_module(root, path)
         bias = module._parameters.get("bias") if module is not None else None
@@ -185,14 +212,7 @@ def check_fits(root: nn.Module, ckpt: spec_ckpt.AdapterCheckpoint, source: str) 
             got = "no bias" if bias is None else f"bias of shape {tuple(bias.shape)}"
             raise CheckpointError(f"{source}: module {path!r} has {got}; the checkpoint stores a bias of shape {want}")
     for path, names in ckpt.modules_to_save.items():
-        module = base_module(root, path)
-        if module is None:
-            raise CheckpointError(f"{source}: the model has no module {path!r} (modules_to_save)")
-        params = dict(module.named_parameters())
-        for name in names:
-            want = ckpt.tensors[f"{path}.{name}"].shape
-            if name not in params or tuple(params[name].shape) != want:
-                raise CheckpointError(f"{source}: module {path!r} has no parameter {name!r} of shape {want} (modules_to_save)")
+        _check_saved(root, path, names, ckpt, source)
 
 
 def checkpoint_bases(ckpt: spec_ckpt.AdapterCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,6 +78,38 @@ def output_head_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) ->
     return {name for name, _ in modules if name == "lm_head" or name.endswith(".lm_head")}
 
 
+def _check_patterns(config: RandLoraConfig) -> None:
+    """``target_modules`` / ``exclude_modules`` strings must be valid regular expressions."""
+    for field in ("target_modules", "exclude_modules"):
+        pattern = getattr(config, field)
+        if isinstance(pattern, str) and pattern.lower() != ALL_LINEAR:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({exc})") from None
+
+
+Named = list[tuple[str, nn.Module]]
+
+
+def _restrict(matched: Named, config: RandLoraConfig) -> tuple[Named, str]:
+    """Apply ``modules_to_save``, ``exclude_modules`` and ``layers_to_transform``; also describe the selection."""
+    described = f"target_modules={config.target_modules!r}"
+    if config.modules_to_save:
+        matched = [(n, m) for n, m in matched if not in_modules_to_save(n, config.modules_to_save)]
+    if config.exclude_modules:
+        matched = [(n, m) for n, m in matched if not name_matches(config.exclude_modules, n)]
+        described += f" minus exclude_modules={config.exclude_modules!r}"
+    indices = config.layers_to_transform
+    if indices is not None and indices != []:
+        wanted = {indices} if isinstance(indices, int) else set(indices)
+        matched = [(n, m) for n, m in matched if layer_index(n, config.layers_pattern) in wanted]
+        described += f" restricted to layers_to_transform={indices!r}"
+        if config.layers_pattern:
+            described += f" with layers_pattern={config.layers_pattern!r}"
+    return matched, described
+
+
 def select_targets(
     model: nn.Module,
     config: RandLoraConfig,
@@ -97,32 +129,14 @@ def select_targets(
         raise ConfigError(
             "target_modules: must be set (names, a regex, or 'all-linear'); randlora-core has no per-architecture defaults"
         )
-    for field in ("target_modules", "exclude_modules"):
-        pattern = getattr(config, field)
-        if isinstance(pattern, str) and pattern.lower() != ALL_LINEAR:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({exc})") from None
+    _check_patterns(config)
     modules = visible_modules(model, opaque)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, modules)
         matched = [(n, m) for n, m in modules if adaptable(m) and n not in heads]
     else:
         matched = [(n, m) for n, m in modules if name_matches(targets, n)]
-    described = f"target_modules={targets!r}"
-    if config.modules_to_save:
-        matched = [(n, m) for n, m in matched if not in_modules_to_save(n, config.modules_to_save)]
-    if config.exclude_modules:
-        matched = [(n, m) for n, m in matched if not name_matches(config.exclude_modules, n)]
-        described += f" minus exclude_modules={config.exclude_modules!r}"
-    indices = config.layers_to_transform
-    if indices is not None and indices != []:
-        wanted = {indices} if isinstance(indices, int) else set(indices)
-        matched = [(n, m) for n, m in matched if layer_index(n, config.layers_pattern) in wanted]
-        described += f" restricted to layers_to_transform={indices!r}"
-        if config.layers_pattern:
-            described += f" with layers_pattern={config.layers_pattern!r}"
+    matched, described = _restrict(matched, config)
     if not matched:
         candidates = [n for n, m in modules if adaptable(m)] or [n for n, _ in modules]
         listing = ", ".join(candidates[:MAX_LISTED]) + (", ..." if len(candidates) > MAX_LISTED else "")

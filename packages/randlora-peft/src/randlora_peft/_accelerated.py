@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from randlora_core.engine import AdapterCall, BaseCall, layer_forward
+from randlora_core.engine import layer_forward
+from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import plain_linear_operands
 from randlora_peft._peft import peft_randlora_linear

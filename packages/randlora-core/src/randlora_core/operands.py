@@ -1,0 +1,63 @@
+"""What a wrapper hands the layer engine for one call: the base layer and each active adapter.
+
+:class:`~randlora_core.layer.RandLoraLinear` (and every wrapper built on it) and randlora-peft's
+accelerated PEFT layers gather these from their own state; :func:`randlora_core.engine.layer_forward`
+plans and evaluates the call from them alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AdapterCall:
+    """One active adapter's operands for a call, in the call's compute dtype on the input's device.
+
+    Attributes:
+        a_s: the window ``A[:r, 0, :m]``, (r, m).
+        b_flat: the window ``B[:M, :nb, :r]`` flattened to (M, nb*r).
+        lam: lambda (r, nb).
+        gamma: gamma (nb, m).
+        scaling: ``alpha / r``.
+        window: adapters with equal ``window`` read the same ``a_s`` / ``b_flat``.
+        dropout: the adapter's dropout module (``None`` for none).
+
+    """
+
+    a_s: torch.Tensor
+    b_flat: torch.Tensor
+    lam: torch.Tensor
+    gamma: torch.Tensor
+    scaling: float
+    window: Hashable
+    dropout: nn.Module | None = None
+
+    @property
+    def own_input(self) -> bool:
+        """Whether active dropout gives this adapter an input of its own."""
+        d = self.dropout
+        return d is not None and d.training and not isinstance(d, nn.Identity) and getattr(d, "p", 1.0) > 0
+
+
+@dataclass(frozen=True)
+class BaseCall:
+    """The frozen base layer of a call.
+
+    Attributes:
+        forward: computes the base layer's own output for the call's input (with its extra arguments).
+        weight: the weight, when ``forward`` is exactly ``x @ W^T + bias`` (``x @ W + bias`` if
+            ``weight_in_out``) and may be replaced by the fused node; else ``None``.
+        bias: the bias of that expression (may train), or ``None``.
+        weight_in_out: the weight is stored ``(I, O)`` (``fan_in_fan_out``).
+
+    """
+
+    forward: Callable[[], torch.Tensor]
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    weight_in_out: bool = False
