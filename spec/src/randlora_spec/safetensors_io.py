@@ -113,10 +113,6 @@ def header_length(prefix: bytes, size: int, source: str) -> int:
     return n
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _capped_product(factors: list[int], start: int, cap: int) -> int:
     """``start * prod(factors)``, or ``cap`` as soon as it reaches ``cap``; linear in the factors' size."""
     total = start
@@ -133,12 +129,13 @@ def _tensor_info(name: str, entry: object, data_length: int, source: str) -> Ten
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ITEMSIZE:
         raise CheckpointError(f"{source}: tensor {brief(name)} has unsupported dtype {brief(dtype)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+    # ``type(x) is int``: JSON numbers that are integers parse to exact ints; booleans are not integers.
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{source}: tensor {brief(name)} has a malformed shape {brief(shape)}")
     if len(shape) > MAX_NDIM:
         raise CheckpointError(f"{source}: tensor {brief(name)} has {len(shape)} dimensions; at most {MAX_NDIM} are supported")
     if (
-        not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets))
+        not (isinstance(offsets, list) and len(offsets) == 2 and type(offsets[0]) is type(offsets[1]) is int)
         or not 0 <= offsets[0] <= offsets[1] <= data_length
     ):
         raise CheckpointError(f"{source}: tensor {brief(name)} has data_offsets {brief(offsets)} outside the data buffer")
@@ -147,7 +144,7 @@ def _tensor_info(name: str, entry: object, data_length: int, source: str) -> Ten
     nbytes = 0 if 0 in shape else _capped_product(shape, _ITEMSIZE[dtype], span + 1)
     if nbytes != span:
         raise CheckpointError(f"{source}: tensor {brief(name)} byte length does not match shape {brief(shape)} and dtype {dtype}")
-    if _capped_product([d for d in shape if d], _ITEMSIZE[dtype], _MAX_EXTENT) >= _MAX_EXTENT:
+    if nbytes == 0 and _capped_product([d for d in shape if d], _ITEMSIZE[dtype], _MAX_EXTENT) >= _MAX_EXTENT:
         raise CheckpointError(f"{source}: tensor {brief(name)} has shape {brief(shape)}, too large for any array library")
     return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
