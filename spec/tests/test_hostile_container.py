@@ -208,6 +208,8 @@ def _seam_rows() -> dict[str, Any]:
         "ERR-220": changed(bases=c.bases[0]),
         "ERR-221": changed(tensors={**c.tensors, "randlora_A": c.bases[0]}),
         "ERR-223": changed(layers={"m.q": {"in_features": 6, "out_features": 10, "fan_in_fan_out": False}}),
+        "ERR-228": changed(layers={"m.q": checkpoint.LayerRecord(10**4300, 10)}),
+        "ERR-229": changed(bf16_keys=None),
     }
 
 
@@ -223,6 +225,14 @@ def test_validate_refuses_malformed_objects(row_id: str, tmp_path: Path) -> None
     with pytest.raises(RandLoraError):
         checkpoint.save(path, bad)
     assert catalogue.tree_state(tmp_path) == before
+
+
+def test_validate_refuses_what_no_reader_would_accept() -> None:
+    c = ckpt()
+    c.modules_to_save = {"head": ["weight"]}
+    c.tensors["head.weight"] = np.zeros((1,) * 33, np.float32)  # numpy 2 holds it, readers refuse it
+    with pytest.raises(CheckpointError, match=r"tensor 'head\.weight' has 33 dimensions; at most 32 are supported"):
+        checkpoint.to_bytes(c)
 
 
 def test_writer_refuses_values_that_overflow_bf16(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from randlora_spec.safetensors_io import (
     SafetensorsFile,
     TensorSpec,
     atomic_write_bytes,
+    check_ndim,
     dtype_code,
     encode,
     open_safetensors,
@@ -163,6 +164,8 @@ def _arrays_of(ckpt: AdapterCheckpoint, source: str) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{source}: tensor keys must be strings, got {brief(key)}")
         if not isinstance(values, np.ndarray):
             raise CheckpointError(f"{source}: tensor {brief(key)} must be a numpy array, got {type(values).__name__}")
+    if not isinstance(ckpt.bf16_keys, (set, frozenset)):
+        raise CheckpointError(f"{source}: bf16_keys must be a set of tensor keys, got {type(ckpt.bf16_keys).__name__}")
     arrays = dict(ckpt.tensors)
     if ckpt.bases is not None:
         bases = ckpt.bases
@@ -172,6 +175,8 @@ def _arrays_of(ckpt: AdapterCheckpoint, source: str) -> dict[str, np.ndarray]:
         if clash:  # the bases belong in ``bases``; a file would hold these keys once
             raise CheckpointError(f"{source}: unexpected tensors {clash}")
         arrays[BASIS_A_KEY], arrays[BASIS_B_KEY] = bases
+    for key, values in arrays.items():
+        check_ndim(key, values.ndim, source)
     return arrays
 
 

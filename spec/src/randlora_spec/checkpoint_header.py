@@ -17,7 +17,7 @@ from randlora_spec.bases import PORTABLE_RULE, BasesShape, num_bases
 from randlora_spec.config import SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
 from randlora_spec.safetensors_io import TensorSpec
-from randlora_spec.untrusted import brief, parse_json
+from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief, parse_json
 
 FORMAT_ID = "randlora.adapter"
 FORMAT_VERSION = "1"
@@ -87,6 +87,8 @@ class CheckpointHeader:
 def _positive_int(value: Any, what: str, source: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise CheckpointError(f"{source}: {what} must be a positive integer, got {brief(value)}")
+    if value >= JSON_INT_LIMIT:  # only an in-memory checkpoint can hold one: JSON parsing refuses it
+        raise CheckpointError(f"{source}: {what} has more than {MAX_JSON_INT_DIGITS} digits")
     return value
 
 

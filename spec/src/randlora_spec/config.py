@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from randlora_spec.bases import PEFT_RULE, PORTABLE_RULE
 from randlora_spec.errors import ConfigError
-from randlora_spec.untrusted import MAX_JSON_INT_DIGITS, brief
+from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief
 
 SPEC_VERSION = "1.0"
 """Version of SPEC.md this package implements (major.minor; a new major breaks compatibility)."""
@@ -132,7 +132,7 @@ class RandLoraConfig(BaseModel):
     def _writable_ints(cls, value: Any) -> Any:
         # Python cannot write longer integers as text (to_json would fail), nor read them from JSON.
         for number in value if isinstance(value, list) else [value]:
-            if isinstance(number, int) and abs(number) >= 10**MAX_JSON_INT_DIGITS:
+            if isinstance(number, int) and abs(number) >= JSON_INT_LIMIT:
                 raise ValueError(f"integers have at most {MAX_JSON_INT_DIGITS} digits")
         return value
 

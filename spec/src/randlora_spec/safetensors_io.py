@@ -113,6 +113,12 @@ def header_length(prefix: bytes, size: int, source: str) -> int:
     return n
 
 
+def check_ndim(name: str, ndim: int, source: str) -> None:
+    """Refuse a tensor of more than :data:`MAX_NDIM` dimensions (SPEC 6.3 item 8)."""
+    if ndim > MAX_NDIM:
+        raise CheckpointError(f"{source}: tensor {brief(name)} has {ndim} dimensions; at most {MAX_NDIM} are supported")
+
+
 def _capped_product(factors: list[int], start: int, cap: int) -> int:
     """``start * prod(factors)``, or ``cap`` as soon as it reaches ``cap``; linear in the factors' size."""
     total = start
@@ -132,8 +138,7 @@ def _tensor_info(name: str, entry: object, data_length: int, source: str) -> Ten
     # ``type(x) is int``: JSON numbers that are integers parse to exact ints; booleans are not integers.
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{source}: tensor {brief(name)} has a malformed shape {brief(shape)}")
-    if len(shape) > MAX_NDIM:
-        raise CheckpointError(f"{source}: tensor {brief(name)} has {len(shape)} dimensions; at most {MAX_NDIM} are supported")
+    check_ndim(name, len(shape), source)
     if (
         not (isinstance(offsets, list) and len(offsets) == 2 and type(offsets[0]) is type(offsets[1]) is int)
         or not 0 <= offsets[0] <= offsets[1] <= data_length
@@ -350,6 +355,7 @@ __all__ = [
     "TensorSpec",
     "atomic_write_bytes",
     "bf16_to_float32",
+    "check_ndim",
     "decode",
     "dtype_code",
     "encode",

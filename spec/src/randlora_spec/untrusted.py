@@ -14,6 +14,8 @@ from typing import Any
 
 MAX_JSON_INT_DIGITS = 4300
 """Longest integer (in decimal digits) a JSON text may hold: Python's default int-string limit."""
+JSON_INT_LIMIT = 10**MAX_JSON_INT_DIGITS
+"""Integers must be below this in magnitude to be written as JSON text and read back."""
 
 
 def _no_constants(name: str) -> Any:
