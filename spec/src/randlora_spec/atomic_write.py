@@ -93,7 +93,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             if existing is not None and stat.S_ISREG(existing.st_mode):
-                os.chmod(tmp, stat.S_IMODE(existing.st_mode) & 0o777)
+                mode = stat.S_IMODE(existing.st_mode) & 0o777
+                if hasattr(os, "fchmod"):
+                    os.fchmod(handle.fileno(), mode)
+                else:  # Windows before Python 3.13
+                    os.chmod(tmp, mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -161,7 +161,7 @@ def parse_header(text: bytes | memoryview, data_length: int, source: str) -> tup
     before any tensor byte is looked at. Work and memory are linear in the header's size.
     """
     try:
-        header = parse_json(bytes(text).decode("utf-8"))
+        header = parse_json(str(text, "utf-8"))  # decodes the buffer in place, without a bytes copy
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors too
         raise CheckpointError(f"{source}: safetensors header is not valid UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
