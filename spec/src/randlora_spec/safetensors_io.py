@@ -202,6 +202,15 @@ class _Container:
         self._fill(memoryview(raw.reshape(-1).view(np.uint8)), self.header.data_start + info.begin, f"tensor {brief(name)}")
         return bf16_to_float32(raw) if info.dtype == "BF16" else raw
 
+    def close(self) -> None:
+        """Release what the container holds open (nothing for bytes); later reads may fail."""
+
+    def __enter__(self) -> _Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class SafetensorsBuffer(_Container):
     """A container held in memory (bytes): header validated on construction, tensors copied out on read."""
@@ -271,12 +280,6 @@ class SafetensorsFile(_Container):
     def close(self) -> None:
         """Close the file; later reads fail."""
         self._file.close()
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def open_safetensors(path: str | os.PathLike[str], source: str | None = None) -> SafetensorsFile:
