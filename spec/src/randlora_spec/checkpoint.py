@@ -60,7 +60,7 @@ BF16_LARGEST_FINITE_INPUT = float(np.array(0x7F7F7FFF, np.uint32).view(np.float3
 
 @dataclass
 class AdapterCheckpoint:
-    """Everything one adapter checkpoint holds, validated.
+    """Everything one adapter checkpoint holds: valid when a reader made it; :func:`validate` checks one built otherwise.
 
     ``tensors`` holds every non-basis tensor by its key; ``bases`` is ``(A, B)`` or ``None``.
     ``bf16_keys`` names tensors to store as BF16 when writing (and records which were BF16 on read).
