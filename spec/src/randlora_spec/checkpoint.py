@@ -4,8 +4,14 @@ Tensors: ``<module path>.randlora_lambda`` (r, nb) and ``<module path>.randlora_
 every adapted layer; the shared bases once as ``randlora_A`` / ``randlora_B`` (or not at all when
 ``save_projection`` is false, which is safe only because the portable rule regenerates them
 bit-exactly); trainable biases as ``<module path>.bias``; ``modules_to_save`` parameters as
-``<module path>.<parameter name>``. Metadata says what the tensors mean. :func:`from_bytes`
-validates everything before returning, so a caller can reject a bad file before touching a model.
+``<module path>.<parameter name>``. Metadata says what the tensors mean.
+
+The in-memory seam: :func:`validate` checks an :class:`AdapterCheckpoint` object against every
+rule a reader applies to a file (SPEC 6.3), with the same messages, so an implementation can build
+one from a model, or apply one to a model, without encoding it. File I/O is the only other thing
+this module does: :func:`to_bytes` / :func:`save` write (validate, then encode once) and
+:func:`open_checkpoint` reads: it validates the header before reading any tensor and then reads each
+tensor once, on request (:func:`load` and :func:`from_bytes` read them all).
 """
 
 from __future__ import annotations
@@ -18,56 +24,43 @@ from typing import Any
 
 import numpy as np
 
-from randlora_spec.bases import PORTABLE_RULE, BasesShape, basis_kind, generate_bases, num_bases
-from randlora_spec.config import SPEC_VERSION, RandLoraConfig
-from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
-from randlora_spec.safetensors_io import atomic_write_bytes, decode, encode, read_dtypes
-
-FORMAT_ID = "randlora.adapter"
-FORMAT_VERSION = "1"
-BASIS_A_KEY = "randlora_A"
-BASIS_B_KEY = "randlora_B"
-LAMBDA_SUFFIX = ".randlora_lambda"
-GAMMA_SUFFIX = ".randlora_gamma"
-MAX_METADATA_VALUE_BYTES = 4 * 1024 * 1024
-"""A single metadata value larger than this is rejected before JSON parsing."""
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
-REQUIRED_METADATA = (
-    "format",
-    "format_version",
-    "spec_version",
-    "config",
-    "basis_rule",
-    "adapter_name",
-    "layers",
-    "bases",
-    "bases_shape",
-    "extra",
+from randlora_spec.bases import PORTABLE_RULE, BasesShape, basis_kind, generate_bases
+from randlora_spec.checkpoint_header import (
+    BASIS_A_KEY,
+    BASIS_B_KEY,
+    FLOAT_CODES,
+    FORMAT_ID,
+    FORMAT_VERSION,
+    GAMMA_SUFFIX,
+    LAMBDA_SUFFIX,
+    MAX_METADATA_VALUE_BYTES,
+    REQUIRED_METADATA,
+    CheckpointHeader,
+    LayerRecord,
+    check_contents,
+    header_from_metadata,
 )
+from randlora_spec.config import SPEC_VERSION, RandLoraConfig
+from randlora_spec.errors import BasisRuleError, CheckpointError
+from randlora_spec.safetensors_io import (
+    SafetensorsBuffer,
+    SafetensorsFile,
+    TensorSpec,
+    atomic_write_bytes,
+    check_ndim,
+    dtype_code,
+    encode,
+    open_safetensors,
+)
+from randlora_spec.untrusted import brief
 
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """The base layer an adapter was trained on: its sizes and weight layout."""
-
-    in_features: int
-    out_features: int
-    fan_in_fan_out: bool = False
-
-    @property
-    def m(self) -> int:
-        """Smaller side of the layer."""
-        return min(self.in_features, self.out_features)
-
-    @property
-    def M(self) -> int:  # noqa: N802 - the spec's symbol
-        """Larger side of the layer."""
-        return max(self.in_features, self.out_features)
+BF16_LARGEST_FINITE_INPUT = float(np.array(0x7F7F7FFF, np.uint32).view(np.float32))
+"""The largest float32 whose rounding to BF16 is finite; larger magnitudes round to infinity."""
 
 
 @dataclass
 class AdapterCheckpoint:
-    """Everything one adapter checkpoint holds, validated.
+    """Everything one adapter checkpoint holds: valid when a reader made it; :func:`validate` checks one built otherwise.
 
     ``tensors`` holds every non-basis tensor by its key; ``bases`` is ``(A, B)`` or ``None``.
     ``bf16_keys`` names tensors to store as BF16 when writing (and records which were BF16 on read).
@@ -92,9 +85,38 @@ class AdapterCheckpoint:
         return self.tensors[path + GAMMA_SUFFIX]
 
 
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple, set, frozenset)) else value
+
+
+def _fields_of(ckpt: AdapterCheckpoint) -> dict[str, Any]:
+    """The JSON-valued metadata of ``ckpt`` as plain values, unsorted and unchecked (what a file would hold)."""
+    layers = ckpt.layers
+    if isinstance(layers, dict):
+        layers = {
+            path: (
+                {"in_features": rec.in_features, "out_features": rec.out_features, "fan_in_fan_out": rec.fan_in_fan_out}
+                if isinstance(rec, LayerRecord)
+                else None
+            )
+            for path, rec in layers.items()
+        }
+    s = ckpt.bases_shape
+    shape = {"r": s.r, "m_max": s.m_max, "M_max": s.M_max, "nb_max": s.nb_max} if isinstance(s, BasesShape) else None
+    mts = ckpt.modules_to_save
+    if isinstance(mts, dict):
+        mts = {path: _listed(names) for path, names in mts.items()}
+    return {"layers": layers, "bases_shape": shape, "extra": {"biases": _listed(ckpt.biases), "modules_to_save": mts}}
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
 def metadata_for(ckpt: AdapterCheckpoint) -> dict[str, str]:
     """The safetensors ``__metadata__`` map that describes ``ckpt``."""
-    shape = ckpt.bases_shape
+    fields = _fields_of(ckpt)
+    extra = fields["extra"]
     return {
         "format": FORMAT_ID,
         "format_version": FORMAT_VERSION,
@@ -102,111 +124,206 @@ def metadata_for(ckpt: AdapterCheckpoint) -> dict[str, str]:
         "config": ckpt.config.to_json(),
         "basis_rule": ckpt.config.basis_rule,
         "adapter_name": ckpt.adapter_name,
-        "layers": json.dumps(
-            {
-                p: {
-                    "in_features": rec.in_features,
-                    "out_features": rec.out_features,
-                    "fan_in_fan_out": rec.fan_in_fan_out,
-                }
-                for p, rec in sorted(ckpt.layers.items())
-            },
-            separators=(",", ":"),
-        ),
+        "layers": _compact(dict(sorted(fields["layers"].items()))),
         "bases": "stored" if ckpt.bases is not None else "absent",
-        "bases_shape": json.dumps(
-            {"r": shape.r, "m_max": shape.m_max, "M_max": shape.M_max, "nb_max": shape.nb_max}, separators=(",", ":")
-        ),
-        "extra": json.dumps(
+        "bases_shape": _compact(fields["bases_shape"]),
+        "extra": _compact(
             {
-                "biases": sorted(ckpt.biases),
-                "modules_to_save": {k: sorted(v) for k, v in sorted(ckpt.modules_to_save.items())},
-            },
-            separators=(",", ":"),
+                "biases": sorted(extra["biases"]),
+                "modules_to_save": {k: sorted(v) for k, v in sorted(extra["modules_to_save"].items())},
+            }
         ),
     }
 
 
-def to_bytes(ckpt: AdapterCheckpoint, readable_basis_rules: Iterable[str] = (PORTABLE_RULE,)) -> bytes:
-    """Serialise (after validating) to safetensors bytes; deterministic for equal inputs.
+def check_finite(key: str, values: np.ndarray, source: str, bf16: bool = False) -> None:
+    """SPEC 6.3 item 22 (values): no NaN or infinity, and with ``bf16`` none once rounded to BF16.
 
-    The output is validated as a reader supporting ``readable_basis_rules`` would, so by default a
+    Uses two reductions (min and max) and no temporary array the size of ``values``.
+    """
+    if values.size == 0:
+        return
+    with np.errstate(all="ignore"):
+        lo, hi = values.min(), values.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # min and max propagate NaN
+            raise CheckpointError(f"{source}: tensor {brief(key)} contains NaN or Inf values")
+        limit = np.float32(BF16_LARGEST_FINITE_INPUT)
+        if bf16 and not (-limit <= np.float32(lo) and np.float32(hi) <= limit):
+            raise CheckpointError(
+                f"{source}: tensor {brief(key)} contains NaN or Inf values once rounded to BF16 "
+                f"(magnitudes above {BF16_LARGEST_FINITE_INPUT:.7g} overflow)"
+            )
+
+
+def _arrays_of(ckpt: AdapterCheckpoint, source: str) -> dict[str, np.ndarray]:
+    """Every tensor a file of ``ckpt`` would hold, bases included, after checking they are arrays."""
+    if not isinstance(ckpt.tensors, dict):
+        raise CheckpointError(f"{source}: tensors must be a dict of key -> numpy array, got {type(ckpt.tensors).__name__}")
+    for key, values in ckpt.tensors.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{source}: tensor keys must be strings, got {brief(key)}")
+        if not isinstance(values, np.ndarray):
+            raise CheckpointError(f"{source}: tensor {brief(key)} must be a numpy array, got {type(values).__name__}")
+    if not isinstance(ckpt.bf16_keys, (set, frozenset)):
+        raise CheckpointError(f"{source}: bf16_keys must be a set of tensor keys, got {type(ckpt.bf16_keys).__name__}")
+    arrays = dict(ckpt.tensors)
+    if ckpt.bases is not None:
+        bases = ckpt.bases
+        if not (isinstance(bases, (tuple, list)) and len(bases) == 2 and all(isinstance(b, np.ndarray) for b in bases)):
+            raise CheckpointError(f"{source}: bases must be None or a pair of numpy arrays (A, B), got {brief(bases)}")
+        clash = sorted({BASIS_A_KEY, BASIS_B_KEY} & arrays.keys())
+        if clash:  # the bases belong in ``bases``; a file would hold these keys once
+            raise CheckpointError(f"{source}: unexpected tensors {clash}")
+        arrays[BASIS_A_KEY], arrays[BASIS_B_KEY] = bases
+    for key, values in arrays.items():
+        check_ndim(key, values.ndim, source)
+    return arrays
+
+
+def _stored_dtype(key: str, values: np.ndarray, bf16_keys: frozenset[str]) -> str:
+    code = dtype_code(values.dtype) or str(values.dtype)
+    return "BF16" if code in FLOAT_CODES and key in bf16_keys else code
+
+
+def validate(
+    ckpt: AdapterCheckpoint, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,), source: str = "<checkpoint>"
+) -> CheckpointHeader:
+    """Check ``ckpt`` as a reader checks a file holding it (SPEC 6.3 items 12-25), without encoding it.
+
+    A defect gets the exception and message that parsing a file with that defect gives (``source``
+    stands for the path). Also checked, since a file cannot express them otherwise: the fields have
+    the types of :class:`AdapterCheckpoint` (numpy arrays, a :class:`RandLoraConfig`, ...), and
+    tensors in ``bf16_keys`` stay finite once rounded to BF16 (a writer must not produce Inf).
+
+    Returns:
+        The header a file written from ``ckpt`` would have.
+
+    Raises:
+        CheckpointError: any defect.
+        BasisRuleError: bases absent and the rule not among ``supported_basis_rules``.
+
+    """
+    if not isinstance(ckpt, AdapterCheckpoint):
+        raise CheckpointError(f"{source}: expected an AdapterCheckpoint, got {type(ckpt).__name__}")
+    if not isinstance(ckpt.config, RandLoraConfig):
+        raise CheckpointError(f"{source}: config must be a RandLoraConfig, got {type(ckpt.config).__name__}")
+    arrays = _arrays_of(ckpt, source)
+    specs = {key: TensorSpec(_stored_dtype(key, values, ckpt.bf16_keys), values.shape) for key, values in arrays.items()}
+    fields = _fields_of(ckpt)
+    bases = "stored" if ckpt.bases is not None else "absent"
+    header = check_contents(ckpt.config, ckpt.adapter_name, bases, fields.__getitem__, specs, source, supported_basis_rules)
+    for key in sorted(arrays):
+        check_finite(key, arrays[key], source, bf16=key in ckpt.bf16_keys)
+    return header
+
+
+def to_bytes(ckpt: AdapterCheckpoint, readable_basis_rules: Iterable[str] = (PORTABLE_RULE,)) -> bytes:
+    """Validate ``ckpt`` (:func:`validate`), then encode it once; deterministic for equal inputs.
+
+    It is validated as a reader supporting ``readable_basis_rules`` would read it, so by default a
     file without bases is only written when the portable rule can regenerate them: a writer must
     not produce a file that ordinary readers refuse.
     """
+    validate(ckpt, readable_basis_rules, source="<checkpoint being written>")
     tensors = dict(ckpt.tensors)
     if ckpt.bases is not None:
         tensors[BASIS_A_KEY], tensors[BASIS_B_KEY] = ckpt.bases
-    blob = encode(tensors, metadata_for(ckpt), bf16=ckpt.bf16_keys)
-    from_bytes(blob, source="<checkpoint being written>", supported_basis_rules=readable_basis_rules)
-    return blob
+    return encode(tensors, metadata_for(ckpt), bf16=ckpt.bf16_keys)
 
 
 def save(path: str | Path, ckpt: AdapterCheckpoint) -> None:
-    """Validate and write ``ckpt`` to ``path`` atomically (temporary file, fsync, rename)."""
+    """Validate and write ``ckpt`` to ``path`` atomically (temporary file, fsync, rename).
+
+    Symbolic links are written through, special files refused, an existing file's permission bits
+    kept: see :func:`randlora_spec.safetensors_io.atomic_write_bytes` (SPEC 6.4).
+    """
     atomic_write_bytes(path, to_bytes(ckpt))
 
 
-def _json_field(meta: dict[str, str], key: str, source: str) -> Any:
-    raw = meta[key]
-    if len(raw) > MAX_METADATA_VALUE_BYTES:
-        raise CheckpointError(f"{source}: metadata {key!r} is {len(raw)} bytes, over the {MAX_METADATA_VALUE_BYTES}-byte limit")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{source}: metadata {key!r} is not valid JSON ({exc})") from None
+class CheckpointReader:
+    """A checkpoint opened for reading: its validated :attr:`header`, and tensors read on request.
 
+    Made by :func:`open_checkpoint` (a file) or :func:`from_bytes` (bytes). The header has passed
+    every check of SPEC 6.3 but "finite values", which :meth:`read` applies to each tensor it reads.
+    Close it (or use it as a context manager) when done. Not safe for concurrent use by threads.
+    """
 
-def _positive_int(value: Any, what: str, source: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CheckpointError(f"{source}: {what} must be a positive integer, got {value!r}")
-    return value
-
-
-def _parse_layers(raw: Any, source: str) -> dict[str, LayerRecord]:
-    if not isinstance(raw, dict) or not raw:
-        raise CheckpointError(f"{source}: metadata 'layers' must be a non-empty object of module path -> shape")
-    layers = {}
-    for path, rec in raw.items():
-        if not path or not isinstance(rec, dict) or set(rec) != {"in_features", "out_features", "fan_in_fan_out"}:
-            raise CheckpointError(f"{source}: layer record for {path!r} must hold in_features, out_features, fan_in_fan_out")
-        if not isinstance(rec["fan_in_fan_out"], bool):
-            raise CheckpointError(f"{source}: layer {path!r} fan_in_fan_out must be a boolean")
-        layers[path] = LayerRecord(
-            _positive_int(rec["in_features"], f"layer {path!r} in_features", source),
-            _positive_int(rec["out_features"], f"layer {path!r} out_features", source),
-            rec["fan_in_fan_out"],
+    def __init__(
+        self, container: SafetensorsFile | SafetensorsBuffer, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,)
+    ) -> None:
+        """Validate the checkpoint header of an opened ``container``; see :func:`open_checkpoint`."""
+        self.source = container.source
+        self._container = container
+        self.header: CheckpointHeader = header_from_metadata(
+            container.header.metadata, container.header.tensors, self.source, supported_basis_rules
         )
-    return layers
+
+    def read(self, key: str) -> np.ndarray:
+        """The tensor ``key`` (a new writable array; BF16 widened to float32), checked to be finite.
+
+        Raises:
+            KeyError: the checkpoint has no tensor ``key`` (``header.tensors`` lists them).
+            CheckpointError: NaN or infinite values, or the file changed after it was opened.
+
+        """
+        values = self._container.read(key)
+        check_finite(key, values, self.source)
+        return values
+
+    def load(self) -> AdapterCheckpoint:
+        """Every tensor, read once each in file order, as a validated :class:`AdapterCheckpoint`."""
+        spans = self._container.header.tensors
+        values = {key: self.read(key) for key in sorted(spans, key=lambda k: spans[k].begin)}
+        h = self.header
+        bases = (values.pop(BASIS_A_KEY), values.pop(BASIS_B_KEY)) if h.bases_stored else None
+        return AdapterCheckpoint(
+            config=h.config,
+            adapter_name=h.adapter_name,
+            layers=h.layers,
+            bases_shape=h.bases_shape,
+            tensors=dict(sorted(values.items())),
+            bases=bases,
+            biases=h.biases,
+            modules_to_save=h.modules_to_save,
+            bf16_keys=h.bf16_keys,
+        )
+
+    def close(self) -> None:
+        """Release the file (a no-op for bytes)."""
+        self._container.close()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _parse_extra(raw: Any, source: str) -> tuple[list[str], dict[str, list[str]]]:
-    if not isinstance(raw, dict) or set(raw) != {"biases", "modules_to_save"}:
-        raise CheckpointError(f"{source}: metadata 'extra' must hold exactly 'biases' and 'modules_to_save'")
-    biases, mts = raw["biases"], raw["modules_to_save"]
-    if not isinstance(biases, list) or not all(isinstance(p, str) and p for p in biases):
-        raise CheckpointError(f"{source}: extra.biases must be a list of module paths")
-    if not isinstance(mts, dict) or not all(
-        k and isinstance(v, list) and all(isinstance(n, str) and n for n in v) for k, v in mts.items()
-    ):
-        raise CheckpointError(f"{source}: extra.modules_to_save must map module paths to parameter-name lists")
-    return biases, mts
+def open_checkpoint(
+    path: str | Path, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,), source: str | None = None
+) -> CheckpointReader:
+    """Open the checkpoint at ``path`` and validate everything but tensor values, reading no tensor byte.
 
+    The file is opened once; its header length is read and checked (against the 16 MiB limit and
+    the file's size) before the header itself is read. Tensors are read later, by seek and read
+    (never memory-mapped), each once: :meth:`CheckpointReader.read`, :meth:`CheckpointReader.load`.
 
-def _parse_bases_shape(raw: Any, config: RandLoraConfig, layers: dict[str, LayerRecord], source: str) -> BasesShape:
-    if not isinstance(raw, dict) or set(raw) != {"r", "m_max", "M_max", "nb_max"}:
-        raise CheckpointError(f"{source}: metadata 'bases_shape' must hold r, m_max, M_max, nb_max")
-    shape = BasesShape(**{k: _positive_int(raw[k], f"bases_shape.{k}", source) for k in ("r", "m_max", "M_max", "nb_max")})
-    if shape.r != config.r:
-        raise CheckpointError(f"{source}: bases_shape.r = {shape.r} differs from config r = {config.r}")
-    if shape.nb_max != num_bases(shape.m_max, shape.r) or shape.m_max > shape.M_max:
-        raise CheckpointError(f"{source}: bases_shape {raw} is inconsistent (needs nb_max = ceil(m_max / r), m_max <= M_max)")
-    for path, rec in layers.items():
-        if rec.m > shape.m_max or rec.M > shape.M_max:
-            raise CheckpointError(
-                f"{source}: layer {path!r} ({rec.in_features}x{rec.out_features}) does not fit bases_shape {raw}"
-            )
-    return shape
+    Args:
+        path: the checkpoint file.
+        supported_basis_rules: rules the caller can regenerate (see :func:`from_bytes`).
+        source: a name for messages (default: the path).
+
+    Raises:
+        CheckpointError: no such file, not a regular file, or any structural defect.
+        BasisRuleError: bases absent and the rule unsupported.
+
+    """
+    container = open_safetensors(path, str(Path(path)) if source is None else source)
+    try:
+        return CheckpointReader(container, supported_basis_rules)
+    except BaseException:
+        container.close()
+        raise
 
 
 def from_bytes(
@@ -225,104 +342,13 @@ def from_bytes(
         BasisRuleError: bases absent and the rule unsupported.
 
     """
-    tensors, meta = decode(blob, source)
-    dtypes = read_dtypes(blob, source)
-    missing_meta = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing_meta:
-        raise CheckpointError(f"{source}: not a randlora checkpoint: metadata lacks {missing_meta}")
-    if meta["format"] != FORMAT_ID:
-        raise CheckpointError(f"{source}: format is {meta['format']!r}, expected {FORMAT_ID!r}")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{source}: format_version {meta['format_version']!r} is not supported (this reader: {FORMAT_VERSION})"
-        )
-    if meta["spec_version"].split(".")[0] != SPEC_VERSION.split(".")[0]:
-        raise CheckpointError(f"{source}: spec_version {meta['spec_version']!r} is not supported (this reader: {SPEC_VERSION})")
-    try:
-        config = RandLoraConfig.parse(_json_field(meta, "config", source))
-    except ConfigError as exc:
-        raise CheckpointError(f"{source}: embedded config is invalid: {exc}") from None
-    if meta["basis_rule"] != config.basis_rule:
-        raise CheckpointError(f"{source}: basis_rule {meta['basis_rule']!r} disagrees with the config's {config.basis_rule!r}")
-    adapter_name = meta["adapter_name"]
-    if not adapter_name or "." in adapter_name:
-        raise CheckpointError(f"{source}: adapter_name {adapter_name!r} must be non-empty and contain no '.'")
-    layers = _parse_layers(_json_field(meta, "layers", source), source)
-    shape = _parse_bases_shape(_json_field(meta, "bases_shape", source), config, layers, source)
-    biases, mts = _parse_extra(_json_field(meta, "extra", source), source)
-
-    if biases and config.bias == "none":
-        raise CheckpointError(f"{source}: biases {biases[:5]} are stored but the config says bias='none'")
-    if config.bias == "randlora_only" and set(biases) - set(layers):
-        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
-    if meta["bases"] not in ("stored", "absent"):
-        raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {meta['bases']!r}")
-    stored = meta["bases"] == "stored"
-    expected = {p + LAMBDA_SUFFIX for p in layers} | {p + GAMMA_SUFFIX for p in layers}
-    expected |= {p + ".bias" for p in biases} | {f"{p}.{n}" for p, names in mts.items() for n in names}
-    if stored:
-        expected |= {BASIS_A_KEY, BASIS_B_KEY}
-    elif config.save_projection:
-        raise CheckpointError(f"{source}: bases are absent but the config says save_projection=True (file incomplete?)")
-    elif config.basis_rule not in set(supported_basis_rules):
-        raise BasisRuleError(
-            f"{source}: bases are absent and basis_rule {config.basis_rule!r} cannot be regenerated here "
-            f"(supported: {sorted(set(supported_basis_rules))}); refusing to substitute another rule"
-        )
-    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensors {extra[:10]}{' ...' if len(extra) > 10 else ''}")
-
-    for key, arr in tensors.items():
-        if dtypes[key] not in FLOAT_CODES:
-            raise CheckpointError(f"{source}: tensor {key!r} has dtype {dtypes[key]}; only floating point is allowed")
-        if not np.all(np.isfinite(arr)):
-            raise CheckpointError(f"{source}: tensor {key!r} contains NaN or Inf values")
-    r = config.r
-    for path, rec in layers.items():
-        nb = num_bases(rec.m, r)
-        for key, want in ((path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))):
-            if tensors[key].shape != want:
-                raise CheckpointError(f"{source}: tensor {key!r} has shape {tensors[key].shape}, expected {want}")
-    for path in biases:
-        rec = layers.get(path)
-        bias = tensors[path + ".bias"]
-        if bias.ndim != 1 or (rec is not None and bias.shape[0] != rec.out_features):
-            want = f"({rec.out_features},)" if rec is not None else "1-D"
-            raise CheckpointError(f"{source}: tensor {path + '.bias'!r} has shape {bias.shape}, expected {want}")
-    bases = None
-    if stored:
-        allowed = {"F32"} if config.basis_rule == PORTABLE_RULE else FLOAT_CODES
-        for key in (BASIS_A_KEY, BASIS_B_KEY):
-            if dtypes[key] not in allowed:
-                raise CheckpointError(f"{source}: basis {key!r} is {dtypes[key]}; rule {config.basis_rule!r} defines F32 values")
-        a, b = tensors.pop(BASIS_A_KEY), tensors.pop(BASIS_B_KEY)
-        if a.shape != shape.a_shape or b.shape != shape.b_shape:
-            raise CheckpointError(
-                f"{source}: stored bases have shapes {a.shape}, {b.shape}; bases_shape says {shape.a_shape}, {shape.b_shape}"
-            )
-        bases = (a, b)
-    return AdapterCheckpoint(
-        config=config,
-        adapter_name=adapter_name,
-        layers=layers,
-        bases_shape=shape,
-        tensors=tensors,
-        bases=bases,
-        biases=biases,
-        modules_to_save=mts,
-        bf16_keys=frozenset(k for k, code in dtypes.items() if code == "BF16"),
-    )
+    return CheckpointReader(SafetensorsBuffer(blob, source), supported_basis_rules).load()
 
 
 def load(path: str | Path, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,)) -> AdapterCheckpoint:
-    """Read and validate the checkpoint at ``path`` (see :func:`from_bytes`)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
-    return from_bytes(p.read_bytes(), str(p), supported_basis_rules)
+    """Read and validate the checkpoint at ``path`` (:func:`open_checkpoint`, then read every tensor)."""
+    with open_checkpoint(path, supported_basis_rules) as reader:
+        return reader.load()
 
 
 def resolve_bases(ckpt: AdapterCheckpoint) -> tuple[np.ndarray, np.ndarray]:
@@ -348,12 +374,27 @@ def checkpoint_bytes_budget(ckpt: AdapterCheckpoint) -> int:
 
 
 __all__ = [
+    "BASIS_A_KEY",
+    "BASIS_B_KEY",
+    "FLOAT_CODES",
+    "FORMAT_ID",
+    "FORMAT_VERSION",
+    "GAMMA_SUFFIX",
+    "LAMBDA_SUFFIX",
+    "MAX_METADATA_VALUE_BYTES",
+    "REQUIRED_METADATA",
     "AdapterCheckpoint",
+    "CheckpointHeader",
+    "CheckpointReader",
     "LayerRecord",
+    "check_finite",
     "checkpoint_bytes_budget",
     "from_bytes",
     "load",
+    "metadata_for",
+    "open_checkpoint",
     "resolve_bases",
     "save",
     "to_bytes",
+    "validate",
 ]

@@ -14,6 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from randlora_spec.bases import PEFT_RULE, PORTABLE_RULE
 from randlora_spec.errors import ConfigError
+from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief
 
 SPEC_VERSION = "1.0"
 """Version of SPEC.md this package implements (major.minor; a new major breaks compatibility)."""
@@ -107,7 +108,7 @@ class RandLoraConfig(BaseModel):
         """Validate JSON text; errors become :class:`ConfigError` naming each field."""
         try:
             data = json.loads(json_data)
-        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # also Python's limit on integer digits
             raise ConfigError(f"invalid RandLoraConfig: config: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"invalid RandLoraConfig: config: must be a JSON object, got {type(data).__name__}")
@@ -124,6 +125,15 @@ class RandLoraConfig(BaseModel):
     def _one_sparsity(cls, value: bool, info: ValidationInfo) -> bool:
         if value and info.data.get("sparse"):
             raise ValueError("sparse and very_sparse are mutually exclusive: set at most one of them")
+        return value
+
+    @field_validator("r", "layers_to_transform")
+    @classmethod
+    def _writable_ints(cls, value: Any) -> Any:
+        # Python cannot write longer integers as text (to_json would fail), nor read them from JSON.
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, int) and abs(number) >= JSON_INT_LIMIT:
+                raise ValueError(f"integers have at most {MAX_JSON_INT_DIGITS} digits")
         return value
 
     @field_validator("layers_pattern")
@@ -155,6 +165,9 @@ class RandLoraConfig(BaseModel):
                 return cls.model_validate_json(data)
             if not isinstance(data, dict):
                 raise ConfigError(f"config must be a JSON object (dict), got {type(data).__name__}")
+            for key in data:
+                if not isinstance(key, str):
+                    raise ConfigError(f"invalid RandLoraConfig: config: field names must be strings, got {brief(key)}")
             return cls(**data)
         except ValidationError as exc:
             raise config_error_from(exc) from None
