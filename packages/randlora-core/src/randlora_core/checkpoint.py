@@ -12,9 +12,8 @@ from torch import nn
 
 from randlora_core.model import RandLoraModel
 from randlora_core.registry import load_plugins
-from randlora_core.state import apply_checkpoint_to, build_checkpoint
+from randlora_core.state import apply_checkpoint_to, build_checkpoint, check_fits
 from randlora_spec import checkpoint as spec_ckpt
-from randlora_spec.errors import CheckpointError
 
 
 def save_adapter(model: RandLoraModel, path: str | Path, adapter_name: str | None = None) -> None:
@@ -44,8 +43,9 @@ def apply_checkpoint(
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> RandLoraModel:
     """Load the adapter stored at ``path`` into ``model`` and return the :class:`RandLoraModel`.
 
-    As :func:`apply_checkpoint`, for a checkpoint file: the file and its fit to the model are fully
-    validated first; on any error the model is unchanged.
+    As :func:`apply_checkpoint`, for a checkpoint file. The file's header is validated and checked
+    against the model before any tensor data is read (a file that does not fit costs no more than
+    its header), then each tensor is read once; on any error the model is unchanged.
 
     Raises:
         CheckpointError: malformed file, or it does not fit the model.
@@ -54,7 +54,7 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     """
     load_plugins()
     source = str(path)
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{source}: no such checkpoint file")
-    return apply_checkpoint(model, spec_ckpt.from_bytes(p.read_bytes(), source), adapter_name, source)
+    with spec_ckpt.open_checkpoint(path, source=source) as reader:
+        check_fits(model.model if isinstance(model, RandLoraModel) else model, reader.header, source)
+        ckpt = reader.load()
+    return apply_checkpoint(model, ckpt, adapter_name, source)

@@ -189,30 +189,34 @@ def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source:
         )
 
 
-def _check_saved(root: nn.Module, path: str, names: list[str], ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> None:
+def _check_saved(root: nn.Module, path: str, names: list[str], header: spec_ckpt.CheckpointHeader, source: str) -> None:
     module = base_module(root, path)
     if module is None:
         raise CheckpointError(f"{source}: the model has no module {path!r} (modules_to_save)")
     params = dict(module.named_parameters())
     for name in names:
-        want = ckpt.tensors[f"{path}.{name}"].shape
+        want = header.tensors[f"{path}.{name}"].shape
         if name not in params or tuple(params[name].shape) != want:
             raise CheckpointError(f"{source}: module {path!r} has no parameter {name!r} of shape {want} (modules_to_save)")
 
 
-def check_fits(root: nn.Module, ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> None:
-    """Every recorded layer, bias and saved parameter exists in ``root`` with the recorded shape and layout."""
-    for path, rec in ckpt.layers.items():
+def check_fits(root: nn.Module, header: spec_ckpt.CheckpointHeader, source: str) -> None:
+    """Every recorded layer, bias and saved parameter exists in ``root`` with the recorded shape and layout.
+
+    Needs only the checkpoint's validated header, so a file is checked against the model before
+    any of its tensor data is read.
+    """
+    for path, rec in header.layers.items():
         _check_layer(root, path, rec, source)
-    for path in ckpt.biases:
+    for path in header.biases:
         module = base_module(root, path)
         bias = module._parameters.get("bias") if module is not None else None
-        want = ckpt.tensors[path + ".bias"].shape
+        want = header.tensors[path + ".bias"].shape
         if bias is None or tuple(bias.shape) != want:
             got = "no bias" if bias is None else f"bias of shape {tuple(bias.shape)}"
             raise CheckpointError(f"{source}: module {path!r} has {got}; the checkpoint stores a bias of shape {want}")
-    for path, names in ckpt.modules_to_save.items():
-        _check_saved(root, path, names, ckpt, source)
+    for path, names in header.modules_to_save.items():
+        _check_saved(root, path, names, header, source)
 
 
 def checkpoint_bases(ckpt: spec_ckpt.AdapterCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,8 +237,7 @@ def apply_checkpoint_to(
     ``ckpt`` and its fit to the model are validated completely first; on any error the model is unchanged.
     """
     load_plugins()
-    spec_ckpt.to_bytes(ckpt)  # every check of the spec's reader
-    check_fits(model.model, ckpt, source)
+    check_fits(model.model, spec_ckpt.validate(ckpt, source=source), source)
     try:
         saved = resolve_saved(model.model, ckpt.config)
     except ConfigError as exc:
