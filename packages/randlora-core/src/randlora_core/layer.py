@@ -32,7 +32,7 @@ from randlora_core.compute import Compute
 from randlora_core.engine import layer_forward
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
-from randlora_core.registry import _register_builtin, is_conv1d_like, plain_linear_operands
+from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import DtypeError, MergeError, ShapeError
@@ -72,12 +72,10 @@ class RandLoraLinear(nn.Module):
 
     def _features(self, base_layer: nn.Module) -> tuple[int, int]:
         """``(in_features, out_features)`` of the base layer."""
-        if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
-            return int(base_layer.in_features), int(base_layer.out_features)
-        if is_conv1d_like(base_layer):
-            in_f, out_f = base_layer.weight.shape
-            return int(in_f), int(out_f)
-        raise ShapeError(f"cannot read in_features/out_features of {type(base_layer).__name__}")
+        features = linear_features(base_layer)
+        if features is None:
+            raise ShapeError(f"cannot read in_features/out_features of {type(base_layer).__name__}")
+        return features
 
     def _base_forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """The frozen base layer's output; a float input of another dtype is cast to a float weight's dtype first."""

@@ -25,7 +25,7 @@ from torch import nn
 from randlora_core.bases import RandLoraBases
 from randlora_core.layer import RandLoraLinear
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.planning import AdapterPlan, opaque, plan_adapter, windows_fit
+from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
 from randlora_core.registry import is_randlora_layer
 from randlora_core.state import build_checkpoint
 from randlora_core.targeting import visible_modules
@@ -57,6 +57,9 @@ class RandLoraModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: RandLoraConfig | None = None, adapter_name: str = "default") -> None:
+        if isinstance(model, RandLoraModel):
+            raise ConfigError("model is already a RandLoraModel; call its add_adapter() instead")
+        check_unadapted(model)
         super().__init__()
         self.model = model
         self.randlora_bases: RandLoraBases | None = None
@@ -169,9 +172,14 @@ class RandLoraModel(nn.Module):
         """
         if self.randlora_bases is None:
             raise ShapeError("the model has no adapters yet; add one before setting its bases")
+        if not isinstance(randlora_A, torch.Tensor) or not isinstance(randlora_B, torch.Tensor):
+            raise ShapeError(f"bases must be tensors, got {type(randlora_A).__name__} and {type(randlora_B).__name__}")
         a, b = randlora_A.detach().to(torch.float32), randlora_B.detach().to(torch.float32)
         if a.dim() != 3 or b.dim() != 3:
             raise ShapeError(f"bases must be 3-D: A (r, 1, m_max), B (M_max, nb_max, r); got {tuple(a.shape)}, {tuple(b.shape)}")
+        for which, t in (("randlora_A", a), ("randlora_B", b)):
+            if not bool(torch.isfinite(t).all()):
+                raise ShapeError(f"{which} holds NaN or Inf values (after conversion to float32); bases must be finite")
         have = shape_of_bases(a.shape, b.shape)
         dims = [(layer.in_features, layer.out_features) for _, layer in self.named_randlora_layers()]
         if not windows_fit(have, dims, [c.r for c in self.peft_config.values()]):
@@ -353,6 +361,4 @@ def get_randlora_model(model: nn.Module, config: RandLoraConfig, adapter_name: s
     ``model`` is modified in place (targeted layers replaced, parameters frozen) only if this
     returns; on any error it is left unchanged.
     """
-    if isinstance(model, RandLoraModel):
-        raise ConfigError("model is already a RandLoraModel; call its add_adapter() instead")
     return RandLoraModel(model, config, adapter_name)

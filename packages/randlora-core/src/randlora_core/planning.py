@@ -28,7 +28,7 @@ from randlora_core.registry import is_randlora_layer, layout_of, load_plugins, w
 from randlora_core.targeting import name_matches, select_targets, visible_modules
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import CheckpointError, ConfigError, ShapeError
+from randlora_spec.errors import CheckpointError, ConfigError, ShapeError, TargetModuleError
 from randlora_spec.geometry import BasesShape, LayerGeometry, allocation, shape_of_bases
 
 if TYPE_CHECKING:
@@ -70,6 +70,39 @@ def opaque(module: nn.Module) -> bool:
 def adaptable(module: nn.Module) -> bool:
     """Modules a wrapper exists for (or that already are RandLoRA layers)."""
     return is_randlora_layer(module) or wrapper_for(module) is not None
+
+
+def check_unadapted(module: nn.Module) -> None:
+    """Refuse a module that already holds RandLoRA layers outside a :class:`RandLoraModel` given to us.
+
+    That is the inner model of a live RandLoraModel (``rl.get_base_model()``) or PeftModel: adapting
+    it again would repoint the live model's layers at new bases and freeze its parameters behind
+    its back.
+    """
+    for name, sub in module.named_modules():
+        if is_randlora_layer(sub) or isinstance(sub, ModulesToSaveWrapper):
+            kind = "a RandLoRA layer" if is_randlora_layer(sub) else "a modules_to_save wrapper"
+            raise ConfigError(
+                f"the model already holds {kind} at {name or '<root>'!r}: it is (inside) an adapted model; add or load "
+                "adapters through the RandLoraModel that owns it, or unload() that first"
+            )
+
+
+def check_path(root: nn.Module, path: str) -> str | None:
+    """The first proper prefix of ``path`` that is a RandLoRA or ``modules_to_save`` wrapper, else ``None``.
+
+    Paths are addressed as in the base model; one that runs through a wrapper (``q.base_layer``,
+    ``head.modules_to_save.default``) names a wrapper's internals.
+    """
+    parts = path.split(".")
+    module = root
+    for i, part in enumerate(parts[:-1]):
+        module = getattr(module, "_modules", {}).get(part)
+        if module is None:
+            return None
+        if opaque(module):
+            return ".".join(parts[: i + 1])
+    return None
 
 
 def windows_fit(shape: BasesShape, dims: list[tuple[int, int]], ranks: list[int]) -> bool:
@@ -118,6 +151,9 @@ def plan_layers(root: nn.Module, paths: list[str], config: RandLoraConfig, warn:
     """``(path, layer, is_new)`` for each target; new wrappers are built but not yet inserted."""
     plan = []
     for path in paths:
+        wrapper = check_path(root, path)
+        if wrapper is not None:
+            raise TargetModuleError(f"module {path!r} lies inside the RandLoRA wrapper {wrapper!r}; name modules by their path")
         module = root.get_submodule(path)
         if is_randlora_layer(module):
             plan.append((path, module, False))
@@ -151,6 +187,11 @@ def plan_bases(
     """New ``(A, B, regenerable)`` for the shared bases, or ``None`` to keep the current pair."""
     kind = basis_kind(config.sparse, config.very_sparse)
     needed = allocation(dims, ranks)
+    if config.r > needed.M_max:
+        raise ShapeError(
+            f"r={config.r} is larger than every adapted layer's larger side (at most {needed.M_max}): such a rank adds "
+            "bases but no rank to the update, at a cost of r x M values"
+        )
     current = model.randlora_bases
     if current is None:
         if stored is not None:

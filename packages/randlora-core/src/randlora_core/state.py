@@ -21,8 +21,8 @@ from torch import nn
 
 from randlora_core.bases import generate_bases
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.planning import plan_adapter, resolve_saved
-from randlora_core.registry import is_randlora_layer, layout_of, load_plugins, wrapper_for
+from randlora_core.planning import AdapterPlan, adaptable, check_path, plan_adapter, resolve_saved
+from randlora_core.registry import is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
@@ -168,7 +168,17 @@ def base_module(root: nn.Module, path: str) -> nn.Module | None:
     return module.get_base_layer() if is_randlora_layer(module) else module
 
 
+def _check_path(root: nn.Module, path: str, source: str) -> None:
+    wrapper = check_path(root, path)
+    if wrapper is not None:
+        raise CheckpointError(
+            f"{source}: path {path!r} lies inside the RandLoRA wrapper {wrapper!r}; checkpoints name modules by their "
+            "path in the base model"
+        )
+
+
 def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source: str) -> None:
+    _check_path(root, path, source)
     module = base_module(root, path)
     if module is None:
         raise CheckpointError(f"{source}: the model has no module {path!r} recorded in the checkpoint")
@@ -190,6 +200,7 @@ def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source:
 
 
 def _check_saved(root: nn.Module, path: str, names: list[str], header: spec_ckpt.CheckpointHeader, source: str) -> None:
+    _check_path(root, path, source)
     module = base_module(root, path)
     if module is None:
         raise CheckpointError(f"{source}: the model has no module {path!r} (modules_to_save)")
@@ -209,6 +220,7 @@ def check_fits(root: nn.Module, header: spec_ckpt.CheckpointHeader, source: str)
     for path, rec in header.layers.items():
         _check_layer(root, path, rec, source)
     for path in header.biases:
+        _check_path(root, path, source)
         module = base_module(root, path)
         bias = module._parameters.get("bias") if module is not None else None
         want = header.tensors[path + ".bias"].shape
@@ -217,6 +229,41 @@ def check_fits(root: nn.Module, header: spec_ckpt.CheckpointHeader, source: str)
             raise CheckpointError(f"{source}: module {path!r} has {got}; the checkpoint stores a bias of shape {want}")
     for path, names in header.modules_to_save.items():
         _check_saved(root, path, names, header, source)
+    _check_sizes(root, header, source)
+
+
+def _largest_side(root: nn.Module) -> int:
+    """The largest in/out size of any module RandLoRA could adapt in ``root`` (0 if none)."""
+    sides = [0]
+    for _, module in root.named_modules():
+        features = linear_features(module) if adaptable(module) else None
+        if features is not None:
+            sides.append(max(features))
+    return max(sides)
+
+
+def _check_sizes(root: nn.Module, header: spec_ckpt.CheckpointHeader, source: str) -> None:
+    """A checkpoint may not ask for more bases than adapting its (existing) layers of ``root`` would allocate.
+
+    Stored bases cost what the file holds; absent ones are regenerated, so their recorded
+    allocation is bounded by the recorded layers' own (SPEC 3.1), and for very_sparse, whose
+    m_max may be the saving model's, by the largest layer of this model.
+    """
+    r, shape = header.config.r, header.bases_shape
+    own = bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in header.layers.values()], r)
+    if r > own.M_max:
+        raise CheckpointError(f"{source}: r={r} is larger than every adapted layer's larger side (at most {own.M_max})")
+    if header.bases_stored:
+        return
+    if header.config.very_sparse:
+        fits = shape.m_max <= max(own.M_max, _largest_side(root)) and shape.M_max <= max(shape.m_max, own.M_max)
+    else:
+        fits = own.covers(shape)
+    if not fits:
+        raise CheckpointError(
+            f"{source}: bases_shape {shape} is larger than the allocation its layers need ({own}); regenerating it "
+            f"would cost {shape.elements} values"
+        )
 
 
 def checkpoint_bases(ckpt: spec_ckpt.AdapterCheckpoint) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,17 +294,58 @@ def apply_checkpoint_to(
         raise CheckpointError(f"{source}: modules_to_save tensors for {unsaved} do not match the config's modules_to_save")
     layer_paths = sorted(ckpt.layers)
     plan = plan_adapter(model, adapter_name, ckpt.config, layer_paths, checkpoint_bases(ckpt), warn=False)
+    values = _values_for(model.model, plan, ckpt, source)
     model._commit(plan)
     with torch.no_grad():
-        for path in layer_paths:
-            layer = model.model.get_submodule(path)
-            layer.randlora_lambda[adapter_name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.lam(path))))
-            layer.randlora_gamma[adapter_name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.gamma(path))))
-        for path in ckpt.biases:
-            module = base_module(model.model, path)
-            assert module is not None
-            module._parameters["bias"].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.tensors[path + ".bias"])))
-        for path, names in ckpt.modules_to_save.items():
-            params = dict(model.model.get_submodule(path).modules_to_save[adapter_name].named_parameters())
-            for name in names:
-                params[name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.tensors[f"{path}.{name}"])))
+        for slot, value in values.items():
+            _destination(model.model, adapter_name, slot).copy_(value)
+
+
+Slot = tuple[str, str, str]
+"""``(kind, module path, name)``: kind ``layer`` (name ``randlora_lambda``/``randlora_gamma``), ``bias`` or ``saved``."""
+
+
+def _values_for(root: nn.Module, plan: AdapterPlan, ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> dict[Slot, torch.Tensor]:
+    """Every value the checkpoint sets, already in its parameter's dtype and device and checked finite there.
+
+    A value finite on disk can overflow in a narrower parameter dtype (float64 1e300 into float32);
+    that is found before the model changes.
+    """
+    wrappers = {path: layer for path, layer, _ in plan.layers}
+    values: dict[Slot, torch.Tensor] = {}
+
+    def put(slot: Slot, array: np.ndarray, like: tuple[torch.dtype, torch.device]) -> None:
+        value = torch.from_numpy(np.ascontiguousarray(array)).to(device=like[1], dtype=like[0])
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: {slot[1]}.{slot[2]} overflows to Inf in the model's dtype {like[0]}")
+        values[slot] = value
+
+    for path in sorted(ckpt.layers):
+        layer = wrappers[path]
+        like = (layer._param_dtype(), layer._param_device())
+        put(("layer", path, "randlora_lambda"), ckpt.lam(path), like)
+        put(("layer", path, "randlora_gamma"), ckpt.gamma(path), like)
+    for path in ckpt.biases:
+        bias = _base_param(root, path, "bias")
+        put(("bias", path, "bias"), ckpt.tensors[path + ".bias"], (bias.dtype, bias.device))
+    for path, names in ckpt.modules_to_save.items():
+        for name in names:
+            param = _base_param(root, path, name)
+            put(("saved", path, name), ckpt.tensors[f"{path}.{name}"], (param.dtype, param.device))
+    return values
+
+
+def _base_param(root: nn.Module, path: str, name: str) -> torch.Tensor:
+    module = base_module(root, path)
+    assert module is not None
+    return dict(module.named_parameters())[name]
+
+
+def _destination(root: nn.Module, adapter_name: str, slot: Slot) -> torch.Tensor:
+    """The parameter a checkpoint value goes to, once the adapter is committed."""
+    kind, path, name = slot
+    if kind == "layer":
+        return getattr(root.get_submodule(path), name)[adapter_name]
+    if kind == "bias":
+        return _base_param(root, path, "bias")
+    return dict(root.get_submodule(path).modules_to_save[adapter_name].named_parameters())[name]
