@@ -21,7 +21,7 @@ from conftest import MLP, adapt, quantized, seeded_linear
 from torch import nn
 
 from randlora_core import load_adapter
-from randlora_core.driver import SingleLayer
+from randlora_core.testing import SingleLayer
 
 
 def _load_catalogue() -> ModuleType:

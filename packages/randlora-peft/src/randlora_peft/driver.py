@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from randlora_core.driver import SingleLayer
+from randlora_core.testing import SingleLayer, tree_of
 from randlora_peft._peft import import_peft
 from randlora_peft.accelerate import accelerate
 from randlora_peft.convert import write_peft_adapter
@@ -170,7 +170,7 @@ class PeftDriver:
         peft = import_peft()
         ckpt = spec_ckpt.load(case.files["checkpoint"])
         dtype = _DTYPES[case.dtype]
-        root = nn.Module()
+        layers: dict[str, nn.Module] = {}
         for path, rec in sorted(ckpt.layers.items()):
             bias = case.inputs.get(f"{path}.bias")
             layer = _make_layer(
@@ -180,13 +180,8 @@ class PeftDriver:
                 layer.weight.copy_(_t(case.inputs[f"{path}.weight"], dtype))
                 if bias is not None:
                     layer.bias.copy_(_t(bias, dtype))
-            parent = root
-            *parents, leaf = path.split(".")
-            for part in parents:
-                if part not in parent._modules:
-                    parent.add_module(part, nn.Module())
-                parent = parent._modules[part]  # type: ignore[assignment]
-            parent.add_module(leaf, layer)
+            layers[path] = layer
+        root = tree_of(layers)
         with tempfile.TemporaryDirectory(prefix="randlora-peft-driver-") as tmp:
             write_peft_adapter(ckpt, Path(tmp) / "adapter")
             model = peft.PeftModel.from_pretrained(root, str(Path(tmp) / "adapter"))
