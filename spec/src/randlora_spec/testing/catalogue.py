@@ -3,22 +3,32 @@
 Each row of the table in ``docs/errors.md`` has an id ``ERR-NNN``, the entry point, the bad input,
 the exception type and the message the user sees. In the message column, ``…`` stands for a
 variable part (a path, a number); the other pieces must appear in the exception's message in that
-order. Tests in every package load this module by path (:func:`load`) and call :func:`check` with
-the row id, so the table and the tests cannot drift apart: ``docs/tests/test_errors_catalogue.py``
-also checks that every row has a test and every test id a row.
+order. Each package's catalogue test registers one setup per row (:class:`Setups`) and calls
+:func:`check_row`, so the table and the tests cannot drift apart;
+``docs/tests/test_errors_catalogue.py`` also checks that every row has a test and every test id a row.
+
+Malformed tables and failed checks are reported with ``assert``: this module serves test runs.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "errors.md"
+from randlora_spec.errors import RandLoraError
+from randlora_spec.testing.checkout import errors_doc
+
 ROW_ID = re.compile(r"ERR-\d{3}")
 _ROW = re.compile(r"^\|\s*(ERR-\d{3})\s*\|(.*)\|\s*$")
+
+OS_ERRORS = frozenset({"FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError", "OSError"})
+"""Operating-system errors pass through unchanged (documented rows); every other row is a RandLoraError."""
 
 
 @dataclass(frozen=True)
@@ -59,26 +69,29 @@ def _unquote(cell: str) -> str:
     return cell[1:-1] if len(cell) >= 2 and cell[0] == cell[-1] == "`" else cell
 
 
-def rows(doc: Path = DOC) -> dict[str, Row]:
-    """Every row of the catalogue table, by id (duplicate ids are an error)."""
+@functools.lru_cache(maxsize=4)
+def _rows(doc: Path) -> dict[str, Row]:
     out: dict[str, Row] = {}
     for line in doc.read_text(encoding="utf-8").splitlines():
         if not _ROW.match(line):
             continue
         cells = _cells(line.strip())[1:-1]
-        if len(cells) != 5:
-            raise AssertionError(f"{doc}: row needs 5 columns: {line}")
+        assert len(cells) == 5, f"{doc}: row needs 5 columns: {line}"
         row_id, entry, bad, exc, message = cells
-        if row_id in out:
-            raise AssertionError(f"{doc}: duplicate row id {row_id}")
+        assert row_id not in out, f"{doc}: duplicate row id {row_id}"
         name = re.search(r"`([^`]+)`", exc)
         out[row_id] = Row(row_id, entry, bad, name[1] if name else exc, _unquote(message), "pending" in exc)
     return out
 
 
-def check(row_id: str, exc: BaseException) -> None:
+def rows(doc: Path | None = None) -> dict[str, Row]:
+    """Every row of the catalogue table, by id (duplicate ids are an error); ``doc`` defaults to docs/errors.md."""
+    return dict(_rows((doc or errors_doc()).resolve()))
+
+
+def check(row_id: str, exc: BaseException, doc: Path | None = None) -> None:
     """Assert that ``exc`` is what row ``row_id`` documents: exact type name and message pieces in order."""
-    row = rows()[row_id]
+    row = rows(doc)[row_id]
     name = type(exc).__name__
     assert name == row.exception, f"{row_id}: documented {row.exception}, raised {name}: {exc}"
     text, position = str(exc), 0
@@ -87,13 +100,7 @@ def check(row_id: str, exc: BaseException) -> None:
         assert found >= 0, f"{row_id}: message {text!r} lacks {piece!r} (after position {position})"
         position = found + len(piece)
     if row.exception not in OS_ERRORS and not row.pending:
-        from randlora_spec.errors import RandLoraError
-
         assert isinstance(exc, RandLoraError), f"{row_id}: {name} is not a RandLoraError"
-
-
-OS_ERRORS = frozenset({"FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "PermissionError", "OSError"})
-"""Operating-system errors pass through unchanged (documented rows); every other row is a RandLoraError."""
 
 
 def tree_state(path: Path) -> list[tuple[str, str]]:
@@ -105,27 +112,68 @@ def tree_state(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def model_state(model: object) -> dict[str, object]:
+def model_state(model: Any) -> dict[str, object]:
     """Everything observable about a torch model, bit for bit.
 
     Parameters and buffers (non-persistent ones too) as raw bytes with dtype, shape and
-    ``requires_grad``; the module tree (names and types); for a RandLoraModel its adapters, their
-    configs, the active and the merged ones.
+    ``requires_grad``; the module tree (names and types); for a RandLoraModel or PEFT model its
+    adapters, their configs, the active and the merged ones.
     """
-    import torch
+    import torch  # only tests of the torch packages inspect models; randlora-spec itself has no torch
 
     def raw(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
         flat = t.detach().cpu().contiguous().reshape(-1)
         return str(t.dtype), tuple(t.shape), flat.view(torch.uint8).numpy().tobytes()
 
     state: dict[str, object] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):  # type: ignore[attr-defined]
+    for name, param in model.named_parameters(remove_duplicate=False):
         state[f"param:{name}"] = (*raw(param), param.requires_grad)
-    for name, buf in model.named_buffers(remove_duplicate=False):  # type: ignore[attr-defined]
+    for name, buf in model.named_buffers(remove_duplicate=False):
         state[f"buffer:{name}"] = raw(buf)
-    state["modules"] = [(n, type(m).__qualname__) for n, m in model.named_modules(remove_duplicate=False)]  # type: ignore[attr-defined]
+    state["modules"] = [(n, type(m).__qualname__) for n, m in model.named_modules(remove_duplicate=False)]
     if hasattr(model, "peft_config") and isinstance(model.peft_config, dict):
         state["configs"] = {k: getattr(v, "to_json", lambda v=v: repr(v))() for k, v in model.peft_config.items()}
         state["active"] = list(getattr(model, "active_adapters", []))
         state["merged"] = list(getattr(model, "merged_adapters", []))
     return state
+
+
+def check_row(row_id: str, call: Callable[[], object], model: Any | None, directory: Path) -> None:
+    """Run ``call``: it must raise what row ``row_id`` documents and leave ``model`` and ``directory`` as they were.
+
+    ``model`` (a torch module, or ``None`` when the call involves none) is compared with
+    :func:`model_state`, every file under ``directory`` with :func:`tree_state`. Warnings the call
+    emits on its way to the error are ignored: the error is the result.
+    """
+    before_model = model_state(model) if model is not None else None
+    before_files = tree_state(directory)
+    raised: BaseException | None = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            call()
+        except Exception as exc:  # any exception: the row says which one it must be
+            raised = exc
+    assert raised is not None, f"{row_id}: no exception was raised"
+    check(row_id, raised)
+    if model is not None:
+        assert model_state(model) == before_model, f"{row_id}: the model changed"
+    assert tree_state(directory) == before_files, f"{row_id}: files changed"
+
+
+Setup = Callable[..., tuple[Any, Callable[[], object]]]
+"""A row's setup: builds the model and files (under a directory it is given) and returns ``(model, call)``."""
+
+
+class Setups(dict[str, Setup]):
+    """The setups of one test file by row id; ``@setups.row("ERR-NNN")`` registers a function."""
+
+    def row(self, row_id: str) -> Callable[[Setup], Setup]:
+        """Decorator registering ``fn`` as the setup of ``row_id`` (each id once)."""
+
+        def register(fn: Setup) -> Setup:
+            assert ROW_ID.fullmatch(row_id) and row_id not in self, f"bad or repeated row id {row_id}"
+            self[row_id] = fn
+            return fn
+
+        return register
