@@ -9,14 +9,12 @@ attempt to allocate what the file asks for fails the test instead of passing as 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -30,21 +28,8 @@ from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.checkpoint import metadata_for
 from randlora_spec.geometry import BasesShape
 from randlora_spec.safetensors_io import decode, encode
+from randlora_spec.testing import catalogue
 from randlora_spec.tolerances import check_close
-
-
-def _load_catalogue() -> ModuleType:
-    name = "randlora_docs_catalogue"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[3] / "docs" / "tests" / "catalogue.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-catalogue = _load_catalogue()
 
 Case = Callable[[Path], tuple[list[nn.Module], Callable[[], object]]]
 CASES: dict[str, tuple[str, Case]] = {}
