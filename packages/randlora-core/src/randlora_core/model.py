@@ -24,6 +24,7 @@ from torch import nn
 
 from randlora_core.bases import RandLoraBases
 from randlora_core.layer import RandLoraLinear
+from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
 from randlora_core.registry import is_randlora_layer
@@ -72,9 +73,37 @@ class RandLoraModel(nn.Module):
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped model."""
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Call the wrapped model; with ``adapter_names`` (one per sample) each row uses its own adapter.
+
+        ``adapter_names[i]`` names the adapter for batch row ``i``, or ``"__base__"`` for the base
+        model alone (PEFT's mixed-adapter batches). Rows are grouped by adapter, so ``k`` adapters
+        cost about ``k`` adapter passes; row ``i`` equals a call with adapter ``adapter_names[i]``
+        active. Not while adapters are merged.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        wrappers = self._mixed_wrappers(adapter_names)
+        for wrapper in wrappers:
+            wrapper.mixed_adapters = list(adapter_names)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for wrapper in wrappers:
+                wrapper.mixed_adapters = None
+
+    def _mixed_wrappers(self, adapter_names: list[str]) -> list[nn.Module]:
+        """The layers and saved-module wrappers a mixed-adapter call reaches, after checking the names."""
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise ConfigError(
+                f"adapter_names must be a list of adapter names (one per sample), got {type(adapter_names).__name__}"
+            )
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise AdapterNotFoundError(f"adapter_names: {unknown} not found; the model has {list(self.peft_config)} and {BASE!r}")
+        if self.merged_adapters:
+            raise MergeError(f"adapter_names cannot be used while adapters {self.merged_adapters} are merged; unmerge them first")
+        return [layer for _, layer in self.named_randlora_layers()] + [w for _, w in self._modules_to_save()]
 
     def __getattr__(self, name: str) -> Any:
         try:
