@@ -22,7 +22,7 @@ def _compare_exact(actual: np.ndarray, expected: np.ndarray) -> tuple[bool, floa
 def test_golden_case(driver: Driver, case: GoldenCase, record) -> None:
     result = driver.run(case)
     if isinstance(result, Unsupported):
-        record(driver.name, case, "skipped")
+        record(driver.name, case, "skipped", detail=result.reason)
         pytest.skip(f"{driver.name} does not support {case.id}: {result.reason}")
     problems: list[str] = []
     worst = 0.0
