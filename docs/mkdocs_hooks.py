@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mkdocs.config.defaults import MkDocsConfig
-from mkdocs.structure.files import File, Files
+from mkdocs.structure.files import File, Files, InclusionLevel
 
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
@@ -85,7 +85,8 @@ def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
         source = ROOT / uri
         if files.get_file_from_path(uri) is not None or not source.is_file():
             continue  # already there, or missing: MkDocs reports a missing nav entry or link target
-        files.append(File.generated(config, uri, abs_src_path=str(source)))
+        # INCLUDED: published even where MkDocs would skip it by name (.ci/constraints.txt, a dot folder).
+        files.append(File.generated(config, uri, abs_src_path=str(source), inclusion=InclusionLevel.INCLUDED))
         if source.suffix == ".md":
             queue.extend(_linked(uri, source.read_text(encoding="utf-8")))
     return files
