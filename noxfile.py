@@ -16,7 +16,7 @@ distribution alone works. Sessions:
     nox -s fuzz          long fuzzing budget
     nox -s lint | golden | spec | core | peft | bnb | readme
 
-Virtualenvs are made and filled by uv (install nox with its ``uv`` extra): every session takes
+Virtualenvs are made and filled by uv (``pip install nox uv``, as README.md says): every session takes
 torch and the rest from uv's cache through hard links, so a session costs seconds and a few MB
 of disk instead of a fresh 1 GB torch. Which torch build gets installed is uv's choice: set
 UV_TORCH_BACKEND=cpu for the CPU build from PyTorch's index (see README.md); ``.ci/run`` instead
