@@ -95,11 +95,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             tally.failures.append(f"{case_id}: {detail}")
 
 
-LEGEND = (
-    "legend: worst error/bound = the largest, over a driver's cases, of max|actual - expected| divided by the bound "
-    "atol + rtol * max|expected| that SPEC.md section 7 sets for the case's dtype; below 1 passes, 0 is exact "
-    "(bases must be bit-identical, so they show 0 or inf)"
-)
+LEGEND = [
+    "legend: worst error/bound = the largest, over a driver's cases, of max|actual - expected| / (atol + rtol * max|expected|),",
+    "        the bound SPEC.md section 7 sets for its dtype: below 1 passes, 0 is exact; bases must be bit-identical (0 or inf)",
+]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -116,4 +115,5 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         # Printed here rather than left to pytest's -rs so they show under -q too.
         for reason, count in sorted(t.skip_reasons.items()):
             tr.write_line(f"    skipped {count}: {reason}")
-    tr.write_line(LEGEND)
+    for line in LEGEND:
+        tr.write_line(line)
