@@ -6,8 +6,6 @@ by its exact message and category, so anything else, and every warning of ours, 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 # `import bitsandbytes` wraps its default ops in torch.compile, whose inductor imports torch 2.13's
@@ -24,7 +22,3 @@ THIRD_PARTY_NOISE = [
 def pytest_configure(config: pytest.Config) -> None:
     for line in THIRD_PARTY_NOISE:
         config.addinivalue_line("filterwarnings", line)
-    # Under xdist the jit notice also reached the terminal a dozen times outside any test's warning
-    # capture; other processes (xdist's workers, any a test starts) take filters from the environment.
-    inherited = os.environ.get("PYTHONWARNINGS")
-    os.environ["PYTHONWARNINGS"] = f"{inherited},{JIT_NOTICE}" if inherited else JIT_NOTICE
