@@ -9,8 +9,10 @@ distribution alone works. Sessions:
                          the fine-tuning example, conformance, a smoke run of the benchmark
     nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
     nox -s bench         benchmark against PEFT (tools/bench.py), writes bench/results/
+    nox -s bench_jax     randlora-jax's jit-compiled training step next to randlora-core's (tools/bench_jax.py)
+    nox -s crossframework  adapters trained in JAX load in randlora-core and the reverse
     nox -s fuzz          long fuzzing budget
-    nox -s lint | golden | spec | core | peft | bnb
+    nox -s lint | golden | spec | core | peft | bnb | jax
 
 On a machine whose only local torch is the CPU wheel, set PIP_CONSTRAINT=.ci/constraints.txt
 (``.ci/run`` does) so pip picks it instead of a multi-GB CUDA build. With RANDLORA_DROP_VENVS=1
@@ -43,7 +45,12 @@ PACKAGES: dict[str, list[str]] = {
     "core": [SPEC, "packages/randlora-core"],
     "peft": [SPEC, "packages/randlora-core", "packages/randlora-peft"],
     "bnb": [SPEC, "packages/randlora-core", "packages/randlora-bnb"],
+    "jax": [SPEC, "packages/randlora-jax"],
 }
+# Test dependencies a package's own tests need beyond TEST_DEPS.
+EXTRA_TEST_DEPS: dict[str, list[str]] = {"jax": ["optax>=0.2.4"]}
+CORE = "packages/randlora-core"
+NO_TORCH = "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
 IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
 
@@ -89,13 +96,15 @@ def golden(session: nox.Session) -> None:
 def spec(session: nox.Session) -> None:
     """Unit tests of randlora-spec (no torch in this venv)."""
     _install(session, [SPEC], *TEST_DEPS, "safetensors>=0.4")
-    session.run("python", "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)")
+    session.run("python", "-c", NO_TORCH)
     session.run("pytest", "spec/tests", "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 def _package_session(name: str, paths: list[str]) -> None:
     def run(session: nox.Session) -> None:
-        _install(session, paths, *TEST_DEPS)
+        _install(session, paths, *TEST_DEPS, *EXTRA_TEST_DEPS.get(name, []))
+        if CORE not in paths:  # a torch-free distribution: prove torch did not come in as a dependency
+            session.run("python", "-c", NO_TORCH)
         session.run(
             "pytest",
             f"{paths[-1]}/tests",
@@ -127,6 +136,20 @@ def conformance(session: nox.Session, impl: str) -> None:
     session.run(
         "pytest", "conformance", "--distribution", distribution, "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs
     )
+
+
+@_session
+def crossframework(session: nox.Session) -> None:
+    """Adapters trained in JAX load in randlora-core with equal outputs, and the reverse (spec + core + jax)."""
+    _install(session, [SPEC, CORE, "packages/randlora-jax"], "pytest>=8", "optax>=0.2.4")
+    session.run("pytest", "packages/randlora-jax/tests_crossframework", "-q", "-p", "no:cacheprovider", *session.posargs)
+
+
+@_session
+def bench_jax(session: nox.Session) -> None:
+    """randlora-jax's jit-compiled training step vs randlora-core's, same shapes, one process (tools/bench_jax.py)."""
+    _install(session, [SPEC, CORE, "packages/randlora-jax"], "optax>=0.2.4")
+    session.run("python", "tools/bench_jax.py", *session.posargs)
 
 
 @_session
@@ -180,6 +203,7 @@ def tests(session: nox.Session) -> None:
     """The whole suite CI runs: queues every test session."""
     # notify() of a parametrized session queues one parametrization only, so name each.
     queue = ["lint", "golden", "spec", *PRESENT, "readme", "example"]
-    for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS)]:
+    for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS), "crossframework"]:
         session.notify(name)
     session.notify("bench", ["--smoke"])  # proves the benchmark runs; real numbers need a quiet machine
+    session.notify("bench_jax", ["--smoke"])

@@ -177,6 +177,10 @@ def load_adapter(model: nnx.Module, path: str | Path, adapter_name: str = "defau
     if isinstance(model, RandLoraModel):
         if adapter_name in model.peft_config:
             raise CheckpointError(f"{source}: the model already has an adapter named {adapter_name!r}")
+        try:
+            model.randlora_bases.check_identity(identity, f"adapter {adapter_name!r}")
+        except ConfigError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
         if not model.randlora_bases.windows_equal(a, b):
             raise CheckpointError(f"{source}: the checkpoint's bases differ from the model's shared bases")
         target = model
