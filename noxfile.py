@@ -10,7 +10,7 @@ distribution alone works. Sessions:
     nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
     nox -s bench         benchmark against PEFT (tools/bench.py), writes bench/results/
     nox -s bench_jax     randlora-jax's jit-compiled training step next to randlora-core's (tools/bench_jax.py)
-    nox -s crossframework  adapters trained in JAX load in randlora-core and the reverse
+    nox -s crossframework  adapters cross between JAX and torch; the JAX example; bench_jax --smoke
     nox -s fuzz          long fuzzing budget
     nox -s lint | golden | spec | core | peft | bnb | jax
 
@@ -140,9 +140,16 @@ def conformance(session: nox.Session, impl: str) -> None:
 
 @_session
 def crossframework(session: nox.Session) -> None:
-    """Adapters trained in JAX load in randlora-core with equal outputs, and the reverse (spec + core + jax)."""
+    """Everything that needs randlora-core and randlora-jax in one venv (spec + core + jax).
+
+    The round-trip tests (JAX-trained adapters load in randlora-core with equal outputs, and the
+    reverse), the JAX fine-tuning example (which reloads its adapter in torch) and a smoke run of
+    tools/bench_jax.py: one venv instead of three keeps the JAX sessions' share of CI small.
+    """
     _install(session, [SPEC, CORE, "packages/randlora-jax"], "pytest>=8", "optax>=0.2.4")
     session.run("pytest", "packages/randlora-jax/tests_crossframework", "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run("python", "examples/jax_finetune.py", "--steps", "150")
+    session.run("python", "tools/bench_jax.py", "--smoke")
 
 
 @_session
@@ -206,4 +213,4 @@ def tests(session: nox.Session) -> None:
     for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS), "crossframework"]:
         session.notify(name)
     session.notify("bench", ["--smoke"])  # proves the benchmark runs; real numbers need a quiet machine
-    session.notify("bench_jax", ["--smoke"])
+    # crossframework also runs `bench_jax -- --smoke` (in its venv, which has what bench_jax needs).
