@@ -23,6 +23,7 @@ Usage::
 
     python tools/bench_jax.py            # full run (a few minutes on 2 cores), writes bench/results/jax-cpu-2core.md
     python tools/bench_jax.py --smoke    # tiny shapes in seconds, writes to a temporary directory
+    python tools/bench_jax.py --report-from bench/results/jax-cpu-2core.json   # re-render a report
     nox -s bench_jax [-- --smoke]
 """
 
@@ -249,6 +250,18 @@ def environment() -> dict[str, Any]:
     }
 
 
+def oversubscribed(env: dict[str, Any], start: tuple[float, ...], end: tuple[float, ...]) -> list[str]:
+    """A warning line when other processes kept more runnable threads than there are CPUs."""
+    if max(start[0], end[0]) <= env["cpus"]:
+        return []
+    return [
+        f"- **the machine was oversubscribed** (1-minute load above its {env['cpus']} CPUs): every method shared "
+        "the cores with other processes. Multi-threaded steps degrade unevenly under oversubscription (torch's "
+        "OpenMP threads wait on each other more than XLA's thread pool does), so these ratios are not those of a "
+        "quiet machine; rerun `nox -s bench_jax` on one."
+    ]
+
+
 def render(rows: list[Row], env: dict[str, Any], loads: tuple[tuple[float, ...], tuple[float, ...]], minutes: float) -> str:
     """The Markdown report."""
     start, end = loads
@@ -263,6 +276,7 @@ def render(rows: list[Row], env: dict[str, Any], loads: tuple[tuple[float, ...],
         f"- load average (1/5/15 min) at start {start[0]:.2f} / {start[1]:.2f} / {start[2]:.2f}, "
         f"at end {end[0]:.2f} / {end[1]:.2f} / {end[2]:.2f}",
         "- one round = one step of every method, in an order that rotates every round; medians over rounds",
+        *oversubscribed(env, start, end),
         "",
         "Step = forward + backward + AdamW on the adapter parameters, input gradient included; the JAX step is "
         "one `nnx.jit`-compiled function. Times in ms (median; min-max in the raw table).",
@@ -303,7 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few rounds; report to a temporary directory")
     parser.add_argument("--out", type=Path, default=None, help="directory for the report (default bench/results)")
     parser.add_argument("--budget", type=float, default=10.0, help="seconds of timed rounds per case")
+    parser.add_argument("--report-from", type=Path, default=None, help="re-render the report of a run's JSON")
     args = parser.parse_args(argv)
+    if args.report_from is not None:
+        run = json.loads(args.report_from.read_text())
+        rows = [Row(r["case"], r["method"], r["trainable"], r["times_ms"]) for r in run["rows"]]
+        loads = (tuple(run["loads"][0]), tuple(run["loads"][1]))
+        (args.report_from.parent / "jax-cpu-2core.md").write_text(render(rows, run["env"], loads, run["minutes"]))
+        return 0
     out = args.out or (Path(tempfile.mkdtemp()) if args.smoke else ROOT / "bench" / "results")
     rounds, budget = ((2, 3), 0.5) if args.smoke else ((5, 40), args.budget)
     start_load, started = os.getloadavg(), time.perf_counter()
@@ -313,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         rows += case_rows
         medians = ", ".join(f"{r.method} {r.median_ms:.2f}" for r in case_rows)
         print(f"{case.label}: {medians} ms (load {os.getloadavg()[0]:.2f})", flush=True)
-    report = render(rows, environment(), (start_load, os.getloadavg()), (time.perf_counter() - started) / 60)
+    env, loads, minutes = environment(), (start_load, os.getloadavg()), (time.perf_counter() - started) / 60
     out.mkdir(parents=True, exist_ok=True)
-    (out / "jax-cpu-2core.md").write_text(report)
-    (out / "jax-cpu-2core.json").write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+    (out / "jax-cpu-2core.md").write_text(render(rows, env, loads, minutes))
+    run = {"env": env, "loads": loads, "minutes": minutes, "rows": [asdict(r) for r in rows]}
+    (out / "jax-cpu-2core.json").write_text(json.dumps(run, indent=1) + "\n")
     print(f"wrote {out / 'jax-cpu-2core.md'}")
     return 0
 
