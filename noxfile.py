@@ -6,7 +6,8 @@ distribution alone works. Sessions:
 
     nox -s conformance   every implementation against the golden vectors, one venv each
     nox -s tests         everything CI runs: lint, golden, spec, each package, README examples,
-                         the fine-tuning example, conformance, a smoke run of the benchmark
+                         the fine-tuning example, conformance, crossframework, smoke runs of
+                         both benchmarks
     nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
     nox -s bench         benchmark against PEFT (tools/bench.py), writes bench/results/
     nox -s bench_jax     randlora-jax's jit-compiled training step next to randlora-core's (tools/bench_jax.py)
