@@ -6,15 +6,17 @@ distribution alone works. Sessions:
 
     nox -s conformance   every implementation against the golden vectors, one venv each
     nox -s tests         everything CI runs: lint, golden, spec, each package, README examples,
-                         the wheels, the docs site, the fine-tuning example, conformance, a smoke
-                         run of the benchmark
+                         the wheels, the docs site, the fine-tuning example, conformance,
+                         crossframework, smoke runs of both benchmarks
     nox -s build         sdists and wheels of every distribution, twine check, README examples
                          against the installed wheels
     nox -s docs          the documentation site (MkDocs, strict) into site/
     nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
     nox -s bench         benchmark against PEFT (tools/bench/), writes bench/results/
+    nox -s bench_jax     randlora-jax's jit-compiled training step next to randlora-core's (tools/bench_jax.py)
+    nox -s crossframework  adapters cross between JAX and torch; the JAX example; bench_jax --smoke
     nox -s fuzz          long fuzzing budget
-    nox -s lint | golden | spec | core | peft | bnb | readme
+    nox -s lint | golden | spec | core | peft | bnb | jax | readme
 
 Virtualenvs are made and filled by uv (``pip install nox uv``, as README.md says): every session takes
 torch and the rest from uv's cache through hard links, so a session costs seconds and a few MB
@@ -50,7 +52,12 @@ PACKAGES: dict[str, list[str]] = {
     "core": [SPEC, "packages/randlora-core"],
     "peft": [SPEC, "packages/randlora-core", "packages/randlora-peft"],
     "bnb": [SPEC, "packages/randlora-core", "packages/randlora-bnb"],
+    "jax": [SPEC, "packages/randlora-jax"],
 }
+# Test dependencies a package's own tests need beyond TEST_DEPS.
+EXTRA_TEST_DEPS: dict[str, list[str]] = {"jax": ["optax>=0.2.4"]}
+CORE = "packages/randlora-core"
+NO_TORCH = "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
 IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
 DISTRIBUTIONS = list(dict.fromkeys(p for paths in IMPLEMENTATIONS.values() for p in paths))  # dependencies first
@@ -106,13 +113,15 @@ def golden(session: nox.Session) -> None:
 def spec(session: nox.Session) -> None:
     """Unit tests of randlora-spec (no torch in this venv)."""
     _install(session, [SPEC], *TEST_DEPS, "safetensors>=0.4")
-    session.run("python", "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)")
+    session.run("python", "-c", NO_TORCH)
     session.run("pytest", "spec/tests", "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 def _package_session(name: str, paths: list[str]) -> None:
     def run(session: nox.Session) -> None:
-        _install(session, paths, *TEST_DEPS)
+        _install(session, paths, *TEST_DEPS, *EXTRA_TEST_DEPS.get(name, []))
+        if CORE not in paths:  # a torch-free distribution: prove torch did not come in as a dependency
+            session.run("python", "-c", NO_TORCH)
         session.run(
             "pytest",
             f"{paths[-1]}/tests",
@@ -144,6 +153,27 @@ def conformance(session: nox.Session, impl: str) -> None:
     session.run(
         "pytest", "conformance", "--distribution", distribution, "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs
     )
+
+
+@_session
+def crossframework(session: nox.Session) -> None:
+    """Everything that needs randlora-core and randlora-jax in one venv (spec + core + jax).
+
+    The round-trip tests (JAX-trained adapters load in randlora-core with equal outputs, and the
+    reverse), the JAX fine-tuning example (which reloads its adapter in torch) and a smoke run of
+    tools/bench_jax.py: one venv instead of three keeps the JAX sessions' share of CI small.
+    """
+    _install(session, [SPEC, CORE, "packages/randlora-jax"], "pytest>=8", "optax>=0.2.4")
+    session.run("pytest", "packages/randlora-jax/tests_crossframework", "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run("python", "examples/jax_finetune.py", "--steps", "150")
+    session.run("python", "tools/bench_jax.py", "--smoke")
+
+
+@_session
+def bench_jax(session: nox.Session) -> None:
+    """randlora-jax's jit-compiled training step vs randlora-core's, same shapes, one process (tools/bench_jax.py)."""
+    _install(session, [SPEC, CORE, "packages/randlora-jax"], "optax>=0.2.4")
+    session.run("python", "tools/bench_jax.py", *session.posargs)
 
 
 @_session
@@ -246,6 +276,7 @@ def tests(session: nox.Session) -> None:
     """The whole suite CI runs: queues every test session."""
     # notify() of a parametrized session queues one parametrization only, so name each.
     queue = ["lint", "golden", "spec", *PRESENT, "readme", "build", "docs", "example"]
-    for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS)]:
+    for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS), "crossframework"]:
         session.notify(name)
     session.notify("bench", ["--smoke"])  # proves the benchmark runs; real numbers need a quiet machine
+    # crossframework also runs `bench_jax -- --smoke` (in its venv, which has what bench_jax needs).
