@@ -16,8 +16,9 @@ from typing import Any
 from randlora_spec.bases import PORTABLE_RULE, BasesShape, num_bases
 from randlora_spec.config import BOOKKEEPING_FIELDS, SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
+from randlora_spec.layer_kinds import BASE_FEATURES, LayerRecord, check_features, parse_record, positive_int
 from randlora_spec.safetensors_io import TensorSpec
-from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief, parse_json
+from randlora_spec.untrusted import brief, parse_json
 
 FORMAT_ID = "randlora.adapter"
 FORMAT_VERSION = "1"
@@ -25,6 +26,8 @@ BASIS_A_KEY = "randlora_A"
 BASIS_B_KEY = "randlora_B"
 LAMBDA_SUFFIX = ".randlora_lambda"
 GAMMA_SUFFIX = ".randlora_gamma"
+MAGNITUDE_SUFFIX = ".randlora_magnitude"
+"""Key suffix of a DoRA adapter's magnitude vector ``(out_features,)`` (SPEC 3.11, 6.2)."""
 MAX_METADATA_VALUE_BYTES = 4 * 1024 * 1024
 """A single metadata value larger than this is rejected before JSON parsing."""
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -42,25 +45,6 @@ REQUIRED_METADATA = (
     "bases_shape",
     "extra",
 )
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """The base layer an adapter was trained on: its sizes and weight layout."""
-
-    in_features: int
-    out_features: int
-    fan_in_fan_out: bool = False
-
-    @property
-    def m(self) -> int:
-        """Smaller side of the layer."""
-        return min(self.in_features, self.out_features)
-
-    @property
-    def M(self) -> int:  # noqa: N802 - the spec's symbol
-        """Larger side of the layer."""
-        return max(self.in_features, self.out_features)
 
 
 @dataclass(frozen=True)
@@ -86,34 +70,10 @@ class CheckpointHeader:
         return frozenset(k for k, spec in self.tensors.items() if spec.dtype == "BF16")
 
 
-def _positive_int(value: Any, what: str, source: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CheckpointError(f"{source}: {what} must be a positive integer, got {brief(value)}")
-    if value >= JSON_INT_LIMIT:  # only an in-memory checkpoint can hold one: JSON parsing refuses it
-        raise CheckpointError(f"{source}: {what} has more than {MAX_JSON_INT_DIGITS} digits")
-    return value
-
-
 def _parse_layers(raw: Any, source: str) -> dict[str, LayerRecord]:
     if not isinstance(raw, dict) or not raw:
         raise CheckpointError(f"{source}: metadata 'layers' must be a non-empty object of module path -> shape")
-    layers = {}
-    for path, rec in raw.items():
-        if (
-            not isinstance(path, str)
-            or not path
-            or not isinstance(rec, dict)
-            or set(rec) != {"in_features", "out_features", "fan_in_fan_out"}
-        ):
-            raise CheckpointError(f"{source}: layer record for {brief(path)} must hold in_features, out_features, fan_in_fan_out")
-        if not isinstance(rec["fan_in_fan_out"], bool):
-            raise CheckpointError(f"{source}: layer {brief(path)} fan_in_fan_out must be a boolean")
-        layers[path] = LayerRecord(
-            _positive_int(rec["in_features"], f"layer {brief(path)} in_features", source),
-            _positive_int(rec["out_features"], f"layer {brief(path)} out_features", source),
-            rec["fan_in_fan_out"],
-        )
-    return layers
+    return {path: parse_record(path, rec, source) for path, rec in raw.items()}
 
 
 def _names(value: Any) -> bool:
@@ -134,7 +94,7 @@ def _parse_extra(raw: Any, source: str) -> tuple[list[str], dict[str, list[str]]
 def _parse_bases_shape(raw: Any, config: RandLoraConfig, layers: dict[str, LayerRecord], source: str) -> BasesShape:
     if not isinstance(raw, dict) or set(raw) != {"r", "m_max", "M_max", "nb_max"}:
         raise CheckpointError(f"{source}: metadata 'bases_shape' must hold r, m_max, M_max, nb_max")
-    shape = BasesShape(**{k: _positive_int(raw[k], f"bases_shape.{k}", source) for k in ("r", "m_max", "M_max", "nb_max")})
+    shape = BasesShape(**{k: positive_int(raw[k], f"bases_shape.{k}", source) for k in ("r", "m_max", "M_max", "nb_max")})
     if shape.r != config.r:
         raise CheckpointError(f"{source}: bases_shape.r = {brief(shape.r)} differs from config r = {config.r}")
     if shape.nb_max != num_bases(shape.m_max, shape.r) or shape.m_max > shape.M_max:
@@ -153,35 +113,19 @@ def _listing(keys: list[str]) -> str:
     return f"{brief(keys[:10])}{' ...' if len(keys) > 10 else ''}"
 
 
-def check_contents(
+def _expected_tensors(
     config: RandLoraConfig,
-    adapter_name: Any,
-    bases: Any,
-    json_value: Callable[[str], Any],
-    tensors: Mapping[str, TensorSpec],
+    layers: dict[str, LayerRecord],
+    biases: list[str],
+    mts: dict[str, list[str]],
+    stored: bool,
     source: str,
     supported_basis_rules: Iterable[str],
-) -> CheckpointHeader:
-    """SPEC 6.3 items 16-25 (values excepted) for a checkpoint whose config has been validated.
-
-    ``json_value(key)`` gives the parsed value of the JSON-valued metadata ``layers``,
-    ``bases_shape`` or ``extra`` (asked in that order, once each); ``bases`` is the metadata value
-    ``stored`` or ``absent``; ``tensors`` describes every tensor present.
-    """
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise CheckpointError(f"{source}: adapter_name {brief(adapter_name)} must be non-empty and contain no '.'")
-    layers = _parse_layers(json_value("layers"), source)
-    shape = _parse_bases_shape(json_value("bases_shape"), config, layers, source)
-    biases, mts = _parse_extra(json_value("extra"), source)
-
-    if biases and config.bias == "none":
-        raise CheckpointError(f"{source}: biases {brief(biases[:5])} are stored but the config says bias='none'")
-    if config.bias == "randlora_only" and set(biases) - set(layers):
-        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
-    if bases not in ("stored", "absent"):
-        raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {brief(bases)}")
-    stored = bases == "stored"
+) -> set[str]:
+    """SPEC 6.3 items 20 and 21: the tensor keys a checkpoint with this header must hold exactly."""
     expected = {p + LAMBDA_SUFFIX for p in layers} | {p + GAMMA_SUFFIX for p in layers}
+    if config.use_dora:
+        expected |= {p + MAGNITUDE_SUFFIX for p in layers}
     expected |= {p + ".bias" for p in biases} | {f"{p}.{n}" for p, names in mts.items() for n in names}
     if stored:
         expected |= {BASIS_A_KEY, BASIS_B_KEY}
@@ -192,39 +136,97 @@ def check_contents(
             f"{source}: bases are absent and basis_rule {config.basis_rule!r} cannot be regenerated here "
             f"(supported: {sorted(set(supported_basis_rules))}); refusing to substitute another rule"
         )
-    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {_listing(missing)}")
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensors {_listing(extra)}")
+    return expected
 
-    for key, spec in tensors.items():
-        if spec.dtype not in FLOAT_CODES:
-            raise CheckpointError(f"{source}: tensor {brief(key)} has dtype {spec.dtype}; only floating point is allowed")
+
+def _check_layer_shapes(
+    config: RandLoraConfig, layers: dict[str, LayerRecord], tensors: Mapping[str, TensorSpec], source: str
+) -> None:
+    """SPEC 6.3 item 23: lambda (r, nb), gamma (nb, m) and, for DoRA, the magnitude (O,) of every layer."""
     r = config.r
     for path, rec in layers.items():
         nb = num_bases(rec.m, r)
-        for key, want in ((path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))):
+        wants = [(path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))]
+        if config.use_dora:
+            wants.append((path + MAGNITUDE_SUFFIX, (rec.out_features,)))
+        for key, want in wants:
             if tensors[key].shape != want:
                 raise CheckpointError(f"{source}: tensor {brief(key)} has shape {brief(tensors[key].shape)}, expected {want}")
+
+
+def _check_biases(layers: dict[str, LayerRecord], biases: list[str], tensors: Mapping[str, TensorSpec], source: str) -> None:
+    """SPEC 6.3 item 25: every stored bias is 1-D, of length out_features on an adapted layer."""
     for path in biases:
         rec = layers.get(path)
         bias = tensors[path + ".bias"].shape
         if len(bias) != 1 or (rec is not None and bias[0] != rec.out_features):
             want = f"({rec.out_features},)" if rec is not None else "1-D"
             raise CheckpointError(f"{source}: tensor {brief(path + '.bias')} has shape {brief(bias)}, expected {want}")
-    if stored:
-        allowed = {"F32"} if config.basis_rule == PORTABLE_RULE else FLOAT_CODES
-        for key in (BASIS_A_KEY, BASIS_B_KEY):
-            if tensors[key].dtype not in allowed:
-                raise CheckpointError(
-                    f"{source}: basis {key!r} is {tensors[key].dtype}; rule {config.basis_rule!r} defines F32 values"
-                )
-        a, b = tensors[BASIS_A_KEY].shape, tensors[BASIS_B_KEY].shape
-        if a != shape.a_shape or b != shape.b_shape:
+
+
+def _check_stored_bases(config: RandLoraConfig, shape: BasesShape, tensors: Mapping[str, TensorSpec], source: str) -> None:
+    """SPEC 6.3 item 24: stored bases have the allocation's shapes, and F32 under the portable rule."""
+    allowed = {"F32"} if config.basis_rule == PORTABLE_RULE else FLOAT_CODES
+    for key in (BASIS_A_KEY, BASIS_B_KEY):
+        if tensors[key].dtype not in allowed:
             raise CheckpointError(
-                f"{source}: stored bases have shapes {brief(a)}, {brief(b)}; bases_shape says {shape.a_shape}, {shape.b_shape}"
+                f"{source}: basis {key!r} is {tensors[key].dtype}; rule {config.basis_rule!r} defines F32 values"
             )
+    a, b = tensors[BASIS_A_KEY].shape, tensors[BASIS_B_KEY].shape
+    if a != shape.a_shape or b != shape.b_shape:
+        raise CheckpointError(
+            f"{source}: stored bases have shapes {brief(a)}, {brief(b)}; bases_shape says {shape.a_shape}, {shape.b_shape}"
+        )
+
+
+def _check_biases_allowed(config: RandLoraConfig, layers: dict[str, LayerRecord], biases: list[str], source: str) -> None:
+    """SPEC 6.3 item 19: the stored biases agree with the config's ``bias``."""
+    if biases and config.bias == "none":
+        raise CheckpointError(f"{source}: biases {brief(biases[:5])} are stored but the config says bias='none'")
+    if config.bias == "randlora_only" and set(biases) - set(layers):
+        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
+
+
+def check_contents(
+    config: RandLoraConfig,
+    adapter_name: Any,
+    bases: Any,
+    json_value: Callable[[str], Any],
+    tensors: Mapping[str, TensorSpec],
+    source: str,
+    supported_basis_rules: Iterable[str],
+    supported_features: Iterable[str] = BASE_FEATURES,
+) -> CheckpointHeader:
+    """SPEC 6.3 items 16-26 (values excepted) for a checkpoint whose config has been validated.
+
+    ``json_value(key)`` gives the parsed value of the JSON-valued metadata ``layers``,
+    ``bases_shape`` or ``extra`` (asked in that order, once each); ``bases`` is the metadata value
+    ``stored`` or ``absent``; ``tensors`` describes every tensor present; ``supported_features``
+    are the layer kinds (and ``dora``) the caller can compute (:mod:`randlora_spec.layer_kinds`).
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise CheckpointError(f"{source}: adapter_name {brief(adapter_name)} must be non-empty and contain no '.'")
+    layers = _parse_layers(json_value("layers"), source)
+    check_features(layers, config.use_dora, supported_features, source)
+    shape = _parse_bases_shape(json_value("bases_shape"), config, layers, source)
+    biases, mts = _parse_extra(json_value("extra"), source)
+    _check_biases_allowed(config, layers, biases, source)
+    if bases not in ("stored", "absent"):
+        raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {brief(bases)}")
+    stored = bases == "stored"
+    expected = _expected_tensors(config, layers, biases, mts, stored, source, supported_basis_rules)
+    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {_listing(missing)}")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensors {_listing(extra)}")
+    for key, spec in tensors.items():
+        if spec.dtype not in FLOAT_CODES:
+            raise CheckpointError(f"{source}: tensor {brief(key)} has dtype {spec.dtype}; only floating point is allowed")
+    _check_layer_shapes(config, layers, tensors, source)
+    _check_biases(layers, biases, tensors, source)
+    if stored:
+        _check_stored_bases(config, shape, tensors, source)
     return CheckpointHeader(config, adapter_name, layers, shape, stored, biases, mts, dict(tensors))
 
 
@@ -259,8 +261,9 @@ def header_from_metadata(
     tensors: Mapping[str, TensorSpec],
     source: str,
     supported_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+    supported_features: Iterable[str] = BASE_FEATURES,
 ) -> CheckpointHeader:
-    """Validate a file's metadata and tensor descriptions (SPEC 6.3 items 12-25 except finite values).
+    """Validate a file's metadata and tensor descriptions (SPEC 6.3 items 12-26 except finite values).
 
     Args:
         metadata: the container's ``__metadata__`` (strings to strings).
@@ -268,9 +271,11 @@ def header_from_metadata(
         source: a name for messages (usually the path).
         supported_basis_rules: rules the caller can regenerate; a file without bases whose rule is
             not among them is rejected rather than silently regenerated with another rule.
+        supported_features: layer kinds (and ``dora``) the caller can compute; a file needing
+            another is rejected (default: spec 1.0's, linear layers only).
 
     Raises:
-        CheckpointError: any structural defect.
+        CheckpointError: any structural defect, or a feature the caller does not support.
         BasisRuleError: bases absent and the rule unsupported.
 
     """
@@ -300,4 +305,5 @@ def header_from_metadata(
         tensors,
         source,
         supported_basis_rules,
+        supported_features,
     )
