@@ -151,6 +151,6 @@ def check_features(layers: Mapping[str, LayerRecord], use_dora: bool, supported:
         where = sorted(p for p, rec in layers.items() if rec.kind in missing)[:3]
         detail = f" (layers {brief(where)})" if where else ""
         raise CheckpointError(
-            f"{source}: the checkpoint needs {missing}{detail}, which this reader cannot compute "
-            f"(it supports {sorted(allowed)}); refusing rather than reading it as something else"
+            f"{source}: the checkpoint needs {missing}{detail}, but only {sorted(allowed)} are supported here; "
+            "refusing it rather than computing something else"
         )

@@ -149,17 +149,20 @@ def backward(
     """
     eff = effective(w, adapters, active, a, b, padding_idx)
     grad_w = inputs.weight_grad(grad_y)
+    grad_delta = grad_w.copy()
+    if padding_idx is not None:
+        grad_delta[:, padding_idx] = 0.0  # that column of every delta_W is zero, whatever lambda and gamma are
     out_f, in_f = w.shape
     grads: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
     for name in active:
         adapter = adapters[name].adapter
         geom = LayerGeometry(in_f, out_f, adapter.r)
         if name in eff.factors:
-            scaled = eff.factors[name][:, None] * grad_w
+            scaled = eff.factors[name][:, None] * grad_delta
             grad_mag = exact_sum(grad_w * (w + eff.deltas[name]), axis=1) / eff.norms[name]
             grads[name] = (*adapter_grads(scaled, geom, adapter, a, b), grad_mag)
         else:
-            grads[name] = (*adapter_grads(grad_w, geom, adapter, a, b), None)
+            grads[name] = (*adapter_grads(grad_delta, geom, adapter, a, b), None)
     return inputs.input_grad(grad_y, eff.weight), grads
 
 
