@@ -12,6 +12,8 @@ protocol, :mod:`randlora_core.state` for the in-memory checkpoint seam and
 
 from randlora_core.bases import RandLoraBases, generate_bases
 from randlora_core.checkpoint import apply_checkpoint, load_adapter, save_adapter
+from randlora_core.conv import RandLoraConv
+from randlora_core.embedding import RandLoraEmbedding
 from randlora_core.layer import RandLoraLinear
 from randlora_core.model import RandLoraModel, get_randlora_model
 from randlora_core.modules_to_save import ModulesToSaveWrapper
@@ -42,6 +44,8 @@ __all__ = [
     "ModulesToSaveWrapper",
     "RandLoraBases",
     "RandLoraConfig",
+    "RandLoraConv",
+    "RandLoraEmbedding",
     "RandLoraError",
     "RandLoraLinear",
     "RandLoraModel",

@@ -12,7 +12,11 @@ PEFT). The output is cast to the input's dtype.
 
 Subclasses for other base layers (e.g. bitsandbytes) override the small hooks
 ``_features``, ``_base_forward``, ``_param_dtype``, ``_dense_weight``, ``_merge_delta`` and
-``_unmerge_delta``.
+``_unmerge_delta``; other layer kinds (SPEC 3.10: :mod:`randlora_core.conv`,
+:mod:`randlora_core.embedding`) also ``_check_input``, ``_weight_view`` / ``_view_to_storage``
+(the weight seen as ``(O, I)``), ``_apply_weight``, ``_plain_adapted`` and ``layer_record``.
+DoRA adapters (``use_dora``, SPEC 3.11) keep a magnitude in ``randlora_magnitude`` and run
+through :mod:`randlora_core.dora` on every kind.
 
 Forward: the layer gathers its operands (the base call, and per active adapter its basis windows,
 lambda, gamma, scaling and dropout, via :meth:`RandLoraLinear.adapter_call`) and hands them to
@@ -27,6 +31,7 @@ import warnings
 import torch
 from torch import nn
 
+from randlora_core import dora
 from randlora_core.bases import RandLoraBases
 from randlora_core.compute import Compute
 from randlora_core.engine import layer_forward
@@ -37,6 +42,7 @@ from randlora_core.registry import _register_builtin, is_conv1d_like, linear_fea
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import DtypeError, MergeError, ShapeError
+from randlora_spec.layer_kinds import LINEAR, LayerRecord
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -50,6 +56,11 @@ class RandLoraLinear(nn.Module):
 
     """
 
+    layer_kind = LINEAR
+    """The layer kind of SPEC 3.10 (what checkpoints record)."""
+    applies_dropout = True
+    """Whether ``randlora_dropout`` acts on the adapter input (not for index inputs)."""
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -58,6 +69,11 @@ class RandLoraLinear(nn.Module):
         self.randlora_lambda = nn.ParameterDict()
         self.randlora_gamma = nn.ParameterDict()
         self.randlora_dropout = nn.ModuleDict()
+        self.randlora_magnitude = nn.ParameterDict()
+        """DoRA adapters' magnitude vectors (out_features,), SPEC 3.11."""
+        self.use_dora: dict[str, bool] = {}
+        self.dora_merges: list[dora.DoraMerge] = []
+        """Merges that involved a DoRA adapter, with the factors unmerging needs (in merge order)."""
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.compute: dict[str, str] = {}
@@ -83,7 +99,7 @@ class RandLoraLinear(nn.Module):
     def _base_forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """The frozen base layer's output; a float input of another dtype is cast to a float weight's dtype first."""
         weight = getattr(self.base_layer, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and x.dtype != weight.dtype:
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and x.is_floating_point() and x.dtype != weight.dtype:
             x = x.to(weight.dtype)
         return self.base_layer(x, *args, **kwargs)
 
@@ -111,6 +127,53 @@ class RandLoraLinear(nn.Module):
         """Subtract ``delta`` (storage layout) from the base weight."""
         weight = self.get_base_layer().weight
         weight.data -= delta.to(device=weight.device, dtype=weight.dtype)
+
+    # -- the (O, I) view of the weight (SPEC 3.10) ------------------------------------------------
+
+    def _weight_view(self) -> torch.Tensor:
+        """The base weight seen as ``(O, I)`` (a view of the dense weight, not a copy)."""
+        weight = self._dense_weight()
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _view_to_storage(self, view: torch.Tensor) -> torch.Tensor:
+        """An ``(O, I)`` matrix in the weight's storage layout."""
+        return view.T if self.fan_in_fan_out else view
+
+    def _set_weight_view(self, view: torch.Tensor) -> None:
+        """Overwrite the base weight with ``view`` (``(O, I)``), cast to the weight's dtype (DoRA merges)."""
+        weight = self.get_base_layer().weight
+        weight.data.copy_(self._view_to_storage(view).to(device=weight.device, dtype=weight.dtype))
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The layer's map with ``weight`` (storage layout) in place of its own: ``x @ W^T (+ bias)``."""
+        if self.fan_in_fan_out:
+            return x @ weight + bias if bias is not None else x @ weight
+        return nn.functional.linear(x, weight, bias)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """Refuse an input the layer cannot take: not floating point, or a last axis other than in_features."""
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DtypeError(f"layer {self.layer_name!r} needs a floating-point input tensor, got {got}")
+        if x.shape[-1] != self.in_features:
+            raise ShapeError(
+                f"layer {self.layer_name!r} expects inputs whose last dimension is in_features={self.in_features}, "
+                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
+            )
+
+    def _finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The output in its final dtype: the input's (SPEC 5.3)."""
+        return y.to(x.dtype)
+
+    def layer_record(self) -> LayerRecord:
+        """What a checkpoint records about this layer (SPEC 6.2)."""
+        return LayerRecord(self.in_features, self.out_features, bool(self.fan_in_fan_out))
+
+    @property
+    def supports_dora(self) -> bool:
+        """Whether DoRA adapters can be added: the plain weight must be readable and writable (not quantized)."""
+        cls = type(self)
+        return cls._base_forward is RandLoraLinear._base_forward and cls._merge_delta is RandLoraLinear._merge_delta
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -160,23 +223,32 @@ class RandLoraLinear(nn.Module):
         self.randlora_lambda[adapter_name] = nn.Parameter(lam.to(device=device, dtype=dtype))
         self.randlora_gamma[adapter_name] = nn.Parameter(gamma.to(device=device, dtype=dtype))
         p = config.randlora_dropout
-        self.randlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.randlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 and self.applies_dropout else nn.Identity()
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.randlora_alpha / r
         self.compute[adapter_name] = getattr(config, "compute", "auto")
         object.__setattr__(self, "_bases", bases_module)
+        self.use_dora[adapter_name] = bool(getattr(config, "use_dora", False))
+        if self.use_dora[adapter_name]:
+            self.randlora_magnitude[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name).to(dtype))
 
     def set_adapter(self, adapter_names: list[str]) -> None:
-        """Make ``adapter_names`` the active adapters (names this layer lacks are skipped in forward)."""
+        """Make ``adapter_names`` the active adapters (names this layer lacks are skipped in forward).
+
+        DoRA magnitudes train exactly when their adapter is active (the model sets lambda/gamma alike).
+        """
         self.active_adapters = list(adapter_names)
+        for name, magnitude in self.randlora_magnitude.items():
+            magnitude.requires_grad_(name in self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` from this layer (it must not be merged)."""
         if adapter_name in self.merged_adapters:
             raise MergeError(f"adapter {adapter_name!r} is merged into layer {self.layer_name!r}; unmerge it before deleting")
-        for container in (self.randlora_lambda, self.randlora_gamma, self.randlora_dropout):
+        for container in (self.randlora_lambda, self.randlora_gamma, self.randlora_dropout, self.randlora_magnitude):
             if adapter_name in container:
                 del container[adapter_name]
+        self.use_dora.pop(adapter_name, None)
         self.r.pop(adapter_name, None)
         self.scaling.pop(adapter_name, None)
         self.compute.pop(adapter_name, None)
@@ -207,15 +279,19 @@ class RandLoraLinear(nn.Module):
             dropout=self.randlora_dropout[adapter_name],
         )
 
+    def delta_view(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """delta-W of ``adapter_name`` as ``(O, I)`` (SPEC 3.4), in ``dtype``; differentiable in lambda and gamma."""
+        op = self.adapter_call(adapter_name, dtype, device)
+        return delta_weight(op.a_s, op.b_flat, op.lam, op.gamma, op.scaling, self.in_features <= self.out_features)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta-W of ``adapter_name`` in the weight's storage layout, in the adapter's compute dtype.
 
-        Differentiable with respect to lambda and gamma.
+        Differentiable with respect to lambda and gamma. For a DoRA adapter this is its plain update
+        (SPEC 3.11); what merging writes also rescales rows.
         """
         device = self.randlora_lambda[adapter_name].device
-        op = self.adapter_call(adapter_name, self._compute_dtype([adapter_name], device), device)
-        delta = delta_weight(op.a_s, op.b_flat, op.lam, op.gamma, op.scaling, self.in_features <= self.out_features)
-        return delta.T if self.fan_in_fan_out else delta
+        return self._view_to_storage(self.delta_view(adapter_name, self._compute_dtype([adapter_name], device), device))
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """``base(x)`` plus every active, unmerged adapter's output; the result has ``x``'s dtype.
@@ -223,14 +299,7 @@ class RandLoraLinear(nn.Module):
         ``x`` must be a floating tensor (else :class:`DtypeError`); a float dtype other than the
         weight's is computed in the weight's dtype and the result cast back (SPEC 5.3).
         """
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DtypeError(f"layer {self.layer_name!r} needs a floating-point input tensor, got {got}")
-        if x.shape[-1] != self.in_features:
-            raise ShapeError(
-                f"layer {self.layer_name!r} expects inputs whose last dimension is in_features={self.in_features}, "
-                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
-            )
+        self._check_input(x)
         if self.disable_adapters and self.merged:
             warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
             self.unmerge()
@@ -242,9 +311,17 @@ class RandLoraLinear(nn.Module):
     def _adapted(
         self, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object], tokens: int | None = None
     ) -> torch.Tensor:
-        """``base(x)`` plus the adapters ``names`` (held here, unmerged) through the layer engine."""
+        """``base(x)`` plus the adapters ``names`` (held here, unmerged): DoRA ones via :mod:`randlora_core.dora`."""
         if not names:
-            return self._base_forward(x, *args, **kwargs).to(x.dtype)
+            return self._finish(x, self._base_forward(x, *args, **kwargs))
+        if any(self.use_dora.get(n, False) for n in names):
+            return dora.forward(self, x, names, args, kwargs)
+        return self._plain_adapted(x, names, args, kwargs, tokens)
+
+    def _plain_adapted(
+        self, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object], tokens: int | None
+    ) -> torch.Tensor:
+        """``base(x)`` plus plain adapters ``names`` through the layer engine."""
         dtype = self._compute_dtype(names, x.device)
         weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
         base = BaseCall(lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out)
@@ -266,7 +343,7 @@ class RandLoraLinear(nn.Module):
                 f"layer {self.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
                 f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
             )
-        tokens = x.numel() // self.in_features
+        tokens = x.numel() // self.in_features if self.layer_kind == LINEAR else None
         parts, order = [], []
         for name, rows in mixed_groups(per_row, x.device).items():
             held = [name] if name in self.randlora_lambda and name not in self.merged_adapters else []
@@ -301,9 +378,12 @@ class RandLoraLinear(nn.Module):
     def check_merge(self, adapter_names: list[str]) -> None:
         """Raise :class:`MergeError` unless merging ``adapter_names`` gives finite weights (computed on a copy)."""
         with torch.no_grad():
-            weight = self._dense_weight().detach().clone()
-            for name in adapter_names:
-                weight += self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+            if any(self.use_dora.get(n, False) for n in adapter_names):
+                weight = dora.merged_view(self, adapter_names)[0]
+            else:
+                weight = self._dense_weight().detach().clone()
+                for name in adapter_names:
+                    weight += self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
             if not bool(torch.isfinite(weight).all()):
                 raise MergeError(
                     f"merging adapter(s) {adapter_names} into layer {self.layer_name!r} would produce NaN or Inf weights; "
@@ -318,6 +398,9 @@ class RandLoraLinear(nn.Module):
             raise MergeError(f"adapter(s) {already} are already merged into layer {self.layer_name!r}")
         if safe_merge:
             self.check_merge(names)
+        if any(self.use_dora.get(n, False) for n in names):
+            dora.merge(self, names)  # one merge: W_eff of all of them (SPEC 3.11)
+            return
         with torch.no_grad():
             for name in names:
                 self._merge_delta(self.get_delta_weight(name))
@@ -330,7 +413,11 @@ class RandLoraLinear(nn.Module):
             return
         with torch.no_grad():
             while self.merged_adapters:
-                self._unmerge_delta(self.get_delta_weight(self.merged_adapters.pop()))
+                last = self.dora_merges[-1].names if self.dora_merges else None
+                if last is not None and self.merged_adapters[-len(last) :] == last:
+                    dora.unmerge_last(self)
+                else:
+                    self._unmerge_delta(self.get_delta_weight(self.merged_adapters.pop()))
 
     def extra_repr(self) -> str:
         """Sizes, layout and adapter names."""

@@ -28,7 +28,7 @@ from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
 from randlora_core.registry import is_randlora_layer
-from randlora_core.state import build_checkpoint
+from randlora_core.state import FEATURES, build_checkpoint
 from randlora_core.targeting import visible_modules
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import basis_kind
@@ -381,7 +381,7 @@ class RandLoraModel(nn.Module):
 
     def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter (default: the active one) to ``path`` in checkpoint format v1, atomically."""
-        spec_ckpt.save(path, build_checkpoint(self, adapter_name))
+        spec_ckpt.save(path, build_checkpoint(self, adapter_name), readable_features=FEATURES)
 
 
 def get_randlora_model(model: nn.Module, config: RandLoraConfig, adapter_name: str = "default") -> RandLoraModel:

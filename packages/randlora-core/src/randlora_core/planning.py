@@ -24,7 +24,7 @@ from torch import nn
 
 from randlora_core.bases import generate_bases
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.registry import is_randlora_layer, layout_of, load_plugins, wrapper_for
+from randlora_core.registry import is_linear_target, is_randlora_layer, layout_of, load_plugins, wrapper_for
 from randlora_core.targeting import name_matches, select_targets, visible_modules
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
@@ -176,6 +176,19 @@ def plan_layers(root: nn.Module, paths: list[str], config: RandLoraConfig, warn:
     return plan
 
 
+def check_dora(layers: list[tuple[str, nn.Module, bool]], config: RandLoraConfig) -> None:
+    """With ``use_dora``, every target must read and write its plain weight (SPEC 3.11): not a quantized one."""
+    if not config.use_dora:
+        return
+    for path, layer, _ in layers:
+        if not getattr(layer, "supports_dora", False):
+            base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            raise TargetModuleError(
+                f"use_dora: layer {path!r} ({type(base).__name__}) does not support DoRA adapters: DoRA rescales the "
+                "rows of the plain weight, which this layer does not hold (e.g. a quantized one)"
+            )
+
+
 def plan_bases(
     model: RandLoraModel,
     config: RandLoraConfig,
@@ -251,8 +264,9 @@ def plan_adapter(
     check_new(model, name, config)
     saved = resolve_saved(model.model, config)
     if paths is None:
-        paths = select_targets(model.model, config, adaptable, opaque)
+        paths = select_targets(model.model, config, adaptable, opaque, linear=is_linear_target)
     layers = plan_layers(model.model, paths, config, warn)
+    check_dora(layers, config)
     new_paths = {p for p, _, _ in layers}
     dims = [(layer.in_features, layer.out_features) for _, layer, _ in layers]
     dims += [(layer.in_features, layer.out_features) for p, layer in model.named_randlora_layers() if p not in new_paths]

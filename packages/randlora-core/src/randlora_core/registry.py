@@ -1,7 +1,9 @@
 """Which RandLoRA wrapper adapts which base-layer type.
 
 A *wrapper* replaces a targeted base layer in the model and adds the adapters to it. Built in:
-``nn.Linear`` and Conv1D-like layers, both handled by :class:`randlora_core.layer.RandLoraLinear`.
+``nn.Linear`` and Conv1D-like layers, both handled by :class:`randlora_core.layer.RandLoraLinear`;
+``nn.Conv1d/2d/3d`` (:class:`randlora_core.conv.RandLoraConv`) and ``nn.Embedding``
+(:class:`randlora_core.embedding.RandLoraEmbedding`), the other layer kinds of SPEC 3.10.
 Other packages add layer types with :func:`register_layer_wrapper`, usually from an entry point in
 the group ``randlora.layers`` (a no-argument callable that registers its wrappers), which core
 loads lazily, once, the first time a model is adapted. Later registrations take precedence, so a
@@ -111,6 +113,23 @@ def plain_linear_operands(base: nn.Module, weight_in_out: bool) -> tuple[torch.T
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != weight.dtype):
         return None, None
     return weight, bias
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks, or any global module hook is registered."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _global_module_hooks())
+
+
+def is_linear_target(module: nn.Module) -> bool:
+    """A module of kind ``linear`` (SPEC 3.10) that can be adapted: what ``all-linear`` selects.
+
+    A RandLoRA layer by its ``layer_kind``; any other module by its wrapper's (plugins' wrappers of
+    quantized linear layers are linear; convolutions and embeddings are not).
+    """
+    if is_randlora_layer(module):
+        return getattr(module, "layer_kind", "linear") == "linear"
+    wrapper_cls = wrapper_for(module)
+    return wrapper_cls is not None and getattr(wrapper_cls, "layer_kind", "linear") == "linear"
 
 
 def _global_module_hooks() -> bool:
