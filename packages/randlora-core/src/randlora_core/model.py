@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
+from randlora_core.hotswap import hotswap_adapter
 from randlora_core.layer import RandLoraLinear
 from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
@@ -378,6 +379,10 @@ class RandLoraModel(nn.Module):
         return self._unload(keep_saved_copy=False)
 
     # -- checkpoints ----------------------------------------------------------------------------
+
+    def hotswap_adapter(self, checkpoint: str | Path | spec_ckpt.AdapterCheckpoint, adapter_name: str = "default") -> None:
+        """Replace the loaded adapter's values in place (see :func:`randlora_core.hotswap.hotswap_adapter`)."""
+        hotswap_adapter(self, checkpoint, adapter_name)
 
     def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter (default: the active one) to ``path`` in checkpoint format v1, atomically."""
