@@ -30,6 +30,7 @@ from torch import nn
 from randlora_core.bases import RandLoraBases
 from randlora_core.compute import Compute
 from randlora_core.engine import layer_forward
+from randlora_core.inference_cache import InferenceCache, tensor_key
 from randlora_core.mixed import mixed_groups, scatter_rows
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
@@ -67,6 +68,8 @@ class RandLoraLinear(nn.Module):
         self.disable_adapters = False
         self.layer_name = ""
         """Dotted path of this layer in the model, for messages (set by the model)."""
+        self.inference_cache: InferenceCache | None = None
+        """The model's inference cache, when enabled (:meth:`RandLoraModel.enable_inference_cache`)."""
         self.mixed_adapters: list[str] | None = None
         """One adapter name per batch row during a mixed-adapter call (set by the model), else ``None``."""
         object.__setattr__(self, "_bases", None)  # a reference, deliberately not a registered submodule
@@ -105,12 +108,14 @@ class RandLoraLinear(nn.Module):
     def _merge_delta(self, delta: torch.Tensor) -> None:
         """Add ``delta`` (storage layout) to the base weight, cast to the weight dtype first (SPEC 5.4)."""
         weight = self.get_base_layer().weight
-        weight.data += delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # in place on the parameter, so its version counter (caches) sees the change
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def _unmerge_delta(self, delta: torch.Tensor) -> None:
         """Subtract ``delta`` (storage layout) from the base weight."""
         weight = self.get_base_layer().weight
-        weight.data -= delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            weight.sub_(delta.to(device=weight.device, dtype=weight.dtype))
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -197,6 +202,7 @@ class RandLoraLinear(nn.Module):
         r, m, big_m, nb = self.geometry(adapter_name)
         a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
         lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
+        bases = self.bases
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,
@@ -205,6 +211,7 @@ class RandLoraLinear(nn.Module):
             scaling=self.scaling[adapter_name],
             window=r,  # equal rank on one layer: the same windows of the one shared pair
             dropout=self.randlora_dropout[adapter_name],
+            key=(adapter_name, tensor_key(lam), tensor_key(gamma), tensor_key(bases.randlora_A), tensor_key(bases.randlora_B)),
         )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -247,7 +254,9 @@ class RandLoraLinear(nn.Module):
             return self._base_forward(x, *args, **kwargs).to(x.dtype)
         dtype = self._compute_dtype(names, x.device)
         weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
-        base = BaseCall(lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out)
+        base = BaseCall(
+            lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out, self.inference_cache, id(self)
+        )
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
         compute = self._requested_compute(names)
         return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, tokens)
