@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from randlora_core.compute import Compute, choose_path, resolve_compute
 from randlora_core.inference_cache import cached_forward
-from randlora_core.kernels import basis_grads, combined_scaled_basis, delta_sum, grad_times, times
+from randlora_core.kernels import basis_grads, combined_scaled_basis, delta_sum, grad_times, own_copy, times, times_into
 from randlora_core.operands import AdapterCall, BaseCall
 
 
@@ -249,19 +249,21 @@ class RandLoraFunction(torch.autograd.Function):
         reads_x = plan.fused_base or any(g.x is None for g in groups)
         x2 = x.reshape(-1, n_in).to(dtype) if reads_x else x
         bases = [combined_scaled_basis(g.a_s, g.adapters) for g in groups]
+        # y is built with x's leading axes and written through the 2-D view y2, so the node returns
+        # no view (FSDP2 warns that a module returning a view can break backward).
         if plan.fused_base:
             assert weight is not None
             w = weight.to(dtype)
             w = delta_sum(w, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases)) if plan.dense_forward else w
-            y2 = times(x2, w, plan.weight_in_out, bias.to(dtype) if bias is not None else None)
+            y, y2 = times_into(x.to(dtype), w, plan.weight_in_out, bias.to(dtype) if bias is not None else None, dtype)
             del w
         else:
             assert base_out is not None
-            sum_dtype = torch.promote_types(base_out.dtype, dtype)
-            y2 = base_out.reshape(-1, base_out.shape[-1]).to(sum_dtype, copy=True)
-            if plan.dense_forward:
-                delta = delta_sum(None, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases))
-                y2 += times(x2, delta, plan.weight_in_out).to(sum_dtype)
+            y = own_copy(base_out, torch.promote_types(base_out.dtype, dtype))
+            y2 = y.view(-1, y.shape[-1])
+        if not plan.fused_base and plan.dense_forward:
+            delta = delta_sum(None, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases))
+            y2 += times(x2, delta, plan.weight_in_out).to(y2.dtype)
         hs: list[torch.Tensor] = []
         keep_h = not plan.dense_backward and not plan.in_le_out and any(ctx.needs_input_grad[5:])  # h feeds grad_S
         if not plan.dense_forward:
@@ -280,7 +282,7 @@ class RandLoraFunction(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.base_dtype = base_out.dtype if base_out is not None else None
         ctx.save_for_backward(x, weight, *ops, *hs)
-        return y2.reshape(*x.shape[:-1], y2.shape[-1]).to(x.dtype)
+        return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable

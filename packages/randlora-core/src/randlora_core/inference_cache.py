@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from randlora_core.kernels import combined_scaled_basis, delta_sum, times
+from randlora_core.kernels import combined_scaled_basis, delta_sum, own_copy, times, times_into
 
 if TYPE_CHECKING:
     from randlora_core.operands import AdapterCall, BaseCall
@@ -101,14 +101,13 @@ def cached_forward(
     if cache is None or any(k is None for k, _ in keys):
         return None
     dtype = groups[0][0].a_s.dtype
-    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     if cache.weights:
         weight_in_out = base.weight_in_out if fused else not in_le_out
-        y2 = _weights(cache, base, groups, keys, dtype, in_le_out, fused, weight_in_out, x2)
+        y = _weights(cache, base, groups, keys, dtype, in_le_out, fused, weight_in_out, x.to(dtype))
     else:
-        y2 = _scaled_bases(cache, base, groups, keys, dtype, in_le_out, x2)
-    y2 += x2.abs().amax(dim=1, keepdim=True).mul_(0).to(y2.dtype)
-    return y2.reshape(*x.shape[:-1], y2.shape[-1]).to(x.dtype)
+        y = _scaled_bases(cache, base, groups, keys, dtype, in_le_out, x.reshape(-1, x.shape[-1]).to(dtype))
+    y.view(-1, y.shape[-1]).add_(x.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True).mul_(0).to(y.dtype))
+    return y.to(x.dtype)
 
 
 def _bases_of(groups: list[list[AdapterCall]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -124,7 +123,7 @@ def _weights(
     in_le_out: bool,
     fused: bool,
     weight_in_out: bool,
-    x2: torch.Tensor,
+    x: torch.Tensor,
 ) -> torch.Tensor:
     """``x @ (W + delta_W)^T + b`` (a plain base), or ``base(x) + x @ delta_W^T``, with the matrix cached."""
     weight = base.weight if fused else None
@@ -136,10 +135,11 @@ def _weights(
         cache.put(base.owner, key, hit)
     if fused:
         bias = base.bias.to(dtype) if base.bias is not None else None
-        return times(x2, hit[0], weight_in_out, bias)
+        return times_into(x, hit[0], weight_in_out, bias, dtype)[0]
     out = base.forward()
-    y2 = out.reshape(-1, out.shape[-1]).to(torch.promote_types(out.dtype, dtype), copy=True)
-    return y2.add_(times(x2, hit[0], weight_in_out).to(y2.dtype))
+    y = own_copy(out, torch.promote_types(out.dtype, dtype))
+    y.view(-1, y.shape[-1]).add_(times(x.reshape(-1, x.shape[-1]), hit[0], weight_in_out).to(y.dtype))
+    return y
 
 
 def _scaled_bases(
@@ -158,9 +158,10 @@ def _scaled_bases(
         hit = [s for _, s in _bases_of(groups)]
         cache.put(base.owner, key, hit)
     out = base.forward()
-    y2 = out.reshape(-1, out.shape[-1]).to(torch.promote_types(out.dtype, dtype), copy=True)
+    y = own_copy(out, torch.promote_types(out.dtype, dtype))
+    y2 = y.view(-1, y.shape[-1])
     for members, s in zip(groups, hit, strict=True):
         b_flat = members[0].b_flat
         h = x2 @ (s.T if in_le_out else b_flat)
         y2.addmm_(h.to(y2.dtype), (b_flat.T if in_le_out else s).to(y2.dtype))
-    return y2
+    return y

@@ -66,11 +66,38 @@ def delta_sum(
     return total
 
 
-def times(x2: torch.Tensor, w: torch.Tensor, weight_in_out: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` for a weight in ``(O, I)`` layout, ``x2 @ W (+ bias)`` in ``(I, O)`` layout."""
+def times(x: torch.Tensor, w: torch.Tensor, weight_in_out: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a weight in ``(O, I)`` layout, ``x @ W (+ bias)`` in ``(I, O)`` layout; any leading axes."""
     if weight_in_out:
-        return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
-    return nn.functional.linear(x2, w, bias)
+        y = x @ w
+        return y.add_(bias) if bias is not None else y
+    return nn.functional.linear(x, w, bias)
+
+
+def times_into(
+    x: torch.Tensor, w: torch.Tensor, weight_in_out: bool, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`times` written into a fresh tensor with ``x``'s leading axes: ``(y, y2)``, ``y2`` its 2-D view.
+
+    ``y`` is nobody's view (a module output that is a view breaks FSDP2's backward hooks; torch's
+    own ``linear`` returns one for inputs of more than two axes), and ``y2`` is where later terms
+    accumulate in place.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    out_features = w.shape[1] if weight_in_out else w.shape[0]
+    y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
+    y2 = y.view(-1, out_features)
+    mat = w if weight_in_out else w.T
+    if bias is not None:
+        torch.addmm(bias, x2, mat, out=y2)
+    else:
+        torch.mm(x2, mat, out=y2)
+    return y, y2
+
+
+def own_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``t`` in ``dtype`` that shares nothing with it (to accumulate into in place)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 def grad_times(g2: torch.Tensor, w: torch.Tensor, weight_in_out: bool) -> torch.Tensor:
