@@ -26,6 +26,7 @@ layer that trains, ``h = x @ b_flat`` (tokens x r*nb, as PEFT keeps) are saved f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,13 +108,8 @@ def plan_call(
     in_features: int,
     out_features: int,
     compute: str,
-    tokens: int | None = None,
 ) -> Plan:
-    """The :class:`Plan` of a call: base fused or external, and the path (``compute`` or the cost model's).
-
-    ``tokens`` (default: the rows of ``x``) is what the cost model sizes the call by; a part of a
-    larger batch passes the batch's, so it takes the path the whole batch would.
-    """
+    """The :class:`Plan` of a call: base fused or external, and the path (``compute`` or the cost model's)."""
     dtype = groups[0][0].a_s.dtype
     fused = fusable(x, base, dtype, compute)
     own = [members[0].own_input for members in groups]
@@ -126,7 +122,7 @@ def plan_call(
         need_params = grad and any(a.lam.requires_grad or a.gamma.requires_grad for g in groups for a in g)
         need_params = need_params or (fused and grad and base.bias is not None and base.bias.requires_grad)
         ks = [members[0].b_flat.shape[1] for members in groups]
-        tokens = tokens if tokens is not None else (x.numel() // in_features if in_features else 0)
+        tokens = x.numel() // in_features if in_features else 0
         path = choose_path(
             tokens, in_features, out_features, ks, dtype, x.device, grad and x.requires_grad, need_params, fused_base=fused
         )
@@ -149,18 +145,23 @@ def layer_forward(
     in_features: int,
     out_features: int,
     compute: Compute = "auto",
-    tokens: int | None = None,
+    shared_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The layer output ``base(x) + sum_a dropout_a(x) @ delta_W_a^T``, in ``x``'s dtype.
 
     ``adapters`` hold every active adapter's operands in one compute dtype on ``x``'s device;
     ``compute`` is the layers' preference (an active :func:`~randlora_core.compute.compute_override`
-    beats it); ``tokens`` sizes the cost model's choice (see :func:`plan_call`).
+    beats it). ``shared_base`` is the base layer's output for this very ``x`` when several calls
+    share it (mixed-adapter batches): a fused factored plan then adds to it instead of running the
+    base matmul again, with the same arithmetic (the base layer's own matmul is the fused one).
     """
     if not adapters:
         return base.forward().to(x.dtype)
     groups = group_adapters(adapters)
-    plan = plan_call(x, base, groups, in_features, out_features, resolve_compute(compute), tokens)
+    plan = plan_call(x, base, groups, in_features, out_features, resolve_compute(compute))
+    if shared_base is not None and plan.fused_base and not plan.dense_forward:
+        plan = dataclasses.replace(plan, fused_base=False, weight_in_out=not plan.in_le_out)
+        base = dataclasses.replace(base, forward=lambda: shared_base, weight=None, bias=None)
     if base.cache is not None and _cacheable(x, plan):
         out = cached_forward(x, base, groups, plan.in_le_out, plan.fused_base)
         if out is not None:

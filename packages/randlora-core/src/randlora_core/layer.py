@@ -247,7 +247,12 @@ class RandLoraLinear(nn.Module):
         return self._adapted(x, names, args, kwargs)
 
     def _adapted(
-        self, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object], tokens: int | None = None
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        shared_base: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``base(x)`` plus the adapters ``names`` (held here, unmerged) through the layer engine."""
         if not names:
@@ -259,27 +264,31 @@ class RandLoraLinear(nn.Module):
         )
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
         compute = self._requested_compute(names)
-        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, tokens)
+        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, shared_base)
 
     def _mixed_forward(
         self, x: torch.Tensor, per_row: list[str], args: tuple[object, ...], kwargs: dict[str, object]
     ) -> torch.Tensor:
-        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`BASE` for none).
+        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`~randlora_core.mixed.BASE` for none).
 
-        Each adapter's rows run as one sub-batch, sized for the cost model as the whole batch, so
-        a row's result is the one a single-adapter call of the whole batch gives, and a batch of
-        ``k`` adapters costs one base pass plus ``k`` adapter passes.
+        Each adapter runs on the whole batch and its rows are taken: matmul results depend on the
+        number of rows (BLAS kernels), so only that makes a row exactly what a single-adapter call
+        of the batch gives. The base output is computed once and shared: ``k`` adapters cost one
+        base pass and ``k`` adapter passes (``k`` layer passes where the dense path is chosen).
         """
         if x.dim() < 2 or x.shape[0] != len(per_row):
             raise ShapeError(
                 f"layer {self.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
                 f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
             )
-        tokens = x.numel() // self.in_features
+        base_out = self._base_forward(x, *args, **kwargs)
         parts, order = [], []
         for name, rows in mixed_groups(per_row, x.device).items():
-            held = [name] if name in self.randlora_lambda and name not in self.merged_adapters else []
-            parts.append(self._adapted(x.index_select(0, rows), held, args, kwargs, tokens))
+            if name in self.randlora_lambda and name not in self.merged_adapters:
+                out = self._adapted(x, [name], args, kwargs, shared_base=base_out)
+            else:
+                out = base_out.to(x.dtype)
+            parts.append(out.index_select(0, rows))
             order.append(rows)
         return scatter_rows(parts, order, x.shape[0])
 
