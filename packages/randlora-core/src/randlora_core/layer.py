@@ -28,13 +28,14 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
-from randlora_core.compute import Compute
+from randlora_core.compute import Compute, resolve_compute
 from randlora_core.engine import layer_forward
 from randlora_core.inference_cache import InferenceCache, tensor_key
 from randlora_core.mixed import mixed_groups, scatter_rows
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
+from randlora_core.sparse import MAX_DENSITY, sparse_density, window_structure
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import DtypeError, MergeError, ShapeError
@@ -203,6 +204,12 @@ class RandLoraLinear(nn.Module):
         a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
         lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
         bases = self.bases
+        structure = None
+        if bases.kind != "dense" and (
+            sparse_density(bases) <= MAX_DENSITY or resolve_compute(self._requested_compute([adapter_name])) == "sparse"
+        ):
+            key = (r, m, big_m, nb, dtype, device, tensor_key(bases.randlora_A), tensor_key(bases.randlora_B))
+            structure = window_structure(bases, key, a_s, b_flat, nb)
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,
@@ -212,6 +219,7 @@ class RandLoraLinear(nn.Module):
             window=r,  # equal rank on one layer: the same windows of the one shared pair
             dropout=self.randlora_dropout[adapter_name],
             key=(adapter_name, tensor_key(lam), tensor_key(gamma), tensor_key(bases.randlora_A), tensor_key(bases.randlora_B)),
+            sparse=structure,
         )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
