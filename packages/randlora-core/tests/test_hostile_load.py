@@ -116,8 +116,8 @@ def _very_sparse_m_max(tmp: Path):
 
 @case("file-rank-above-every-layer", "ERR-301")
 def _file_rank(tmp: Path):
-    # Block's q_proj is 16x24: a rank of 64 adds no rank, only 64 x 24 basis values per base
-    r = 64
+    # Block's q_proj is 16x24: a rank above both 24 and the ceiling adds no rank, only basis values
+    r = 2**16
     ckpt = build_checkpoint(adapted(save_projection=False))
     meta = metadata_for(ckpt)
     meta["config"] = ckpt.config.model_copy(update={"r": r}).to_json()

@@ -29,7 +29,7 @@ from randlora_core.targeting import name_matches, select_targets, visible_module
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import CheckpointError, ConfigError, ShapeError, TargetModuleError
-from randlora_spec.geometry import BasesShape, LayerGeometry, allocation, shape_of_bases
+from randlora_spec.geometry import RANK_CEILING, BasesShape, LayerGeometry, allocation, rank_is_bounded, shape_of_bases
 
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
@@ -187,10 +187,10 @@ def plan_bases(
     """New ``(A, B, regenerable)`` for the shared bases, or ``None`` to keep the current pair."""
     kind = basis_kind(config.sparse, config.very_sparse)
     needed = allocation(dims, ranks)
-    if config.r > needed.M_max:
+    if not rank_is_bounded(config.r, needed.M_max):
         raise ShapeError(
-            f"r={config.r} is larger than every adapted layer's larger side (at most {needed.M_max}): such a rank adds "
-            "bases but no rank to the update, at a cost of r x M values"
+            f"r={config.r} is larger than every adapted layer's larger side (at most {needed.M_max}) and than "
+            f"{RANK_CEILING}: such a rank adds bases but no rank to the update, at a cost of r x M values"
         )
     current = model.randlora_bases
     if current is None:

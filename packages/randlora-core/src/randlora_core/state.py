@@ -27,7 +27,7 @@ from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigError
-from randlora_spec.geometry import BasesShape, bases_shape_for_layers, num_bases
+from randlora_spec.geometry import RANK_CEILING, BasesShape, bases_shape_for_layers, num_bases, rank_is_bounded
 
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
@@ -251,8 +251,10 @@ def _check_sizes(root: nn.Module, header: spec_ckpt.CheckpointHeader, source: st
     """
     r, shape = header.config.r, header.bases_shape
     own = bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in header.layers.values()], r)
-    if r > own.M_max:
-        raise CheckpointError(f"{source}: r={r} is larger than every adapted layer's larger side (at most {own.M_max})")
+    if not rank_is_bounded(r, own.M_max):
+        raise CheckpointError(
+            f"{source}: r={r} is larger than every adapted layer's larger side (at most {own.M_max}) and than {RANK_CEILING}"
+        )
     if header.bases_stored:
         return
     if header.config.very_sparse:
