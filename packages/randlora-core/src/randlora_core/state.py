@@ -21,7 +21,7 @@ from torch import nn
 
 from randlora_core.bases import generate_bases
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.planning import AdapterPlan, adaptable, check_path, plan_adapter, resolve_saved
+from randlora_core.planning import adaptable, check_path, plan_adapter, resolve_saved, same_on_overlap
 from randlora_core.registry import is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
@@ -76,6 +76,11 @@ def _collect_layers(model: RandLoraModel, adapter_name: str, tensors: _Tensors) 
     for path, layer in model.named_randlora_layers():
         if adapter_name not in layer.randlora_lambda:
             continue
+        if layer.randlora_lambda[adapter_name].is_meta:
+            raise CheckpointError(
+                f"adapter {adapter_name!r} has no weights to save: it was created with low_cpu_mem_usage=True and "
+                "never loaded (its lambda/gamma are on the meta device)"
+            )
         layers[path] = spec_ckpt.LayerRecord(layer.in_features, layer.out_features, bool(layer.fan_in_fan_out))
         tensors.add(path + spec_ckpt.LAMBDA_SUFFIX, layer.randlora_lambda[adapter_name])
         tensors.add(path + spec_ckpt.GAMMA_SUFFIX, layer.randlora_gamma[adapter_name])
@@ -277,11 +282,19 @@ def checkpoint_bases(ckpt: spec_ckpt.AdapterCheckpoint) -> tuple[torch.Tensor, t
 
 
 def apply_checkpoint_to(
-    model: RandLoraModel, ckpt: spec_ckpt.AdapterCheckpoint, adapter_name: str = "default", source: str = "<checkpoint>"
+    model: RandLoraModel,
+    ckpt: spec_ckpt.AdapterCheckpoint,
+    adapter_name: str = "default",
+    source: str = "<checkpoint>",
+    *,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> None:
     """Add the adapter ``ckpt`` holds to ``model`` as ``adapter_name`` (not activated unless it is the first).
 
-    ``ckpt`` and its fit to the model are validated completely first; on any error the model is unchanged.
+    ``ckpt`` and its fit to the model are validated completely first; on any error the model is
+    unchanged. ``autocast_adapter_dtype``: float32 lambda/gamma on float16/bfloat16 layers;
+    ``low_cpu_mem_usage``: the new lambda/gamma are the checkpoint's values, never initialised first.
     """
     load_plugins()
     check_fits(model.model, spec_ckpt.validate(ckpt, source=source), source)
@@ -293,25 +306,69 @@ def apply_checkpoint_to(
     if unsaved:
         raise CheckpointError(f"{source}: modules_to_save tensors for {unsaved} do not match the config's modules_to_save")
     layer_paths = sorted(ckpt.layers)
-    plan = plan_adapter(model, adapter_name, ckpt.config, layer_paths, checkpoint_bases(ckpt), warn=False)
-    values = _values_for(model.model, plan, ckpt, source)
+    options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}
+    plan = plan_adapter(model, adapter_name, ckpt.config, layer_paths, checkpoint_bases(ckpt), warn=False, **options)
+    like = {path: (layer.adapter_dtype(autocast_adapter_dtype), layer._param_device()) for path, layer, _ in plan.layers}
+    values = _values_for(model.model, like, ckpt, source)
     model._commit(plan)
+    _store(model.model, adapter_name, values)
+
+
+def fill_existing(model: RandLoraModel, ckpt: spec_ckpt.AdapterCheckpoint, adapter_name: str, source: str) -> None:
+    """Load ``ckpt``'s values into the existing adapter ``adapter_name`` (PEFT's ``load_adapter`` on a known name).
+
+    This is how an adapter created with ``low_cpu_mem_usage=True`` gets its weights. The checkpoint
+    must describe the same adapter: the same layers, rank and scaling, the same biases and
+    ``modules_to_save``, bases equal to the model's; validated before any value changes.
+    """
+    check_fits(model.model, spec_ckpt.validate(ckpt, source=source), source)
+    mine, theirs = model.peft_config[adapter_name], ckpt.config
+    differences = [f for f in ("r", "randlora_alpha", "bias") if getattr(mine, f) != getattr(theirs, f)]
+    if sorted(ckpt.layers) != sorted(model._targets[adapter_name]):
+        differences.append("adapted layers")
+    if sorted(ckpt.biases) != sorted(model._bias_params(adapter_name)) or set(ckpt.modules_to_save) != set(
+        model._saved[adapter_name]
+    ):
+        differences.append("biases or modules_to_save")
+    bases = model.randlora_bases
+    if bases is not None and not same_on_overlap(checkpoint_bases(ckpt), (bases.randlora_A, bases.randlora_B)):
+        differences.append("bases")
+    if differences:
+        raise CheckpointError(
+            f"{source}: describes another adapter than the existing {adapter_name!r} (it differs in: {', '.join(differences)})"
+        )
+    like = {}
+    for path in ckpt.layers:
+        layer = model.model.get_submodule(path)
+        lam = layer.randlora_lambda[adapter_name]
+        like[path] = (lam.dtype, layer._param_device() if lam.is_meta else lam.device)
+    _store(model.model, adapter_name, _values_for(model.model, like, ckpt, source))
+
+
+def _store(root: nn.Module, adapter_name: str, values: dict[Slot, torch.Tensor]) -> None:
+    """Write validated values into the committed adapter; empty (meta) lambda/gamma are replaced, the rest copied into."""
     with torch.no_grad():
         for slot, value in values.items():
-            _destination(model.model, adapter_name, slot).copy_(value)
+            target = _destination(root, adapter_name, slot)
+            if target.is_meta:
+                container = getattr(root.get_submodule(slot[1]), slot[2])
+                container[adapter_name] = nn.Parameter(value, requires_grad=target.requires_grad)
+            else:
+                target.copy_(value)
 
 
 Slot = tuple[str, str, str]
 """``(kind, module path, name)``: kind ``layer`` (name ``randlora_lambda``/``randlora_gamma``), ``bias`` or ``saved``."""
 
 
-def _values_for(root: nn.Module, plan: AdapterPlan, ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> dict[Slot, torch.Tensor]:
+def _values_for(
+    root: nn.Module, like: dict[str, tuple[torch.dtype, torch.device]], ckpt: spec_ckpt.AdapterCheckpoint, source: str
+) -> dict[Slot, torch.Tensor]:
     """Every value the checkpoint sets, already in its parameter's dtype and device and checked finite there.
 
-    A value finite on disk can overflow in a narrower parameter dtype (float64 1e300 into float32);
-    that is found before the model changes.
+    ``like`` gives each layer's lambda/gamma ``(dtype, device)``. A value finite on disk can overflow
+    in a narrower parameter dtype (float64 1e300 into float32); that is found before the model changes.
     """
-    wrappers = {path: layer for path, layer, _ in plan.layers}
     values: dict[Slot, torch.Tensor] = {}
 
     def put(slot: Slot, array: np.ndarray, like: tuple[torch.dtype, torch.device]) -> None:
@@ -321,10 +378,8 @@ def _values_for(root: nn.Module, plan: AdapterPlan, ckpt: spec_ckpt.AdapterCheck
         values[slot] = value
 
     for path in sorted(ckpt.layers):
-        layer = wrappers[path]
-        like = (layer._param_dtype(), layer._param_device())
-        put(("layer", path, "randlora_lambda"), ckpt.lam(path), like)
-        put(("layer", path, "randlora_gamma"), ckpt.gamma(path), like)
+        put(("layer", path, "randlora_lambda"), ckpt.lam(path), like[path])
+        put(("layer", path, "randlora_gamma"), ckpt.gamma(path), like[path])
     for path in ckpt.biases:
         bias = _base_param(root, path, "bias")
         put(("bias", path, "bias"), ckpt.tensors[path + ".bias"], (bias.dtype, bias.device))
