@@ -16,6 +16,7 @@ from conftest import Block, TinyLM, randomize_adapters
 from torch import nn
 
 from randlora_core import RandLoraConfig, RandLoraModel, get_randlora_model, load_adapter
+from randlora_core.testing import model_state
 from randlora_spec.testing import catalogue
 
 ROWS = catalogue.Setups()
@@ -178,4 +179,4 @@ def _disable_layers_while_merged(tmp: Path):
 @pytest.mark.parametrize("row_id", sorted(ROWS))
 def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
     model, call = ROWS[row_id](tmp_path)
-    catalogue.check_row(row_id, call, model, tmp_path)
+    catalogue.check_row(row_id, call, model, tmp_path, state=model_state)

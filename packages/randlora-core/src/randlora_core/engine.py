@@ -106,8 +106,13 @@ def plan_call(
     in_features: int,
     out_features: int,
     compute: str,
+    tokens: int | None = None,
 ) -> Plan:
-    """The :class:`Plan` of a call: base fused or external, and the path (``compute`` or the cost model's)."""
+    """The :class:`Plan` of a call: base fused or external, and the path (``compute`` or the cost model's).
+
+    ``tokens`` (default: the rows of ``x``) is what the cost model sizes the call by; a part of a
+    larger batch passes the batch's, so it takes the path the whole batch would.
+    """
     dtype = groups[0][0].a_s.dtype
     fused = fusable(x, base, dtype, compute)
     own = [members[0].own_input for members in groups]
@@ -120,7 +125,7 @@ def plan_call(
         need_params = grad and any(a.lam.requires_grad or a.gamma.requires_grad for g in groups for a in g)
         need_params = need_params or (fused and grad and base.bias is not None and base.bias.requires_grad)
         ks = [members[0].b_flat.shape[1] for members in groups]
-        tokens = x.numel() // in_features if in_features else 0
+        tokens = tokens if tokens is not None else (x.numel() // in_features if in_features else 0)
         path = choose_path(
             tokens, in_features, out_features, ks, dtype, x.device, grad and x.requires_grad, need_params, fused_base=fused
         )
@@ -143,17 +148,18 @@ def layer_forward(
     in_features: int,
     out_features: int,
     compute: Compute = "auto",
+    tokens: int | None = None,
 ) -> torch.Tensor:
     """The layer output ``base(x) + sum_a dropout_a(x) @ delta_W_a^T``, in ``x``'s dtype.
 
     ``adapters`` hold every active adapter's operands in one compute dtype on ``x``'s device;
     ``compute`` is the layers' preference (an active :func:`~randlora_core.compute.compute_override`
-    beats it).
+    beats it); ``tokens`` sizes the cost model's choice (see :func:`plan_call`).
     """
     if not adapters:
         return base.forward().to(x.dtype)
     groups = group_adapters(adapters)
-    plan = plan_call(x, base, groups, in_features, out_features, resolve_compute(compute))
+    plan = plan_call(x, base, groups, in_features, out_features, resolve_compute(compute), tokens)
     dtype = groups[0][0].a_s.dtype
     # The base layer runs before any dropout draws, as in PEFT, so random streams line up.
     base_out = None if plan.fused_base else base.forward()

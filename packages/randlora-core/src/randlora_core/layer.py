@@ -34,6 +34,7 @@ from torch import nn
 from randlora_core.bases import RandLoraBases
 from randlora_core.compute import Compute
 from randlora_core.engine import layer_forward
+from randlora_core.mixed import mixed_groups, scatter_rows
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
@@ -70,6 +71,8 @@ class RandLoraLinear(nn.Module):
         self.disable_adapters = False
         self.layer_name = ""
         """Dotted path of this layer in the model, for messages (set by the model)."""
+        self.mixed_adapters: list[str] | None = None
+        """One adapter name per batch row during a mixed-adapter call (set by the model), else ``None``."""
         object.__setattr__(self, "_bases", None)  # a reference, deliberately not a registered submodule
 
     # -- hooks for subclasses -------------------------------------------------------------------
@@ -270,14 +273,45 @@ class RandLoraLinear(nn.Module):
         if self.disable_adapters and self.merged:
             warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
             self.unmerge()
+        if self.mixed_adapters is not None and not self.disable_adapters:
+            return self._mixed_forward(x, self.mixed_adapters, args, kwargs)
         names = [] if self.disable_adapters else self._active_unmerged()
+        return self._adapted(x, names, args, kwargs)
+
+    def _adapted(
+        self, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object], tokens: int | None = None
+    ) -> torch.Tensor:
+        """``base(x)`` plus the adapters ``names`` (held here, unmerged) through the layer engine."""
         if not names:
             return self._base_forward(x, *args, **kwargs).to(x.dtype)
         dtype = self._compute_dtype(names, x.device)
         weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
         base = BaseCall(lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out)
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
-        return layer_forward(x, base, adapters, self.in_features, self.out_features, self._requested_compute(names))
+        compute = self._requested_compute(names)
+        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, tokens)
+
+    def _mixed_forward(
+        self, x: torch.Tensor, per_row: list[str], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> torch.Tensor:
+        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`BASE` for none).
+
+        Each adapter's rows run as one sub-batch, sized for the cost model as the whole batch, so
+        a row's result is the one a single-adapter call of the whole batch gives, and a batch of
+        ``k`` adapters costs one base pass plus ``k`` adapter passes.
+        """
+        if x.dim() < 2 or x.shape[0] != len(per_row):
+            raise ShapeError(
+                f"layer {self.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
+                f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
+            )
+        tokens = x.numel() // self.in_features
+        parts, order = [], []
+        for name, rows in mixed_groups(per_row, x.device).items():
+            held = [name] if name in self.randlora_lambda and name not in self.merged_adapters else []
+            parts.append(self._adapted(x.index_select(0, rows), held, args, kwargs, tokens))
+            order.append(rows)
+        return scatter_rows(parts, order, x.shape[0])
 
     def _active_unmerged(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.randlora_lambda and n not in self.merged_adapters]

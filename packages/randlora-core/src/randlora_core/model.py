@@ -13,10 +13,7 @@ deleting or disabling while merged, and non-finite safe merges :class:`MergeErro
 
 from __future__ import annotations
 
-import math
-import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from torch import nn
 
 from randlora_core.bases import RandLoraBases
 from randlora_core.layer import RandLoraLinear
+from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.peft_api import PeftApiMixin
 from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
@@ -36,15 +34,6 @@ from randlora_spec.bases import basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, ConfigError, MergeError, ShapeError
 from randlora_spec.geometry import shape_of_bases
-
-
-def _logical_numel(param: torch.Tensor) -> int:
-    """Number of values ``param`` represents, which for packed quantized storage is not its ``numel()``.
-
-    bitsandbytes' 4-bit weights keep two values per byte; their ``quant_state.shape`` is the real shape.
-    """
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return math.prod(shape) if shape is not None else param.numel()
 
 
 class RandLoraModel(PeftApiMixin, nn.Module):
@@ -92,9 +81,37 @@ class RandLoraModel(PeftApiMixin, nn.Module):
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped model."""
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Call the wrapped model; with ``adapter_names`` (one per sample) each row uses its own adapter.
+
+        ``adapter_names[i]`` names the adapter for batch row ``i``, or ``"__base__"`` for the base
+        model alone (PEFT's mixed-adapter batches). Rows are grouped by adapter, so ``k`` adapters
+        cost about ``k`` adapter passes; row ``i`` equals a call with adapter ``adapter_names[i]``
+        active. Not while adapters are merged.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        wrappers = self._mixed_wrappers(adapter_names)
+        for wrapper in wrappers:
+            wrapper.mixed_adapters = list(adapter_names)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for wrapper in wrappers:
+                wrapper.mixed_adapters = None
+
+    def _mixed_wrappers(self, adapter_names: list[str]) -> list[nn.Module]:
+        """The layers and saved-module wrappers a mixed-adapter call reaches, after checking the names."""
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise ConfigError(
+                f"adapter_names must be a list of adapter names (one per sample), got {type(adapter_names).__name__}"
+            )
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise AdapterNotFoundError(f"adapter_names: {unknown} not found; the model has {list(self.peft_config)} and {BASE!r}")
+        if self.merged_adapters:
+            raise MergeError(f"adapter_names cannot be used while adapters {self.merged_adapters} are merged; unmerge them first")
+        return [layer for _, layer in self.named_randlora_layers()] + [w for _, w in self._modules_to_save()]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -289,33 +306,6 @@ class RandLoraModel(PeftApiMixin, nn.Module):
             self._trainable |= set(self._active)
         self._apply_active()
 
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Context in which the model runs as the base model (adapters and modules_to_save copies off).
-
-        As in PEFT, no adapter parameter is trainable inside the block; on exit the previous state returns.
-        """
-        was_enabled = self._enabled
-        self._set_enabled(False)
-        try:
-            yield
-        finally:
-            self._set_enabled(was_enabled)
-
-    def _set_enabled(self, enabled: bool) -> None:
-        """Switch every adapter layer and ``modules_to_save`` wrapper on or off (MergeError when turning off while merged)."""
-        if not enabled and self.merged_adapters:
-            raise MergeError(f"adapters {self.merged_adapters} are merged into the base weights; call unmerge_adapter() first")
-        biased = [n for n in self._active if self.peft_config[n].bias != "none"]
-        if not enabled and biased:
-            warnings.warn(
-                f"adapter(s) {biased} trained biases, which stay in the base layers: with adapters disabled the output "
-                "still differs from the base model's",
-                stacklevel=3,
-            )
-        self._enabled = enabled
-        self._apply_active()
-
     # -- trainable parameters -------------------------------------------------------------------
 
     def _bias_params(self, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -333,18 +323,6 @@ class RandLoraModel(PeftApiMixin, nn.Module):
             if isinstance(bias, nn.Parameter) and (mode == "all" or is_randlora_layer(module)):
                 out[path] = bias
         return out
-
-    def trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts of the whole model, adapters included."""
-        params = list(self.parameters())
-        return sum(_logical_numel(p) for p in params if p.requires_grad), sum(_logical_numel(p) for p in params)
-
-    get_nb_trainable_parameters = trainable_parameters
-
-    def print_trainable_parameters(self) -> None:
-        """Print the counts in PEFT's format."""
-        trainable, total = self.trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- merging --------------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from randlora_core.mixed import mixed_groups, scatter_rows
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds ``original_module`` and ``modules_to_save[adapter_name]`` copies."""
@@ -22,6 +24,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.mixed_adapters: list[str] | None = None
+        """One adapter name per batch row during a mixed-adapter call (set by the model), else ``None``."""
 
     def add_adapter(self, adapter_name: str) -> None:
         """Add a trainable copy of the original module for ``adapter_name``."""
@@ -49,5 +53,13 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward of :meth:`active_module`."""
-        return self.active_module()(*args, **kwargs)
+        """Forward of :meth:`active_module`; in a mixed-adapter call each row goes through its adapter's copy."""
+        if self.mixed_adapters is None or self.disabled:
+            return self.active_module()(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        parts, order = [], []
+        for name, rows in mixed_groups(self.mixed_adapters, x.device).items():
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            parts.append(module(x.index_select(0, rows), *rest, **kwargs))
+            order.append(rows)
+        return scatter_rows(parts, order, x.shape[0])

@@ -2,8 +2,9 @@
 
 :class:`PeftApiMixin` adds what a PEFT user reaches for on a ``PeftModel`` beyond adding, switching,
 merging and deleting adapters (which live in :mod:`randlora_core.model`): ``base_model``,
-``active_peft_config``, ``targeted_module_names``, ``enable_adapter_layers`` /
-``disable_adapter_layers``, ``set_requires_grad``, ``get_layer_status`` / ``get_model_status``,
+``active_peft_config``, ``targeted_module_names``, ``disable_adapter()``, ``enable_adapter_layers``
+/ ``disable_adapter_layers``, ``set_requires_grad``, parameter counts,
+``get_layer_status`` / ``get_model_status``,
 ``get_base_model_state_dict`` / ``set_base_model_state_dict``, and adapter directories
 (``save_pretrained``, ``from_pretrained``, ``load_adapter``). Each method is a thin front to the
 module that owns the concept (:mod:`~randlora_core.status`, :mod:`~randlora_core.base_state`,
@@ -12,7 +13,10 @@ module that owns the concept (:mod:`~randlora_core.status`, :mod:`~randlora_core
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,10 +25,19 @@ from torch import nn
 
 from randlora_core import base_state, pretrained, status
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import AdapterNotFoundError
+from randlora_spec.errors import AdapterNotFoundError, MergeError
 
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    """Number of values ``param`` represents, which for packed quantized storage is not its ``numel()``.
+
+    bitsandbytes' 4-bit weights keep two values per byte; their ``quant_state.shape`` is the real shape.
+    """
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return math.prod(shape) if shape is not None else param.numel()
 
 
 class PeftApiMixin:
@@ -54,6 +67,37 @@ class PeftApiMixin:
             names += [p for p in paths if p not in names]
         return names
 
+    @contextmanager
+    def disable_adapter(self: RandLoraModel) -> Iterator[None]:
+        """Context in which the model runs as the base model (adapters and modules_to_save copies off).
+
+        As in PEFT, no adapter parameter is trainable inside the block; on exit the previous state returns.
+
+        Raises:
+            MergeError: an adapter is merged (unmerge it first).
+
+        """
+        was_enabled = self._enabled
+        self._set_enabled(False)
+        try:
+            yield
+        finally:
+            self._set_enabled(was_enabled)
+
+    def _set_enabled(self: RandLoraModel, enabled: bool) -> None:
+        """Switch every adapter layer and ``modules_to_save`` wrapper on or off (MergeError when turning off while merged)."""
+        if not enabled and self.merged_adapters:
+            raise MergeError(f"adapters {self.merged_adapters} are merged into the base weights; call unmerge_adapter() first")
+        biased = [n for n in self._active if self.peft_config[n].bias != "none"]
+        if not enabled and biased:
+            warnings.warn(
+                f"adapter(s) {biased} trained biases, which stay in the base layers: with adapters disabled the output "
+                "still differs from the base model's",
+                stacklevel=3,
+            )
+        self._enabled = enabled
+        self._apply_active()
+
     def enable_adapter_layers(self: RandLoraModel) -> None:
         """Turn the adapters (and ``modules_to_save`` copies) back on after :meth:`disable_adapter_layers`."""
         self._set_enabled(True)
@@ -81,6 +125,20 @@ class PeftApiMixin:
         else:
             self._trainable.difference_update(names)
         self._apply_trainable()
+
+    def trainable_parameters(self: RandLoraModel) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts of the whole model, adapters included."""
+        params = list(self.parameters())
+        return sum(_logical_numel(p) for p in params if p.requires_grad), sum(_logical_numel(p) for p in params)
+
+    def get_nb_trainable_parameters(self: RandLoraModel) -> tuple[int, int]:
+        """PEFT's name for :meth:`trainable_parameters`."""
+        return self.trainable_parameters()
+
+    def print_trainable_parameters(self: RandLoraModel) -> None:
+        """Print the counts in PEFT's format."""
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def get_layer_status(self: RandLoraModel) -> list[status.TunerLayerStatus]:
         """PEFT's per-layer status (see :mod:`randlora_core.status`)."""
