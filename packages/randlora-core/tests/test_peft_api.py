@@ -308,3 +308,15 @@ def test_target_modules_none_uses_the_architecture_defaults() -> None:
     assert DEFAULT_TARGET_MODULES["gpt2"] == ("c_attn",)
     with pytest.raises(ConfigError, match="target_modules: must be set"):
         get_randlora_model(WithConfig("mystery"), RandLoraConfig(r=4))
+
+
+def test_injected_bases_are_saved_even_without_save_projection(block: Block, tmp_path: Path) -> None:
+    """Bases set by hand (PEFT's, say) cannot be regenerated, so a checkpoint carries them whatever save_projection says."""
+    model = _trained(copy.deepcopy(block), save_projection=False)
+    bases = model.randlora_bases
+    torch.manual_seed(5)
+    model.set_shared_bases(torch.randn(bases.randlora_A.shape), torch.randn(bases.randlora_B.shape))
+    model.save_pretrained(tmp_path)
+    assert spec_ckpt.load(tmp_path / ADAPTER_FILE).bases is not None
+    x = torch.randn(3, 16)
+    assert torch.equal(RandLoraModel.from_pretrained(copy.deepcopy(block), tmp_path)(x), model(x))
