@@ -205,3 +205,13 @@ def test_default_target_table_is_peft_s() -> None:
 
     ours = {k: v if isinstance(v, str) else sorted(v) for k, v in DEFAULT_TARGET_MODULES.items()}
     assert ours == {k: v if isinstance(v, str) else sorted(v) for k, v in PEFT_TABLE.items()}
+
+
+@pytest.mark.parametrize("targets", [["wo"], "all-linear"])
+def test_t5_feed_forward_reads_the_wrapped_weight(targets: object) -> None:
+    """Issue #14, item 1: T5's feed-forward reads ``self.wo.weight.dtype``; the wrapper passes it through, as PEFT's."""
+    family = FAMILIES["t5"]
+    theirs, ours, _ = pair(family, target_modules=targets)
+    assert ours.model.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert_close(logits(ours, family), logits(theirs, family), F64)
