@@ -15,6 +15,7 @@ from randlora_core.base_state import get_base_model_state_dict, set_base_model_s
 from randlora_core.bases import RandLoraBases, generate_bases
 from randlora_core.checkpoint import apply_checkpoint, load_adapter, save_adapter
 from randlora_core.defaults import DEFAULT_TARGET_MODULES
+from randlora_core.hotswap import hotswap_adapter
 from randlora_core.layer import RandLoraLinear
 from randlora_core.model import RandLoraModel, get_randlora_model
 from randlora_core.modules_to_save import ModulesToSaveWrapper
@@ -61,6 +62,7 @@ __all__ = [
     "get_layer_status",
     "get_model_status",
     "get_randlora_model",
+    "hotswap_adapter",
     "is_conv1d_like",
     "load_adapter",
     "register_layer_wrapper",

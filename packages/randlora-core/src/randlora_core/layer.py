@@ -32,12 +32,14 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
-from randlora_core.compute import Compute
+from randlora_core.compute import Compute, resolve_compute
 from randlora_core.engine import layer_forward
+from randlora_core.inference_cache import InferenceCache, tensor_key
 from randlora_core.mixed import mixed_groups, scatter_rows
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
+from randlora_core.sparse import MAX_DENSITY, sparse_density, window_structure
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import CheckpointError, DtypeError, MergeError, ShapeError
@@ -71,6 +73,8 @@ class RandLoraLinear(nn.Module):
         self.disable_adapters = False
         self.layer_name = ""
         """Dotted path of this layer in the model, for messages (set by the model)."""
+        self.inference_cache: InferenceCache | None = None
+        """The model's inference cache, when enabled (:meth:`RandLoraModel.enable_inference_cache`)."""
         self.mixed_adapters: list[str] | None = None
         """One adapter name per batch row during a mixed-adapter call (set by the model), else ``None``."""
         object.__setattr__(self, "_bases", None)  # a reference, deliberately not a registered submodule
@@ -114,12 +118,14 @@ class RandLoraLinear(nn.Module):
     def _merge_delta(self, delta: torch.Tensor) -> None:
         """Add ``delta`` (storage layout) to the base weight, cast to the weight dtype first (SPEC 5.4)."""
         weight = self.get_base_layer().weight
-        weight.data += delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # in place on the parameter, so its version counter (caches) sees the change
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def _unmerge_delta(self, delta: torch.Tensor) -> None:
         """Subtract ``delta`` (storage layout) from the base weight."""
         weight = self.get_base_layer().weight
-        weight.data -= delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            weight.sub_(delta.to(device=weight.device, dtype=weight.dtype))
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -235,6 +241,13 @@ class RandLoraLinear(nn.Module):
             )
         r, m, big_m, nb = self.geometry(adapter_name)
         a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
+        bases = self.bases
+        structure = None
+        if bases.kind != "dense" and (
+            sparse_density(bases) <= MAX_DENSITY or resolve_compute(self._requested_compute([adapter_name])) == "sparse"
+        ):
+            key = (r, m, big_m, nb, dtype, device, tensor_key(bases.randlora_A), tensor_key(bases.randlora_B))
+            structure = window_structure(bases, key, a_s, b_flat, nb)
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,
@@ -243,6 +256,8 @@ class RandLoraLinear(nn.Module):
             scaling=self.scaling[adapter_name],
             window=r,  # equal rank on one layer: the same windows of the one shared pair
             dropout=self.randlora_dropout[adapter_name],
+            key=(adapter_name, tensor_key(lam), tensor_key(gamma), tensor_key(bases.randlora_A), tensor_key(bases.randlora_B)),
+            sparse=structure,
         )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -279,37 +294,48 @@ class RandLoraLinear(nn.Module):
         return self._adapted(x, names, args, kwargs)
 
     def _adapted(
-        self, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object], tokens: int | None = None
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        shared_base: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``base(x)`` plus the adapters ``names`` (held here, unmerged) through the layer engine."""
         if not names:
             return self._base_forward(x, *args, **kwargs).to(x.dtype)
         dtype = self._compute_dtype(names, x.device)
         weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
-        base = BaseCall(lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out)
+        base = BaseCall(
+            lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out, self.inference_cache, id(self)
+        )
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
         compute = self._requested_compute(names)
-        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, tokens)
+        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, shared_base)
 
     def _mixed_forward(
         self, x: torch.Tensor, per_row: list[str], args: tuple[object, ...], kwargs: dict[str, object]
     ) -> torch.Tensor:
-        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`BASE` for none).
+        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`~randlora_core.mixed.BASE` for none).
 
-        Each adapter's rows run as one sub-batch, sized for the cost model as the whole batch, so
-        a row's result is the one a single-adapter call of the whole batch gives, and a batch of
-        ``k`` adapters costs one base pass plus ``k`` adapter passes.
+        Each adapter runs on the whole batch and its rows are taken: matmul results depend on the
+        number of rows (BLAS kernels), so only that makes a row exactly what a single-adapter call
+        of the batch gives. The base output is computed once and shared: ``k`` adapters cost one
+        base pass and ``k`` adapter passes (``k`` layer passes where the dense path is chosen).
         """
         if x.dim() < 2 or x.shape[0] != len(per_row):
             raise ShapeError(
                 f"layer {self.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
                 f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
             )
-        tokens = x.numel() // self.in_features
+        base_out = self._base_forward(x, *args, **kwargs)
         parts, order = [], []
         for name, rows in mixed_groups(per_row, x.device).items():
-            held = [name] if name in self.randlora_lambda and name not in self.merged_adapters else []
-            parts.append(self._adapted(x.index_select(0, rows), held, args, kwargs, tokens))
+            if name in self.randlora_lambda and name not in self.merged_adapters:
+                out = self._adapted(x, [name], args, kwargs, shared_base=base_out)
+            else:
+                out = base_out.to(x.dtype)
+            parts.append(out.index_select(0, rows))
             order.append(rows)
         return scatter_rows(parts, order, x.shape[0])
 

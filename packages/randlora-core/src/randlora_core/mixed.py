@@ -2,8 +2,9 @@
 
 :meth:`RandLoraModel.forward <randlora_core.model.RandLoraModel.forward>` takes
 ``adapter_names=[...]`` (one name per sample, :data:`BASE` for the base model alone) and hands the
-list to every RandLoRA layer and ``modules_to_save`` wrapper for the call; each runs the rows of
-one adapter as one sub-batch and puts the rows back in order.
+list to every RandLoRA layer and ``modules_to_save`` wrapper for the call; each computes every
+adapter present on the batch (layers share the base output among them) and takes that adapter's
+rows, so a row is exactly what a call with that adapter alone gives.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
+from randlora_core.hotswap import hotswap_adapter
+from randlora_core.inference_cache import InferenceCache
 from randlora_core.layer import RandLoraLinear
 from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
@@ -393,6 +395,30 @@ class RandLoraModel(PeftApiMixin, nn.Module):
         return self._unload(keep_saved_copy=False)
 
     # -- checkpoints ----------------------------------------------------------------------------
+
+    def enable_inference_cache(self, max_bytes: int | None = None, weights: bool = True) -> InferenceCache:
+        """Reuse, in calls without gradients, what each layer rebuilds per call (:mod:`randlora_core.inference_cache`).
+
+        ``weights=True`` keeps ``W + delta_W`` per layer (about one more copy of the adapted
+        weights: unmerged inference then costs what merged inference does); ``weights=False``
+        keeps the scaled bases. ``max_bytes`` bounds the memory (least recently used layers go
+        first). Returns the cache (``nbytes``, ``hits``, ``misses``).
+        """
+        cache = InferenceCache(max_bytes, weights)
+        for _, layer in self.named_randlora_layers():
+            layer.inference_cache = cache
+        return cache
+
+    def disable_inference_cache(self) -> None:
+        """Stop caching and free what the cache holds."""
+        for _, layer in self.named_randlora_layers():
+            if getattr(layer, "inference_cache", None) is not None:
+                layer.inference_cache.clear()
+                layer.inference_cache = None
+
+    def hotswap_adapter(self, checkpoint: str | Path | spec_ckpt.AdapterCheckpoint, adapter_name: str = "default") -> None:
+        """Replace the loaded adapter's values in place (see :func:`randlora_core.hotswap.hotswap_adapter`)."""
+        hotswap_adapter(self, checkpoint, adapter_name)
 
     def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter (default: the active one) to ``path`` in checkpoint format v1, atomically."""

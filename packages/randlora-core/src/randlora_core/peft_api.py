@@ -176,8 +176,8 @@ class PeftApiMixin:
 
         A new name adds the adapter without activating it (PEFT's ``load_adapter``); the name of an
         existing adapter (for instance one added with ``low_cpu_mem_usage=True``) loads the values
-        into it, which must then describe the same adapter. ``is_trainable=False`` (PEFT's default)
-        leaves the adapter frozen and puts the model in eval mode.
+        into it, as :func:`~randlora_core.hotswap.hotswap_adapter` does (same geometry required).
+        ``is_trainable=False`` (PEFT's default) leaves the adapter frozen and puts the model in eval mode.
 
         Raises:
             CheckpointError: the file is malformed or does not fit the model (or the existing adapter).

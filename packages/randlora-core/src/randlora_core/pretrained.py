@@ -20,8 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from randlora_core.hotswap import hotswap_adapter
 from randlora_core.registry import load_plugins
-from randlora_core.state import apply_checkpoint_to, build_checkpoint, check_fits, fill_existing
+from randlora_core.state import apply_checkpoint_to, build_checkpoint, check_fits
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigError
 
@@ -122,13 +123,13 @@ def load_pretrained(
     """Load the adapter at ``model_id`` (directory or file) into ``model`` (see ``RandLoraModel.load_adapter``)."""
     load_plugins()
     path = adapter_file(model_id)
-    source = str(path)
-    with spec_ckpt.open_checkpoint(path, source=source) as reader:
-        check_fits(model.model, reader.header, source)
-        ckpt = reader.load()
-    if adapter_name in model.peft_config:
-        fill_existing(model, ckpt, adapter_name, source)
+    if adapter_name in model.peft_config:  # PEFT loads the values into the existing adapter: a hot swap
+        hotswap_adapter(model, path, adapter_name)
     else:
+        source = str(path)
+        with spec_ckpt.open_checkpoint(path, source=source) as reader:
+            check_fits(model.model, reader.header, source)
+            ckpt = reader.load()
         options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}
         apply_checkpoint_to(model, ckpt, adapter_name, source, **options)
     set_trainable(model, adapter_name, is_trainable)

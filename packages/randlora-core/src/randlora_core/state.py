@@ -21,7 +21,7 @@ from torch import nn
 
 from randlora_core.bases import generate_bases
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.planning import adaptable, check_path, plan_adapter, resolve_saved, same_on_overlap
+from randlora_core.planning import adaptable, check_path, plan_adapter, resolve_saved
 from randlora_core.registry import is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
@@ -309,66 +309,39 @@ def apply_checkpoint_to(
     layer_paths = sorted(ckpt.layers)
     options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}
     plan = plan_adapter(model, adapter_name, ckpt.config, layer_paths, checkpoint_bases(ckpt), warn=False, **options)
-    like = {path: (layer.adapter_dtype(autocast_adapter_dtype), layer._param_device()) for path, layer, _ in plan.layers}
-    values = _values_for(model.model, like, ckpt, source)
+    wrappers = {path: layer for path, layer, _ in plan.layers}
+    values = values_for(model.model, wrappers, ckpt, source, adapter_name, autocast_adapter_dtype)
     model._commit(plan)
-    _store(model.model, adapter_name, values)
-
-
-def fill_existing(model: RandLoraModel, ckpt: spec_ckpt.AdapterCheckpoint, adapter_name: str, source: str) -> None:
-    """Load ``ckpt``'s values into the existing adapter ``adapter_name`` (PEFT's ``load_adapter`` on a known name).
-
-    This is how an adapter created with ``low_cpu_mem_usage=True`` gets its weights. The checkpoint
-    must describe the same adapter: the same layers, rank and scaling, the same biases and
-    ``modules_to_save``, bases equal to the model's; validated before any value changes.
-    """
-    check_fits(model.model, spec_ckpt.validate(ckpt, source=source), source)
-    mine, theirs = model.peft_config[adapter_name], ckpt.config
-    differences = [f for f in ("r", "randlora_alpha", "bias") if getattr(mine, f) != getattr(theirs, f)]
-    if sorted(ckpt.layers) != sorted(model._targets[adapter_name]):
-        differences.append("adapted layers")
-    if sorted(ckpt.biases) != sorted(model._bias_params(adapter_name)) or set(ckpt.modules_to_save) != set(
-        model._saved[adapter_name]
-    ):
-        differences.append("biases or modules_to_save")
-    bases = model.randlora_bases
-    if bases is not None and not same_on_overlap(checkpoint_bases(ckpt), (bases.randlora_A, bases.randlora_B)):
-        differences.append("bases")
-    if differences:
-        raise CheckpointError(
-            f"{source}: describes another adapter than the existing {adapter_name!r} (it differs in: {', '.join(differences)})"
-        )
-    like = {}
-    for path in ckpt.layers:
-        layer = model.model.get_submodule(path)
-        lam = layer.randlora_lambda[adapter_name]
-        like[path] = (lam.dtype, layer._param_device() if lam.is_meta else lam.device)
-    _store(model.model, adapter_name, _values_for(model.model, like, ckpt, source))
-
-
-def _store(root: nn.Module, adapter_name: str, values: dict[Slot, torch.Tensor]) -> None:
-    """Write validated values into the committed adapter; empty (meta) lambda/gamma are replaced, the rest copied into."""
-    with torch.no_grad():
-        for slot, value in values.items():
-            target = _destination(root, adapter_name, slot)
-            if target.is_meta:
-                container = getattr(root.get_submodule(slot[1]), slot[2])
-                container[adapter_name] = nn.Parameter(value, requires_grad=target.requires_grad)
-            else:
-                target.copy_(value)
+    write_values(model.model, adapter_name, values)
 
 
 Slot = tuple[str, str, str]
 """``(kind, module path, name)``: kind ``layer`` (name ``randlora_lambda``/``randlora_gamma``), ``bias`` or ``saved``."""
 
 
-def _values_for(
-    root: nn.Module, like: dict[str, tuple[torch.dtype, torch.device]], ckpt: spec_ckpt.AdapterCheckpoint, source: str
+def _lambda_like(layer: nn.Module, adapter_name: str, autocast_adapter_dtype: bool) -> tuple[torch.dtype, torch.device]:
+    """``(dtype, device)`` of the layer's lambda/gamma for ``adapter_name``: the existing ones', or those a new adapter gets."""
+    lam = layer.randlora_lambda[adapter_name] if adapter_name in layer.randlora_lambda else None
+    if lam is None or lam.is_meta:
+        dtype = lam.dtype if lam is not None else layer.adapter_dtype(autocast_adapter_dtype)
+        return dtype, layer._param_device()
+    return lam.dtype, lam.device
+
+
+def values_for(
+    root: nn.Module,
+    wrappers: dict[str, nn.Module],
+    ckpt: spec_ckpt.AdapterCheckpoint,
+    source: str,
+    adapter_name: str = "",
+    autocast_adapter_dtype: bool = True,
 ) -> dict[Slot, torch.Tensor]:
     """Every value the checkpoint sets, already in its parameter's dtype and device and checked finite there.
 
-    ``like`` gives each layer's lambda/gamma ``(dtype, device)``. A value finite on disk can overflow
-    in a narrower parameter dtype (float64 1e300 into float32); that is found before the model changes.
+    ``wrappers`` are the RandLoRA layers (by path) that receive lambda/gamma: those of an existing
+    ``adapter_name`` keep their dtype, a new adapter's follow ``autocast_adapter_dtype``. A value
+    finite on disk can overflow in a narrower parameter dtype (float64 1e300 into float32); that
+    is found before the model changes.
     """
     values: dict[Slot, torch.Tensor] = {}
 
@@ -379,8 +352,9 @@ def _values_for(
         values[slot] = value
 
     for path in sorted(ckpt.layers):
-        put(("layer", path, "randlora_lambda"), ckpt.lam(path), like[path])
-        put(("layer", path, "randlora_gamma"), ckpt.gamma(path), like[path])
+        like = _lambda_like(wrappers[path], adapter_name, autocast_adapter_dtype)
+        put(("layer", path, "randlora_lambda"), ckpt.lam(path), like)
+        put(("layer", path, "randlora_gamma"), ckpt.gamma(path), like)
     for path in ckpt.biases:
         bias = _base_param(root, path, "bias")
         put(("bias", path, "bias"), ckpt.tensors[path + ".bias"], (bias.dtype, bias.device))
@@ -395,6 +369,22 @@ def _base_param(root: nn.Module, path: str, name: str) -> torch.Tensor:
     module = base_module(root, path)
     assert module is not None
     return dict(module.named_parameters())[name]
+
+
+def write_values(root: nn.Module, adapter_name: str, values: dict[Slot, torch.Tensor]) -> None:
+    """Copy prepared :func:`values_for` into the adapter's parameters, in place (the parameters stay the same objects).
+
+    Empty lambda/gamma (meta device, ``low_cpu_mem_usage``) cannot hold values: they are replaced
+    by new parameters with the same ``requires_grad``.
+    """
+    with torch.no_grad():
+        for slot, value in values.items():
+            target = _destination(root, adapter_name, slot)
+            if target.is_meta:
+                container = getattr(root.get_submodule(slot[1]), slot[2])
+                container[adapter_name] = nn.Parameter(value, requires_grad=target.requires_grad)
+            else:
+                target.copy_(value)
 
 
 def _destination(root: nn.Module, adapter_name: str, slot: Slot) -> torch.Tensor:
