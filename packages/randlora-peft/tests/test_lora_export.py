@@ -17,6 +17,7 @@ from peft_helpers import LLAMA_TARGETS, assert_close, peft, peft_model, tiny_gpt
 from randlora_core import RandLoraConfig, get_randlora_model
 from randlora_core.testing import model_state
 from randlora_peft.lora_export import LORA_CONFIG_FILE, convert_to_lora, delta_weights, read_adapter, save_as_lora
+from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.testing import catalogue
 
 
@@ -167,3 +168,24 @@ def _not_an_adapter(tmp: Path):
 def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
     model, call = ROWS[row_id](tmp_path)
     catalogue.check_row(row_id, call, model, tmp_path, state=model_state)
+
+
+def test_to_lora_command(llama_source, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``randlora-peft to-lora SRC DST --rank R`` on a randlora checkpoint file; PEFT loads the result."""
+    from randlora_peft.cli import main
+
+    base, _, source = llama_source
+    checkpoint = tmp_path / "adapter.safetensors"
+    spec_ckpt.save(checkpoint, read_adapter(source, base))
+    assert main(["to-lora", str(checkpoint), str(tmp_path / "lora"), "--rank", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "total: 10 layers" in out and "relative Frobenius error of delta-W" in out
+    expected = convert_to_lora(read_adapter(checkpoint), 8).relative_error
+    assert f"{expected:.4f}" in out.splitlines()[-1]
+    assert isinstance(_load_lora(base, tmp_path / "lora").peft_config["default"], peft.LoraConfig)
+    assert main(["to-lora", str(checkpoint), str(tmp_path / "lora"), "--rank", "8"]) == 1  # exists: refused
+    assert "already holds" in capsys.readouterr().err
+    assert main(["to-lora", str(checkpoint), str(tmp_path / "lora"), "--rank", "0.95", "--overwrite"]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["to-lora", str(checkpoint), str(tmp_path / "x"), "--rank", "many"])
+    assert exit_info.value.code == 2
