@@ -277,7 +277,7 @@ def _lambda_overflow(tmp: Path):
 def _gamma_overflow_half(tmp: Path):
     path = checkpoint_file(tmp, _scaled(".randlora_gamma", 1e6, np.dtype(np.float32)), dtype=torch.float16)
     model = plain(torch.float16)
-    return [model], lambda: load_adapter(model, path)
+    return [model], lambda: load_adapter(model, path, autocast_adapter_dtype=False)  # float16 lambda/gamma
 
 
 @case("float64-bias-overflows-float32", "ERR-305")
