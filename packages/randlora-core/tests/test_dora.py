@@ -180,3 +180,25 @@ SPECS = [
 def test_dora_cases_match_the_reference(kind: str, spec: KindSpec) -> None:
     case = kind_case(spec, kind, "float64")
     assert_driver_matches(CoreDriver(), case, ReferenceDriver().run(case))
+
+
+def test_magnitudes_follow_the_model_api_trainability_status_and_hotswap(tmp_path: Path) -> None:
+    from randlora_core import get_layer_status, hotswap_adapter
+
+    torch.manual_seed(0)
+    model = get_randlora_model(nn.Sequential(nn.Linear(8, 6)), RandLoraConfig(r=2, target_modules=["0"], use_dora=True))
+    layer = model.model[0]
+    model.set_requires_grad("default", False)
+    assert not layer.randlora_magnitude["default"].requires_grad
+    assert get_layer_status(model)[0].requires_grad == {"default": False}
+    model.set_requires_grad("default", True)
+    assert layer.randlora_magnitude["default"].requires_grad
+    path = tmp_path / "a.safetensors"
+    with torch.no_grad():
+        layer.randlora_magnitude["default"].mul_(2.0)
+    save_adapter(model, path)
+    want = layer.randlora_magnitude["default"].detach().clone()
+    with torch.no_grad():
+        layer.randlora_magnitude["default"].fill_(1.0)
+    hotswap_adapter(model, path)
+    torch.testing.assert_close(layer.randlora_magnitude["default"].detach(), want, rtol=0, atol=0)

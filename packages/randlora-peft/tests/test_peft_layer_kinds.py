@@ -51,3 +51,14 @@ def test_drivers_skip_other_kinds_and_dora_with_the_reason(driver: PeftDriver) -
     for case in cases:
         result = driver.run(case)
         assert isinstance(result, Unsupported) and "PEFT 0.21's RandLoRA adapts only" in result.reason
+
+
+def test_lora_export_refuses_other_kinds_and_dora() -> None:
+    from randlora_peft.lora_export import convert_to_lora
+    from randlora_spec.errors import CheckpointError
+
+    torch.manual_seed(0)
+    for targets, dora in ((["conv"], False), (["head"], True)):
+        model = get_randlora_model(Net(), RandLoraConfig(r=2, target_modules=targets, use_dora=dora))
+        with pytest.raises(CheckpointError, match="only \\['linear'\\] are supported here"):
+            convert_to_lora(model, rank=2)

@@ -96,7 +96,12 @@ class RandLoraConv(RandLoraLinear):
     # -- plain adapters -----------------------------------------------------------------------------
 
     def _plain_adapted(
-        self, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object], tokens: int | None
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        shared_base: torch.Tensor | None,
     ) -> torch.Tensor:
         """``base(x)`` plus the adapters, dense (one convolution with ``W + updates``) unless ``factored`` is asked."""
         dtype = self._compute_dtype(names, x.device)
@@ -104,7 +109,7 @@ class RandLoraConv(RandLoraLinear):
         compute = resolve_compute(self._requested_compute(names))
         base_layer = self.get_base_layer()
         if compute == "factored" or any(own) or args or kwargs or has_forward_hooks(base_layer):
-            base = self._base_forward(x, *args, **kwargs)
+            base = self._base_forward(x, *args, **kwargs) if shared_base is None else shared_base
             extra = sum(self._one_adapter(x.to(dtype), n, dtype, compute == "factored") for n in names)
             return self._finish(x, base + extra.to(base.dtype))
         weight = base_layer.weight

@@ -86,7 +86,12 @@ class RandLoraEmbedding(RandLoraLinear):
         return LayerRecord(self.in_features, self.out_features, True, EMBEDDING)
 
     def _plain_adapted(
-        self, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object], tokens: int | None
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        shared_base: torch.Tensor | None,
     ) -> torch.Tensor:
         """``base(x)`` plus each adapter's rows: gathered factored, or from ``W + update`` with ``compute="dense"``."""
         weight = self.get_base_layer().weight
@@ -95,7 +100,7 @@ class RandLoraEmbedding(RandLoraLinear):
             views = [self.delta_view(n, dtype, weight.device) for n in names]
             table = weight.to(dtype) + self._view_to_storage(sum(views[1:], views[0]))
             return self._apply_weight(x, table, None).to(weight.dtype)
-        base = self._base_forward(x, *args, **kwargs)
+        base = self._base_forward(x, *args, **kwargs) if shared_base is None else shared_base
         extra = sum(self._rows(x, n, dtype) for n in names)
         return base + extra.to(base.dtype)
 

@@ -53,13 +53,16 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward of :meth:`active_module`; in a mixed-adapter call each row goes through its adapter's copy."""
+        """Forward of :meth:`active_module`; in a mixed-adapter call each row comes from its adapter's copy.
+
+        Each copy present runs on the whole batch (its rows are then exactly a single-adapter call's).
+        """
         if self.mixed_adapters is None or self.disabled:
             return self.active_module()(*args, **kwargs)
-        x, rest = args[0], args[1:]
+        x = args[0]
         parts, order = [], []
         for name, rows in mixed_groups(self.mixed_adapters, x.device).items():
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            parts.append(module(x.index_select(0, rows), *rest, **kwargs))
+            parts.append(module(*args, **kwargs).index_select(0, rows))
             order.append(rows)
         return scatter_rows(parts, order, x.shape[0])

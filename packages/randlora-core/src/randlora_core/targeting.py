@@ -123,7 +123,8 @@ def select_targets(
     ``linear`` picks the modules ``all-linear`` may select (default: every adaptable one).
 
     Raises:
-        ConfigError: ``target_modules`` is not set (core has no per-architecture defaults), or a
+        ConfigError: ``target_modules`` is not set (planning resolves ``None`` to the model's
+            defaults first, :mod:`randlora_core.defaults`), or a
             ``target_modules`` / ``exclude_modules`` string is not a valid regular expression.
         TargetModuleError: nothing matches, or a match cannot be adapted (the message lists names).
 
@@ -131,7 +132,7 @@ def select_targets(
     targets = config.target_modules
     if targets is None:
         raise ConfigError(
-            "target_modules: must be set (names, a regex, or 'all-linear'); randlora-core has no per-architecture defaults"
+            "target_modules: must be set (names, a regex, or 'all-linear'); resolve None with randlora_core.defaults first"
         )
     _check_patterns(config)
     modules = visible_modules(model, opaque)
