@@ -204,6 +204,21 @@ def check_dora(layers: list[tuple[str, nn.Module, bool]], config: RandLoraConfig
             )
 
 
+def _first_bases(
+    config: RandLoraConfig, dims: list[tuple[int, int]], ranks: list[int], device: torch.device, stored: Bases | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The model's first shared bases: the ``stored`` pair if given (it must be large enough), else generated."""
+    needed = allocation(dims, ranks)
+    if stored is not None:
+        a, b = stored
+        have = shape_of_bases(a.shape, b.shape)
+        if not windows_fit(have, dims, ranks):
+            raise ShapeError(f"the given bases {have} are too small for the adapted layers (need {needed})")
+        return a, b, config.basis_rule == PORTABLE_RULE
+    kind = basis_kind(config.sparse, config.very_sparse)
+    return (*generate_bases(config.projection_prng_key, needed, kind, device, config.basis_rule), True)
+
+
 def plan_bases(
     model: RandLoraModel,
     config: RandLoraConfig,
@@ -222,13 +237,7 @@ def plan_bases(
         )
     current = model.randlora_bases
     if current is None:
-        if stored is not None:
-            a, b = stored
-            have = shape_of_bases(a.shape, b.shape)
-            if not windows_fit(have, dims, ranks):
-                raise ShapeError(f"the given bases {have} are too small for the adapted layers (need {needed})")
-            return a, b, config.basis_rule == PORTABLE_RULE
-        return (*generate_bases(config.projection_prng_key, needed, kind, device, config.basis_rule), True)
+        return _first_bases(config, dims, ranks, device, stored)
     have = current.shape
     result = None
     if not windows_fit(have, dims, ranks):
