@@ -157,3 +157,55 @@ def test_max_norm_embedding_is_refused() -> None:
     with pytest.raises(TargetModuleError, match="max_norm"):
         get_randlora_model(net, RandLoraConfig(r=2, target_modules=["embed"]))
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+
+
+class KindNet(nn.Module):
+    """One layer of every kind, in float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 4, 2, groups=1)
+        self.c2 = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.c3 = nn.Conv3d(2, 3, (1, 2, 2), padding_mode="zeros")
+        self.embed = nn.Embedding(10, 5, padding_idx=2)
+
+    def forward(self, x: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self.c1(x[0]), self.c2(x[1]), self.c3(x[2]), self.embed(x[3])
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["plain", "dora"])
+def test_merge_and_unmerge_are_exact_for_every_kind(use_dora: bool) -> None:
+    """Merging keeps every kind's outputs and unmerging restores its weight (float64, exact to rounding)."""
+    torch.manual_seed(0)
+    config = RandLoraConfig(r=2, target_modules=["c1", "c2", "c3", "embed"], init_weights=False, use_dora=use_dora)
+    model = get_randlora_model(KindNet().double(), config)
+    model.add_adapter("b", RandLoraConfig(r=3, target_modules=["c2", "embed"], init_weights=False, use_dora=use_dora))
+    model.set_adapter(["default", "b"])
+    with torch.no_grad():
+        for _, layer in model.named_randlora_layers():
+            for mag in layer.randlora_magnitude.values():
+                mag.mul_(1.5)
+    x = (
+        torch.randn(2, 3, 7, dtype=torch.float64),
+        torch.randn(2, 4, 5, 5, dtype=torch.float64),
+        torch.randn(2, 2, 2, 4, 4, dtype=torch.float64),
+        torch.tensor([[1, 2, 9], [2, 0, 5]]),
+    )
+    weights = {p: layer.base_layer.weight.clone() for p, layer in model.named_randlora_layers()}
+    with torch.no_grad():
+        expected = model(x)
+        model.merge_adapter(safe_merge=True)
+        for got, want in zip(model(x), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        model.unmerge_adapter()
+        for path, layer in model.named_randlora_layers():
+            torch.testing.assert_close(layer.base_layer.weight, weights[path], rtol=1e-12, atol=1e-13)
+        merged = model.merge_and_unload()
+        assert {type(m) for m in (merged.c1, merged.c2, merged.c3, merged.embed)} == {
+            nn.Conv1d,
+            nn.Conv2d,
+            nn.Conv3d,
+            nn.Embedding,
+        }
+        for got, want in zip(merged(x), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
