@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from randlora_spec.errors import CheckpointError
+from randlora_spec.geometry import Sides
 from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief
 
 LINEAR = "linear"
@@ -47,7 +48,7 @@ def conv_dims(kind: str) -> int:
 
 
 @dataclass(frozen=True)
-class LayerRecord:
+class LayerRecord(Sides):
     """The base layer an adapter was trained on: kind, logical sizes and weight layout (SPEC 6.2).
 
     ``in_features`` / ``out_features`` are ``I`` and ``O`` of the layer's ``(O, I)`` view
@@ -61,16 +62,6 @@ class LayerRecord:
     kind: str = LINEAR
     kernel_size: tuple[int, ...] = ()
     groups: int = 1
-
-    @property
-    def m(self) -> int:
-        """Smaller side of the layer."""
-        return min(self.in_features, self.out_features)
-
-    @property
-    def M(self) -> int:  # noqa: N802 - the spec's symbol
-        """Larger side of the layer."""
-        return max(self.in_features, self.out_features)
 
     def to_json(self) -> dict[str, Any]:
         """The record as written in metadata ``layers`` (keys in SPEC 6.2 order; linear ones as in spec 1.0)."""
