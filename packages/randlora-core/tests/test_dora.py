@@ -202,3 +202,19 @@ def test_magnitudes_follow_the_model_api_trainability_status_and_hotswap(tmp_pat
         layer.randlora_magnitude["default"].fill_(1.0)
     hotswap_adapter(model, path)
     torch.testing.assert_close(layer.randlora_magnitude["default"].detach(), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weights", [False, True])
+def test_a_dora_merge_invalidates_the_inference_cache_of_a_plain_adapter(weights: bool) -> None:
+    """A DoRA merge rewrites the weight in place; a plain adapter's cached entry on that layer must not outlive it."""
+    model = model_of()
+    randomize(model)
+    model.add_adapter("plain", RandLoraConfig(r=2, randlora_alpha=3.0, target_modules=["q"], init_weights=False))
+    model.set_adapter(["default", "plain"])
+    model.enable_inference_cache(weights=weights)
+    with torch.no_grad():
+        model(X)  # fills the cache with the unmerged weight
+        model.merge_adapter(["default"])
+        cached = model(X)
+        model.disable_inference_cache()
+        torch.testing.assert_close(cached, model(X), rtol=1e-12, atol=1e-12)

@@ -39,7 +39,8 @@ class LinearView:
     def _set_weight_view(self, view: torch.Tensor) -> None:
         """Overwrite the base weight with ``view`` (``(O, I)``), cast to the weight's dtype (DoRA merges)."""
         weight = self.get_base_layer().weight
-        weight.data.copy_(self._view_to_storage(view).to(device=weight.device, dtype=weight.dtype))
+        with torch.no_grad():  # in place on the parameter, so its version counter (caches) sees the change
+            weight.copy_(self._view_to_storage(view).to(device=weight.device, dtype=weight.dtype))
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The layer's map with ``weight`` (storage layout) in place of its own: ``x @ W^T (+ bias)``."""
