@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from randlora_peft.convert import read_peft_adapter, write_peft_adapter
+from randlora_peft.reader import read_peft_adapter
+from randlora_peft.writer import write_peft_adapter
 from randlora_spec.errors import CheckpointError
 
 if TYPE_CHECKING:

@@ -1,0 +1,143 @@
+"""Writing an :class:`~randlora_spec.checkpoint.AdapterCheckpoint` as a directory PEFT loads.
+
+A short pipeline: the checkpoint's bases at PEFT's allocation -> PEFT's config and tensors
+(:func:`peft_files`) -> the three files' bytes (:func:`peft_directory_files`) -> the directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from randlora_peft import _spec_seam as seam
+from randlora_peft.layout import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, peft_keys
+from randlora_peft.sidecar import SIDECAR_NAME, sidecar_bytes
+from randlora_spec import checkpoint as spec_ckpt
+from randlora_spec.bases import PORTABLE_RULE, BasesShape, bases_shape_for_layers, basis_kind
+from randlora_spec.checkpoint import AdapterCheckpoint
+from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
+from randlora_spec.safetensors_io import atomic_write_bytes
+
+PEFT_INFO_KEYS = ("task_type", "base_model_name_or_path", "revision", "auto_mapping")
+"""PEFT bookkeeping fields our format does not carry, which the writers accept as ``peft_info``."""
+
+
+def peft_bases_shape(ckpt: AdapterCheckpoint) -> BasesShape:
+    """The allocation PEFT makes for the checkpoint's layers (``_find_dim`` over the targeted layers)."""
+    return bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in ckpt.layers.values()], ckpt.config.r)
+
+
+def checkpoint_bases(ckpt: AdapterCheckpoint) -> tuple[np.ndarray, np.ndarray]:
+    """The checkpoint's bases at its recorded allocation: stored, or regenerated with the portable rule."""
+    if ckpt.bases is not None:
+        return ckpt.bases
+    if ckpt.config.basis_rule != PORTABLE_RULE:
+        raise BasisRuleError(
+            f"the checkpoint stores no bases and its basis_rule {ckpt.config.basis_rule!r} cannot be regenerated here"
+        )
+    from randlora_core import generate_bases
+
+    cfg = ckpt.config
+    a, b = generate_bases(cfg.projection_prng_key, ckpt.bases_shape, basis_kind(cfg.sparse, cfg.very_sparse))
+    return a.numpy(), b.numpy()
+
+
+def _check_info(peft_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    info = dict(peft_info or {})
+    unknown = sorted(set(info) - set(PEFT_INFO_KEYS))
+    if unknown:
+        raise ConfigError(f"peft_info: unknown keys {unknown}; allowed: {list(PEFT_INFO_KEYS)}")
+    return info
+
+
+def _peft_config(ckpt: AdapterCheckpoint, info: dict[str, Any]) -> dict[str, Any]:
+    data = ckpt.config.to_peft_dict()
+    data["target_modules"] = sorted(ckpt.layers)
+    data["layers_to_transform"] = None
+    data["layers_pattern"] = None
+    data["save_projection"] = True
+    data["modules_to_save"] = sorted(ckpt.modules_to_save) or None
+    data["fan_in_fan_out"] = all(rec.fan_in_fan_out for rec in ckpt.layers.values())
+    data.update(info)
+    return data
+
+
+def peft_files(
+    ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False, peft_info: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(adapter_config.json content, adapter_model.safetensors tensors)`` of ``ckpt`` in PEFT's layout.
+
+    PEFT's config always gets ``save_projection=True`` and the bases are written once, under
+    ``base_model.randlora_A`` / ``base_model.randlora_B``, as PEFT's allocation for these layers (a
+    window of the checkpoint's). PEFT (0.21) loads them into the one buffer pair every layer shares,
+    so the per-layer copies it writes itself are redundant; it then warns about the absent copies
+    ("Found missing adapter keys"), which is harmless. ``per_layer_bases=True`` writes the copies
+    too, as PEFT does, for byte-for-byte familiarity at PEFT's file size.
+
+    Our format does not carry PEFT's bookkeeping (``task_type``, ``base_model_name_or_path``,
+    ``revision``, ``auto_mapping``); pass them as ``peft_info`` (e.g. ``{"task_type": "CAUSAL_LM"}``
+    so ``PeftModel.from_pretrained`` builds a ``PeftModelForCausalLM``).
+
+    ``target_modules`` becomes the explicit list of adapted module paths, so that PEFT adapts the
+    same layers and sizes its bases identically whatever targeting options (``exclude_modules``,
+    ``layers_to_transform``) produced the original selection.
+    """
+    data = _peft_config(ckpt, _check_info(peft_info))
+    a_full, b_full = checkpoint_bases(ckpt)
+    want = peft_bases_shape(ckpt)
+    arrays = {
+        **ckpt.tensors,
+        spec_ckpt.BASIS_A_KEY: a_full[: want.r, :, : want.m_max],
+        spec_ckpt.BASIS_B_KEY: b_full[: want.M_max, : want.nb_max, : want.r],
+    }
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    for peft_key, key in peft_keys(ckpt, per_layer_bases).items():
+        t = torch.from_numpy(np.ascontiguousarray(arrays[key]))
+        t = t.to(torch.bfloat16) if key in ckpt.bf16_keys else t
+        tensors[peft_key] = t.clone() if key in seen else t  # safetensors refuses tensors that share memory
+        seen.add(key)
+    return data, tensors
+
+
+def peft_directory_files(
+    ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False, peft_info: Mapping[str, Any] | None = None
+) -> dict[str, bytes]:
+    """File name -> bytes of the PEFT directory for ``ckpt`` (PEFT's two files and our sidecar); not validated here."""
+    from safetensors.torch import save as st_save
+
+    data, tensors = peft_files(ckpt, per_layer_bases=per_layer_bases, peft_info=peft_info)
+    return {
+        PEFT_WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt"}),
+        PEFT_CONFIG_NAME: (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(),
+        SIDECAR_NAME: sidecar_bytes(ckpt),
+    }
+
+
+def publish(files: Mapping[str, bytes], out_dir: str | Path) -> Path:
+    """Write ``files`` into the directory ``out_dir`` (created when absent); returns it."""
+    directory = Path(out_dir)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory}: exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, payload in files.items():
+        atomic_write_bytes(directory / name, payload)
+    return directory
+
+
+def write_peft_adapter(
+    ckpt: AdapterCheckpoint, out_dir: str | Path, *, per_layer_bases: bool = False, peft_info: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``ckpt`` as a PEFT adapter directory (see :func:`peft_files`); returns the directory.
+
+    The checkpoint is validated first; each file is written atomically. Besides PEFT's two files,
+    ``randlora_layers.json`` records the layer shapes (PEFT's files lack them) so the directory
+    converts back without the base model, and restores the portable rule when the bases follow it.
+    """
+    seam.validate(ckpt)
+    return publish(peft_directory_files(ckpt, per_layer_bases=per_layer_bases, peft_info=peft_info), out_dir)
