@@ -4,27 +4,39 @@
 randlora checkpoint file (format v1), in the direction SRC implies (a directory holding
 ``adapter_config.json`` -> a ``.safetensors`` file of ours; a ``.safetensors`` file of ours -> a
 PEFT directory), or as ``--to-randlora`` / ``--to-peft`` say. It prints both sizes in bytes and
-their ratio. Exit status: 0 on success, 1 when the input is rejected, 2 for usage errors.
+their ratio (``--json``: one JSON object; ``--quiet``: nothing). Exit status: 0 on success, 1 when
+the conversion fails (rejected input, or an operating-system error such as a full disk), 2 for
+usage errors. Every failure prints one line, ``randlora-peft: error: ...``, never a traceback
+(set ``RANDLORA_PEFT_TRACEBACK=1`` to get one when debugging).
+
+This module imports only the standard library at import time, so ``--help`` and ``--version`` are
+fast; the conversion's modules (torch, PEFT) are imported when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
-from randlora_peft import commands
-from randlora_peft.commands import Outcome
-from randlora_peft.convert import size_ratio
-from randlora_spec.errors import RandLoraError
+from randlora_peft import __version__
+
+if TYPE_CHECKING:
+    from randlora_peft.commands import Outcome
 
 PROG = "randlora-peft"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Bridge between PEFT's RandLoRA and randlora checkpoints.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser(
         "convert",
@@ -57,8 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--per-layer-bases", action="store_true", help="to PEFT: also write PEFT's redundant per-layer copies of the bases"
     )
-    conv.add_argument("--task-type", help="to PEFT: task_type for adapter_config.json (e.g. CAUSAL_LM)")
-    conv.add_argument("--base-model-name-or-path", help="to PEFT: base_model_name_or_path for adapter_config.json")
+    conv.add_argument(
+        "--task-type", help="to PEFT: task_type for adapter_config.json (e.g. CAUSAL_LM; default: the one SRC carries)"
+    )
+    conv.add_argument(
+        "--base-model-name-or-path", help="to PEFT: base_model_name_or_path for adapter_config.json (default: SRC's)"
+    )
     conv.add_argument(
         "--no-regenerate",
         action="store_true",
@@ -70,11 +86,43 @@ def _parser() -> argparse.ArgumentParser:
         help="to randlora: store PEFT's bases in their file dtype (float32) even when bfloat16 holds them exactly",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    output = conv.add_mutually_exclusive_group()
+    output.add_argument("--quiet", "-q", action="store_true", help="print nothing on success (errors still go to stderr)")
+    output.add_argument("--json", action="store_true", help="print one JSON object (the result, or the error) on stdout")
+    conv.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress lines on stderr (auto: when stderr is a terminal and neither --quiet nor --json is given)",
+    )
     return parser
 
 
+class Progress:
+    """Stage lines (``[  1.2s] reading ...``) on stderr, or nothing when disabled."""
+
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        """``enabled``: print at all; ``stream``: where (default stderr)."""
+        self.enabled = enabled
+        self.stream = stream
+        self.start = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        """Report that the stage ``message`` begins."""
+        if self.enabled:
+            print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=self.stream or sys.stderr, flush=True)
+
+
+def _progress_for(args: argparse.Namespace) -> Progress:
+    if args.progress == "always":
+        return Progress(True)
+    if args.progress == "never" or args.quiet or args.json:
+        return Progress(False)
+    return Progress(sys.stderr.isatty())
+
+
 def _format_sizes(before: int, after: int, src_desc: str, dst_desc: str) -> list[str]:
-    ratio = size_ratio(before, after)
+    ratio = after / before if before else float("inf")
     factor = f"{1 / ratio:.2f}x smaller" if 0 < ratio <= 1 else f"{ratio:.2f}x larger"
     return [
         f"before: {before:>14,d} bytes  {src_desc}",
@@ -83,41 +131,83 @@ def _format_sizes(before: int, after: int, src_desc: str, dst_desc: str) -> list
     ]
 
 
-def _report(outcome: Outcome, out: Any) -> None:
-    for note in outcome.warnings:
-        print(f"warning: {note}", file=sys.stderr)
+def _text_report(outcome: Outcome) -> list[str]:
     peft_desc, ours_desc = "(PEFT adapter directory)", "(randlora checkpoint)"
     if outcome.direction == "to-randlora":
-        print(f"converted PEFT adapter {outcome.src} -> randlora checkpoint {outcome.dst}", file=out)
-        lines = _format_sizes(outcome.before, outcome.after, peft_desc, ours_desc)
-    else:
-        print(f"converted randlora checkpoint {outcome.src} -> PEFT adapter {outcome.dst}", file=out)
-        lines = _format_sizes(outcome.before, outcome.after, ours_desc, peft_desc)
-    for line in lines:
-        print(line, file=out)
+        head = f"converted PEFT adapter {outcome.src} -> randlora checkpoint {outcome.dst}"
+        return [head, *_format_sizes(outcome.before, outcome.after, peft_desc, ours_desc)]
+    head = f"converted randlora checkpoint {outcome.src} -> PEFT adapter {outcome.dst}"
+    return [head, *_format_sizes(outcome.before, outcome.after, ours_desc, peft_desc)]
+
+
+def _json_report(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "direction": outcome.direction,
+        "src": str(outcome.src),
+        "dst": str(outcome.dst),
+        "before_bytes": outcome.before,
+        "after_bytes": outcome.after,
+        "ratio": outcome.after / outcome.before if outcome.before else None,
+        "bookkeeping": outcome.bookkeeping,
+        "warnings": outcome.warnings,
+    }
 
 
 def convert(args: argparse.Namespace, out: Any = None) -> int:
-    """Run ``convert`` for parsed arguments, reporting to ``out`` (default: stdout); returns the exit status."""
-    _report(commands.run_convert(args), sys.stdout if out is None else out)
+    """Run ``convert`` for parsed arguments, reporting to ``out`` (default: stdout); returns the exit status.
+
+    Raises the conversion's errors (:class:`~randlora_spec.errors.RandLoraError`, ``OSError``);
+    :func:`main` turns them into one line and a non-zero status.
+    """
+    from randlora_peft.commands import run_convert
+
+    out = sys.stdout if out is None else out
+    outcome = run_convert(args, _progress_for(args))
+    if args.json:
+        print(json.dumps(_json_report(outcome)), file=out)
+        return 0
+    for note in outcome.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if not args.quiet:
+        print("\n".join(_text_report(outcome)), file=out)
     return 0
 
 
 def model_from_config(location: Path, adapter_config: dict[str, Any]) -> Any:
     """The base model built from a local transformers config on the meta device (see :mod:`randlora_peft.commands`)."""
-    return commands.model_from_config(location, adapter_config)
+    from randlora_peft.commands import model_from_config as build
+
+    return build(location, adapter_config)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming what failed: the error's message, with the path and reason for an OS error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    from randlora_spec.errors import RandLoraError
+
+    return text if isinstance(exc, RandLoraError) else f"{type(exc).__name__}: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``randlora-peft`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "convert":
-            return convert(args)
-    except RandLoraError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 2  # pragma: no cover - argparse enforces a command
+        return convert(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("RANDLORA_PEFT_TRACEBACK") == "1":
+            raise
+        message = describe_error(exc)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": message, "exit_status": EXIT_FAILED}))
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

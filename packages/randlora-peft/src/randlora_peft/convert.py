@@ -35,8 +35,12 @@ from randlora_peft.peft_bases import MachineDependentBasesWarning, regenerate_pe
 from randlora_peft.reader import read_peft_adapter
 from randlora_peft.shapes import LayerShape, layer_records_from_model, unwrap_model
 from randlora_peft.sidecar import SIDECAR_FORMAT, SIDECAR_NAME, sidecar_for
-from randlora_peft.writer import PEFT_INFO_KEYS, checkpoint_bases, peft_bases_shape, peft_files, write_peft_adapter
+from randlora_peft.writer import checkpoint_bases, peft_bases_shape, peft_files, write_peft_adapter
 from randlora_spec.checkpoint import AdapterCheckpoint
+from randlora_spec.config import BOOKKEEPING_FIELDS
+
+PEFT_INFO_KEYS = BOOKKEEPING_FIELDS
+"""PEFT bookkeeping fields, which the writers accept as ``peft_info`` (the config's bookkeeping fields)."""
 
 
 def validate_checkpoint(ckpt: AdapterCheckpoint) -> bytes:

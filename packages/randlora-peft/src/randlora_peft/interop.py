@@ -90,7 +90,8 @@ def save_peft_adapter(
         adapter_name: the adapter to write (default: the first active one).
         per_layer_bases: also write PEFT's redundant per-layer copies of the bases.
         peft_info: PEFT bookkeeping for ``adapter_config.json`` (``task_type``,
-            ``base_model_name_or_path``, ``revision``, ``auto_mapping``).
+            ``base_model_name_or_path``, ``revision``, ``auto_mapping``), set on or overriding the
+            adapter config's own.
 
     Returns:
         The directory written.

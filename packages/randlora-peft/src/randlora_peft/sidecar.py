@@ -119,7 +119,9 @@ def restore_from_sidecar(ckpt: AdapterCheckpoint, sidecar: dict[str, Any]) -> Ad
         return ckpt  # a stale sidecar (PEFT re-saved another adapter here): trust nothing in it
     original = _original_config(sidecar.get("config"), ckpt.config)
     if original is not None:
-        fields = {**original.model_dump(mode="json"), "basis_rule": ckpt.config.basis_rule, "save_projection": True}
+        # the sidecar holds the canonical JSON, without PEFT's bookkeeping: keep what PEFT's config says
+        fields = {**original.model_dump(mode="json"), **ckpt.config.bookkeeping()}
+        fields.update(basis_rule=ckpt.config.basis_rule, save_projection=True)
         ckpt.config = RandLoraConfig.parse(fields)
     if sidecar.get("basis_rule") != PORTABLE_RULE or ckpt.bases is None:
         return ckpt

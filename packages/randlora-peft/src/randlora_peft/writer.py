@@ -20,11 +20,9 @@ from randlora_peft.sidecar import SIDECAR_NAME, sidecar_bytes
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, BasesShape, bases_shape_for_layers, basis_kind
 from randlora_spec.checkpoint import AdapterCheckpoint
+from randlora_spec.config import BOOKKEEPING_FIELDS, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
 from randlora_spec.safetensors_io import atomic_write_bytes
-
-PEFT_INFO_KEYS = ("task_type", "base_model_name_or_path", "revision", "auto_mapping")
-"""PEFT bookkeeping fields our format does not carry, which the writers accept as ``peft_info``."""
 
 
 def peft_bases_shape(ckpt: AdapterCheckpoint) -> BasesShape:
@@ -47,23 +45,25 @@ def checkpoint_bases(ckpt: AdapterCheckpoint) -> tuple[np.ndarray, np.ndarray]:
     return a.numpy(), b.numpy()
 
 
-def _check_info(peft_info: Mapping[str, Any] | None) -> dict[str, Any]:
+def _with_bookkeeping(ckpt: AdapterCheckpoint, peft_info: Mapping[str, Any] | None) -> RandLoraConfig:
+    """``ckpt``'s config with the bookkeeping fields ``peft_info`` sets (checked by the config schema)."""
     info = dict(peft_info or {})
-    unknown = sorted(set(info) - set(PEFT_INFO_KEYS))
+    unknown = sorted(set(info) - set(BOOKKEEPING_FIELDS))
     if unknown:
-        raise ConfigError(f"peft_info: unknown keys {unknown}; allowed: {list(PEFT_INFO_KEYS)}")
-    return info
+        raise ConfigError(f"peft_info: unknown keys {unknown}; allowed: {list(BOOKKEEPING_FIELDS)}")
+    if not info:
+        return ckpt.config
+    return RandLoraConfig.parse({**ckpt.config.model_dump(mode="json"), **info})
 
 
-def _peft_config(ckpt: AdapterCheckpoint, info: dict[str, Any]) -> dict[str, Any]:
-    data = ckpt.config.to_peft_dict()
+def _peft_config(ckpt: AdapterCheckpoint, peft_info: Mapping[str, Any] | None) -> dict[str, Any]:
+    data = _with_bookkeeping(ckpt, peft_info).to_peft_dict()
     data["target_modules"] = sorted(ckpt.layers)
     data["layers_to_transform"] = None
     data["layers_pattern"] = None
     data["save_projection"] = True
     data["modules_to_save"] = sorted(ckpt.modules_to_save) or None
     data["fan_in_fan_out"] = all(rec.fan_in_fan_out for rec in ckpt.layers.values())
-    data.update(info)
     return data
 
 
@@ -79,15 +79,15 @@ def peft_files(
     ("Found missing adapter keys"), which is harmless. ``per_layer_bases=True`` writes the copies
     too, as PEFT does, for byte-for-byte familiarity at PEFT's file size.
 
-    Our format does not carry PEFT's bookkeeping (``task_type``, ``base_model_name_or_path``,
-    ``revision``, ``auto_mapping``); pass them as ``peft_info`` (e.g. ``{"task_type": "CAUSAL_LM"}``
-    so ``PeftModel.from_pretrained`` builds a ``PeftModelForCausalLM``).
+    PEFT's bookkeeping (``task_type``, ``base_model_name_or_path``, ``revision``, ``auto_mapping``)
+    comes from the checkpoint's config; ``peft_info`` sets or overrides it (e.g.
+    ``{"task_type": "CAUSAL_LM"}`` so ``PeftModel.from_pretrained`` builds a ``PeftModelForCausalLM``).
 
     ``target_modules`` becomes the explicit list of adapted module paths, so that PEFT adapts the
     same layers and sizes its bases identically whatever targeting options (``exclude_modules``,
     ``layers_to_transform``) produced the original selection.
     """
-    data = _peft_config(ckpt, _check_info(peft_info))
+    data = _peft_config(ckpt, peft_info)
     a_full, b_full = checkpoint_bases(ckpt)
     want = peft_bases_shape(ckpt)
     arrays = {
