@@ -33,8 +33,9 @@ def counts(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
         real = getattr(module, name)
 
         def wrapper(*args: object, **kwargs: object) -> object:
+            result = real(*args, **kwargs)  # an attempt on a file that is absent raises and is not counted
             counter[key(*args) if key else name] += 1
-            return real(*args, **kwargs)
+            return result
 
         monkeypatch.setattr(module, name, wrapper)
 
@@ -98,5 +99,8 @@ def test_only_the_seams_read_files_and_call_the_spec_parsers():
         imported, called = _imports_and_calls(path)
         assert not (imported | called) & SPEC_IO, f"{path.name} parses or encodes files itself: {(imported | called) & SPEC_IO}"
         text = path.read_text(encoding="utf-8")
+        reads = ("read_bytes(", "read_text(", "os.read(", "readall(", "readinto(")
         if path.name != "directory.py":
-            assert ".read_bytes(" not in text and "open(" not in text, f"{path.name} reads files itself"
+            assert not any(r in text for r in reads), f"{path.name} reads files itself"
+        if path.name not in ("directory.py", "publish.py"):  # publish.py opens the files it writes
+            assert "open(" not in text, f"{path.name} opens files itself"

@@ -26,13 +26,12 @@ from randlora_peft import _spec_seam as seam
 from randlora_peft import directory, hints
 from randlora_peft.layout import PEFT_CONFIG_NAME
 from randlora_peft.peft_bases import MachineDependentBasesWarning
-from randlora_peft.publish import created_parents
+from randlora_peft.publish import publish_directory, publish_file
 from randlora_peft.reader import ReadOptions, checkpoint_from_directory
 from randlora_peft.shapes import LayerShape, layer_shapes_from_json
-from randlora_peft.writer import peft_directory_files, publish
+from randlora_peft.writer import peft_directory_files
 from randlora_spec.checkpoint import AdapterCheckpoint
 from randlora_spec.errors import CheckpointError
-from randlora_spec.safetensors_io import atomic_write_bytes
 
 Progress = Callable[[str], None]
 """Called with a short description as each stage of a conversion begins."""
@@ -117,8 +116,7 @@ def to_randlora(args: argparse.Namespace, progress: Progress = _silent) -> Outco
     if dst.is_dir():
         raise hints.file_expected(dst)
     progress(f"writing {dst}")
-    with created_parents(dst):
-        atomic_write_bytes(dst, blob)
+    publish_file(blob, dst, overwrite=args.overwrite)
     notes = [str(w.message) for w in caught if issubclass(w.category, MachineDependentBasesWarning)]
     return Outcome("to-randlora", src, dst, snapshot.size, len(blob), notes, ckpt.config.bookkeeping())
 
@@ -147,10 +145,9 @@ def to_peft(args: argparse.Namespace, progress: Progress = _silent) -> Outcome:
     flags = {"task_type": args.task_type, "base_model_name_or_path": args.base_model_name_or_path}
     info = {k: v for k, v in flags.items() if v is not None}
     progress("encoding PEFT's files")
-    files = peft_directory_files(ckpt, per_layer_bases=args.per_layer_bases, peft_info=info)
+    files = peft_directory_files(ckpt, per_layer_bases=args.per_layer_bases, peft_info=info, source=str(src))
     progress(f"writing {dst}")
-    with created_parents(dst):
-        publish(files, dst)
+    publish_directory(files, dst, overwrite=args.overwrite)
     bookkeeping = {**ckpt.config.bookkeeping(), **info}
     return Outcome("to-peft", src, dst, size, sum(len(b) for b in files.values()), bookkeeping=bookkeeping)
 

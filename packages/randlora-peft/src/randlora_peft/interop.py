@@ -86,7 +86,8 @@ def save_peft_adapter(
 
     Args:
         randlora_model: a ``randlora_core.RandLoraModel``.
-        out_dir: directory to create or overwrite files in.
+        out_dir: the directory to create, or to replace as a whole, atomically (other entries in it are
+            kept; see :mod:`randlora_peft.publish`).
         adapter_name: the adapter to write (default: the first active one).
         per_layer_bases: also write PEFT's redundant per-layer copies of the bases.
         peft_info: PEFT bookkeeping for ``adapter_config.json`` (``task_type``,

@@ -89,13 +89,18 @@ def _strip_model_prefix(key: str) -> str:
     return key[len(MODEL_PREFIX) :] if key.startswith(MODEL_PREFIX) else key
 
 
-def saved_module_split(rest: str, names: list[str]) -> tuple[str, str] | None:
-    """``(module path, parameter name)`` if ``rest`` lies under a ``modules_to_save`` module."""
+def saved_module_split(rest: str, names: list[str] | frozenset[str]) -> tuple[str, str] | None:
+    """``(module path, parameter name)`` if ``rest`` lies under a ``modules_to_save`` module.
+
+    A module path matches a name when it equals it or ends with ``"." + name``. Each candidate path's
+    dotted suffixes are looked up in a set, so the cost grows with the key's depth, not with the
+    number of names (a config may list many).
+    """
+    wanted = names if isinstance(names, frozenset) else frozenset(names)
     parts = rest.split(".")
     for i in range(1, len(parts)):
-        path = ".".join(parts[:i])
-        if any(path == n or path.endswith("." + n) for n in names):
-            return path, ".".join(parts[i:])
+        if any(".".join(parts[j:i]) in wanted for j in range(i)):
+            return ".".join(parts[:i]), ".".join(parts[i:])
     return None
 
 
@@ -121,7 +126,7 @@ class _Sorter:
         self.out = PeftTensors()
         self.config = config
         self.source = source
-        self.saved_names = list(config.modules_to_save or [])
+        self.saved_names = frozenset(config.modules_to_save or [])
         self.wrapped: list[tuple[str, str, np.ndarray, str]] = []  # modules_to_save copies inside PEFT's wrapper
 
     def add(self, key: str, plain: str, value: np.ndarray, code: str) -> None:

@@ -71,49 +71,42 @@ def check_bases_shape(a: np.ndarray, b: np.ndarray, r: int, source: str) -> Base
 
 
 def _skeleton(layers: Mapping[str, LayerRecord]) -> nn.Module:
-    """A module tree with the adapted layers at their paths, whose weights hold one element of storage each."""
-    from transformers.pytorch_utils import Conv1D
+    """One ``nn.Linear`` with the largest input and the largest output of ``layers`` (weights take no memory).
 
+    PEFT sizes and draws its bases from exactly these two numbers (``_find_dim`` takes the maximum
+    of each separately over the targeted layers), so this gives its draw for the real model at a
+    cost independent of the number of layers.
+    """
+    if not layers:
+        raise CheckpointError("regenerating PEFT's bases needs at least one layer")
+    largest_in = max(rec.in_features for rec in layers.values())
+    largest_out = max(rec.out_features for rec in layers.values())
+    with torch.device("meta"):
+        layer = nn.Linear(largest_in, largest_out)
+    # CPU weights holding one element of storage: PEFT puts its bases on the weight's device
+    layer.weight = nn.Parameter(torch.zeros(()).expand(largest_out, largest_in), requires_grad=False)
+    layer.bias = nn.Parameter(torch.zeros(()).expand(largest_out), requires_grad=False)
     root = nn.Module()
-    for path, rec in sorted(layers.items()):
-        parent = root
-        parts = path.split(".")
-        for part in parts[:-1]:
-            child = parent._modules.get(part)
-            if child is None:
-                child = nn.Module()
-                parent.add_module(part, child)
-            elif isinstance(child, (nn.Linear, Conv1D)):
-                raise CheckpointError(f"layer path {path!r} runs through another adapted layer")
-            parent = child
-        with torch.device("meta"):
-            layer = (
-                Conv1D(rec.out_features, rec.in_features) if rec.fan_in_fan_out else nn.Linear(rec.in_features, rec.out_features)
-            )
-        w_shape = (rec.in_features, rec.out_features) if rec.fan_in_fan_out else (rec.out_features, rec.in_features)
-        layer.weight = nn.Parameter(torch.zeros((), dtype=torch.float32).expand(*w_shape), requires_grad=False)
-        layer.bias = nn.Parameter(torch.zeros((), dtype=torch.float32).expand(rec.out_features), requires_grad=False)
-        if parts[-1] in parent._modules:
-            raise CheckpointError(f"layer path {path!r} is also the parent of another adapted layer")
-        parent.add_module(parts[-1], layer)
+    root.add_module("layer", layer)
     return root
 
 
 def regenerate_peft_bases(config: RandLoraConfig, layers: Mapping[str, LayerRecord]) -> tuple[torch.Tensor, torch.Tensor]:
     """Bases exactly as the installed PEFT draws them on this machine for ``layers`` (float32 tensors).
 
-    PEFT's own code runs: a PEFT ``RandLoraModel`` is built over a skeleton holding only the adapted
-    layers (their weights take no memory), so its allocation and draws are those of the real model.
-    The values depend on the machine (bfloat16 support) and the torch version, hence the
-    :class:`MachineDependentBasesWarning` emitted by callers. Torch's global RNG is left untouched.
+    PEFT's own code runs: a PEFT ``RandLoraModel`` is built over a one-layer skeleton (its weight
+    takes no memory) whose sizes are the largest input and output of ``layers``, which is all PEFT's
+    allocation and draws depend on. The values depend on the machine (bfloat16 support) and the
+    torch version, hence the :class:`MachineDependentBasesWarning` emitted by callers. Torch's
+    global RNG is left untouched.
     """
     peft = import_peft()
     kwargs = config.to_peft_dict()
-    names = ("r", "randlora_alpha", "randlora_dropout", "projection_prng_key", "sparse", "very_sparse", "fan_in_fan_out")
+    names = ("r", "randlora_alpha", "randlora_dropout", "projection_prng_key", "sparse", "very_sparse")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_cfg = peft.RandLoraConfig(
-            **{k: kwargs[k] for k in names}, target_modules=sorted(layers), save_projection=True, init_weights=True, bias="none"
+            **{k: kwargs[k] for k in names}, target_modules=["layer"], save_projection=True, init_weights=True, bias="none"
         )
         tuner_cls = peft.tuners.randlora.model.RandLoraModel
         with torch.random.fork_rng(devices=[]):

@@ -18,8 +18,9 @@ import numpy as np
 from torch import nn
 
 from randlora_peft import _spec_seam as seam
-from randlora_peft.directory import PeftDirectory, parse_json, read_peft_directory
+from randlora_peft.directory import PeftDirectory, read_peft_directory
 from randlora_peft.layout import PEFT_PICKLE_NAME, PEFT_WEIGHTS_NAME, PeftTensors, parse_peft_tensors
+from randlora_peft.limits import check_bases_budget, weight_bytes
 from randlora_peft.peft_bases import (
     BASES_KEYS,
     MachineDependentBasesWarning,
@@ -35,8 +36,8 @@ from randlora_peft.shapes import (
     records_from_mapping,
     square_layers_from_bases,
 )
-from randlora_peft.sidecar import check_sidecar, restore_from_sidecar, sidecar_layers
-from randlora_spec.bases import PEFT_RULE, BasesShape
+from randlora_peft.sidecar import Sidecar, parse_sidecar, restore_from_sidecar, sidecar_layers
+from randlora_spec.bases import PEFT_RULE, BasesShape, bases_shape_for_layers
 from randlora_spec.checkpoint import AdapterCheckpoint, LayerRecord
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
@@ -95,14 +96,12 @@ def _check_may_regenerate(config: RandLoraConfig, options: ReadOptions, snapshot
         )
 
 
-def _sidecar(snapshot: PeftDirectory) -> dict[str, Any] | None:
-    if snapshot.sidecar is None:
-        return None
-    return check_sidecar(parse_json(snapshot.sidecar, snapshot.sidecar_source), snapshot.sidecar_source)
+def _sidecar(snapshot: PeftDirectory) -> Sidecar | None:
+    return None if snapshot.sidecar is None else parse_sidecar(snapshot.sidecar, snapshot.sidecar_source)
 
 
 def _layers(
-    parsed: PeftTensors, config: RandLoraConfig, snapshot: PeftDirectory, sidecar: dict[str, Any] | None, options: ReadOptions
+    parsed: PeftTensors, config: RandLoraConfig, snapshot: PeftDirectory, sidecar: Sidecar | None, options: ReadOptions
 ) -> dict[str, LayerRecord]:
     """The layer shapes from the first source available (see :mod:`randlora_peft.shapes`)."""
     paths = sorted(parsed.lam)
@@ -111,7 +110,7 @@ def _layers(
     if options.layer_shapes is not None:
         return records_from_mapping(options.layer_shapes, paths)
     if sidecar is not None:
-        return sidecar_layers(sidecar, paths, snapshot.sidecar_source)
+        return sidecar_layers(sidecar, paths)
     return square_layers_from_bases(parsed, config, snapshot.weights_source)
 
 
@@ -123,11 +122,31 @@ def _check_bias_scope(config: RandLoraConfig, parsed: PeftTensors, paths: list[s
 
 
 def _bases(
-    picked: tuple[np.ndarray, np.ndarray] | None, parsed: PeftTensors, config: RandLoraConfig, layers: dict[str, LayerRecord]
+    picked: tuple[np.ndarray, np.ndarray] | None,
+    parsed: PeftTensors,
+    config: RandLoraConfig,
+    layers: dict[str, LayerRecord],
+    snapshot: PeftDirectory,
+    options: ReadOptions,
 ) -> tuple[tuple[np.ndarray, np.ndarray], dict[str, str | None]]:
-    """``((A, B), their file dtype codes)``: the stored pair, or PEFT's draw on this machine (``None`` codes)."""
+    """``((A, B), their file dtype codes)``: the stored pair, or PEFT's draw on this machine (``None`` codes).
+
+    PEFT's draw is made only within the budget of :mod:`randlora_peft.limits`: the layer sizes come
+    from a model or the caller, or else from the files, which cannot vouch for gigabytes of bases.
+    """
     if picked is not None:
         return picked, {key: parsed.dtype.get(key) for key in BASES_KEYS}
+    shape = bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in layers.values()], config.r)
+    vouched = options.model is not None or options.layer_shapes is not None
+    check_bases_budget(
+        shape,
+        "regenerating PEFT's bases for these layers",
+        snapshot.weights_source,
+        snapshot.size,
+        weight_bytes(layers.values()) if vouched else 0,
+        remedy="" if vouched else " (pass the base model if these layer sizes are real)",
+    )
+    warnings.warn(_REGENERATED_WARNING.format(source=snapshot.path), MachineDependentBasesWarning, stacklevel=4)
     a, b = regenerate_peft_bases(config, layers)
     return (a.numpy(), b.numpy()), dict.fromkeys(BASES_KEYS)
 
@@ -156,9 +175,7 @@ def checkpoint_from_directory(snapshot: PeftDirectory, options: ReadOptions) -> 
     layers = _layers(parsed, config, snapshot, sidecar, options)
     check_trainable_shapes(layers, parsed, config.r, source)
     _check_bias_scope(config, parsed, paths, source)
-    if picked is None:
-        warnings.warn(_REGENERATED_WARNING.format(source=snapshot.path), MachineDependentBasesWarning, stacklevel=3)
-    (a, b), codes = _bases(picked, parsed, config, layers)
+    (a, b), codes = _bases(picked, parsed, config, layers, snapshot, options)
     shape = check_bases_shape(a, b, config.r, source)
     _check_layers_fit(layers, shape, source)
     ckpt = AdapterCheckpoint(
@@ -173,7 +190,7 @@ def checkpoint_from_directory(snapshot: PeftDirectory, options: ReadOptions) -> 
         bf16_keys=frozenset(k for k, code in parsed.dtype.items() if code == "BF16") - set(BASES_KEYS),
     )
     if sidecar is not None:
-        ckpt = restore_from_sidecar(ckpt, sidecar)
+        ckpt = restore_from_sidecar(ckpt, sidecar, snapshot.size)
     if ckpt.config.basis_rule == PEFT_RULE:
         compact_bases(ckpt, codes, options.compact_bases)
     return ckpt
@@ -212,8 +229,11 @@ def read_peft_adapter(
         the portable rule, the portable rule and the original ``save_projection`` are restored.
 
     Raises:
-        CheckpointError: missing or malformed files, unexpected or inconsistent tensors, layers that
-            do not match ``model`` or ``layer_shapes``, or layer sizes that cannot be determined.
+        CheckpointError: missing or malformed files (only regular files are read; JSON files must be
+            standard JSON of at most 4 MiB), unexpected or inconsistent tensors, layers that do not
+            match ``model`` or ``layer_shapes``, layer sizes that cannot be determined, or sizes the
+            files record that would need more memory for bases than the input justifies
+            (:mod:`randlora_peft.limits`); nothing that large is allocated before the refusal.
         BasisRuleError: bases are absent and ``regenerate_missing_bases`` is false.
 
     """

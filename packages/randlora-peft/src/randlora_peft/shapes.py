@@ -21,25 +21,32 @@ from torch import nn
 
 from randlora_peft._peft import import_peft
 from randlora_peft.layout import PeftTensors
+from randlora_peft.limits import flag_value, size_value
 from randlora_spec.bases import num_bases
 from randlora_spec.checkpoint import LayerRecord
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import CheckpointError
 
+_RECORD_FIELDS = {"in_features", "out_features", "fan_in_fan_out"}
+
 LayerShape = tuple[int, int] | tuple[int, int, bool] | LayerRecord
 """A layer's ``(in_features, out_features)``, optionally with ``fan_in_fan_out``, or a LayerRecord."""
 
 
-def as_record(path: str, shape: LayerShape) -> LayerRecord:
-    """``shape`` as a :class:`LayerRecord` (the layer at ``path`` named in messages)."""
+def as_record(path: str, shape: LayerShape, source: str = "layer_shapes") -> LayerRecord:
+    """``shape`` as a :class:`LayerRecord` (the layer at ``path`` and the ``source`` of the shape named in messages).
+
+    Sizes must be integers in ``[1, MAX_SIZE]`` (numpy integers too; not bools, floats or strings) and
+    ``fan_in_fan_out`` a boolean.
+    """
     if isinstance(shape, LayerRecord):
-        return shape
+        shape = (shape.in_features, shape.out_features, shape.fan_in_fan_out)
     if not isinstance(shape, (tuple, list)) or len(shape) not in (2, 3):
-        raise CheckpointError(f"layer_shapes[{path!r}] must be (in_features, out_features[, fan_in_fan_out]), got {shape!r}")
-    in_f, out_f = int(shape[0]), int(shape[1])
-    if in_f < 1 or out_f < 1:
-        raise CheckpointError(f"layer_shapes[{path!r}]: sizes must be positive, got {shape!r}")
-    return LayerRecord(in_f, out_f, bool(shape[2]) if len(shape) == 3 else False)
+        raise CheckpointError(f"{source}[{path!r}] must be (in_features, out_features[, fan_in_fan_out]), got {shape!r:.80}")
+    where = f"{source}[{path!r}]"
+    in_f = size_value(shape[0], "in_features", where)
+    out_f = size_value(shape[1], "out_features", where)
+    return LayerRecord(in_f, out_f, flag_value(shape[2], "fan_in_fan_out", where) if len(shape) == 3 else False)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -119,15 +126,19 @@ def check_trainable_shapes(layers: Mapping[str, LayerRecord], parsed: PeftTensor
             )
 
 
+def _json_shape(value: Any) -> Any:
+    """A shape written as ``{"in_features": I, "out_features": O[, "fan_in_fan_out": F]}`` as a list."""
+    if isinstance(value, dict) and {"in_features", "out_features"} <= set(value) <= _RECORD_FIELDS:
+        return [value["in_features"], value["out_features"], value.get("fan_in_fan_out", False)]
+    return value
+
+
 def layer_shapes_from_json(data: Any, source: str) -> dict[str, LayerShape]:
     """A ``--layer-shapes`` file's content: ``{path: [in, out(, fan_in_fan_out)]}`` or ``{path: {in_features, ...}}``."""
     if not isinstance(data, dict):
         raise CheckpointError(f"{source}: layer shapes must be a JSON object of module path -> shape")
     shapes: dict[str, LayerShape] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            value = [value.get("in_features"), value.get("out_features"), bool(value.get("fan_in_fan_out", False))]
-        if not isinstance(value, list) or len(value) not in (2, 3) or not all(isinstance(v, (int, bool)) for v in value):
-            raise CheckpointError(f"{source}: shape of {key!r} must be [in_features, out_features(, fan_in_fan_out)]")
-        shapes[key] = (int(value[0]), int(value[1]), bool(value[2])) if len(value) == 3 else (int(value[0]), int(value[1]))
+        rec = as_record(key, _json_shape(value), source)
+        shapes[key] = (rec.in_features, rec.out_features, rec.fan_in_fan_out)
     return shapes

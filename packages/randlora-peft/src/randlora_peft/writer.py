@@ -16,13 +16,14 @@ import torch
 
 from randlora_peft import _spec_seam as seam
 from randlora_peft.layout import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, peft_keys
+from randlora_peft.limits import check_bases_budget
+from randlora_peft.publish import publish_directory
 from randlora_peft.sidecar import SIDECAR_NAME, sidecar_bytes
 from randlora_spec import checkpoint as spec_ckpt
-from randlora_spec.bases import PORTABLE_RULE, BasesShape, bases_shape_for_layers, basis_kind
+from randlora_spec.bases import PORTABLE_RULE, TAG_A, TAG_B, BasesShape, bases_shape_for_layers, basis_kind
 from randlora_spec.checkpoint import AdapterCheckpoint
 from randlora_spec.config import BOOKKEEPING_FIELDS, RandLoraConfig
-from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
-from randlora_spec.safetensors_io import atomic_write_bytes
+from randlora_spec.errors import BasisRuleError, ConfigError
 
 
 def peft_bases_shape(ckpt: AdapterCheckpoint) -> BasesShape:
@@ -42,6 +43,32 @@ def checkpoint_bases(ckpt: AdapterCheckpoint) -> tuple[np.ndarray, np.ndarray]:
 
     cfg = ckpt.config
     a, b = generate_bases(cfg.projection_prng_key, ckpt.bases_shape, basis_kind(cfg.sparse, cfg.very_sparse))
+    return a.numpy(), b.numpy()
+
+
+def _peft_window(ckpt: AdapterCheckpoint, want: BasesShape, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """The bases at PEFT's allocation ``want``: a window of the stored ones, or generated for that window only.
+
+    The portable rule gives each value from its coordinates (with the recorded allocation's
+    ``m_max`` for the sparsity of ``very_sparse``), so the recorded allocation, which may be far
+    larger, is never generated; the window itself is generated only within the budget of
+    :mod:`randlora_peft.limits` (the layer sizes are claims of the file).
+    """
+    if ckpt.bases is not None:
+        a, b = ckpt.bases
+        return a[: want.r, :, : want.m_max], b[: want.M_max, : want.nb_max, : want.r]
+    cfg = ckpt.config
+    if cfg.basis_rule != PORTABLE_RULE:
+        raise BasisRuleError(f"the checkpoint stores no bases and its basis_rule {cfg.basis_rule!r} cannot be regenerated here")
+    from randlora_core.bases import generate_basis
+
+    check_bases_budget(
+        want, "writing the bases PEFT needs for these layers", source, sum(t.nbytes for t in ckpt.tensors.values())
+    )
+    kind = basis_kind(cfg.sparse, cfg.very_sparse)
+    m_max = ckpt.bases_shape.m_max
+    a = generate_basis(cfg.projection_prng_key, TAG_A, want.a_shape, kind, m_max)
+    b = generate_basis(cfg.projection_prng_key, TAG_B, want.b_shape, kind, m_max)
     return a.numpy(), b.numpy()
 
 
@@ -87,14 +114,15 @@ def peft_files(
     same layers and sizes its bases identically whatever targeting options (``exclude_modules``,
     ``layers_to_transform``) produced the original selection.
     """
+    return _peft_files(ckpt, per_layer_bases, peft_info, "<checkpoint>")
+
+
+def _peft_files(
+    ckpt: AdapterCheckpoint, per_layer_bases: bool, peft_info: Mapping[str, Any] | None, source: str
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     data = _peft_config(ckpt, peft_info)
-    a_full, b_full = checkpoint_bases(ckpt)
-    want = peft_bases_shape(ckpt)
-    arrays = {
-        **ckpt.tensors,
-        spec_ckpt.BASIS_A_KEY: a_full[: want.r, :, : want.m_max],
-        spec_ckpt.BASIS_B_KEY: b_full[: want.M_max, : want.nb_max, : want.r],
-    }
+    a, b = _peft_window(ckpt, peft_bases_shape(ckpt), source)
+    arrays = {**ckpt.tensors, spec_ckpt.BASIS_A_KEY: a, spec_ckpt.BASIS_B_KEY: b}
     tensors: dict[str, torch.Tensor] = {}
     seen: set[str] = set()
     for peft_key, key in peft_keys(ckpt, per_layer_bases).items():
@@ -106,12 +134,19 @@ def peft_files(
 
 
 def peft_directory_files(
-    ckpt: AdapterCheckpoint, *, per_layer_bases: bool = False, peft_info: Mapping[str, Any] | None = None
+    ckpt: AdapterCheckpoint,
+    *,
+    per_layer_bases: bool = False,
+    peft_info: Mapping[str, Any] | None = None,
+    source: str = "<checkpoint>",
 ) -> dict[str, bytes]:
-    """File name -> bytes of the PEFT directory for ``ckpt`` (PEFT's two files and our sidecar); not validated here."""
+    """File name -> bytes of the PEFT directory for ``ckpt`` (PEFT's two files and our sidecar); not validated here.
+
+    ``source`` names where ``ckpt`` came from in messages.
+    """
     from safetensors.torch import save as st_save
 
-    data, tensors = peft_files(ckpt, per_layer_bases=per_layer_bases, peft_info=peft_info)
+    data, tensors = _peft_files(ckpt, per_layer_bases, peft_info, source)
     return {
         PEFT_WEIGHTS_NAME: st_save(tensors, metadata={"format": "pt"}),
         PEFT_CONFIG_NAME: (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(),
@@ -119,25 +154,16 @@ def peft_directory_files(
     }
 
 
-def publish(files: Mapping[str, bytes], out_dir: str | Path) -> Path:
-    """Write ``files`` into the directory ``out_dir`` (created when absent); returns it."""
-    directory = Path(out_dir)
-    if directory.exists() and not directory.is_dir():
-        raise CheckpointError(f"{directory}: exists and is not a directory")
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, payload in files.items():
-        atomic_write_bytes(directory / name, payload)
-    return directory
-
-
 def write_peft_adapter(
     ckpt: AdapterCheckpoint, out_dir: str | Path, *, per_layer_bases: bool = False, peft_info: Mapping[str, Any] | None = None
 ) -> Path:
     """Write ``ckpt`` as a PEFT adapter directory (see :func:`peft_files`); returns the directory.
 
-    The checkpoint is validated first; each file is written atomically. Besides PEFT's two files,
+    The checkpoint is validated first. The directory is replaced as a whole, atomically (see
+    :mod:`randlora_peft.publish`): readers and a crash see the old directory or the new one,
+    never a mix; other entries of an existing directory are kept. Besides PEFT's two files,
     ``randlora_layers.json`` records the layer shapes (PEFT's files lack them) so the directory
     converts back without the base model, and restores the portable rule when the bases follow it.
     """
     seam.validate(ckpt)
-    return publish(peft_directory_files(ckpt, per_layer_bases=per_layer_bases, peft_info=peft_info), out_dir)
+    return publish_directory(peft_directory_files(ckpt, per_layer_bases=per_layer_bases, peft_info=peft_info), out_dir)
