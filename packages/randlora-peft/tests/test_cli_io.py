@@ -21,7 +21,8 @@ from randlora_peft import _spec_seam, directory
 from randlora_peft.cli import main
 
 SRC = Path(directory.__file__).resolve().parent
-SPEC_IO = {"decode", "encode", "read_dtypes", "from_bytes", "to_bytes", "load", "save"}
+SPEC_IO = {"decode", "encode", "read_dtypes", "read_header", "from_bytes", "to_bytes", "load", "save", "open_checkpoint"}
+SPEC_IO |= {"SafetensorsBuffer", "SafetensorsFile", "open_safetensors", "CheckpointReader"}
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 Each input file is read once and parsed once; the output is encoded once and written once:
 
 * PEFT -> randlora: the directory's files (:func:`~randlora_peft.directory.read_peft_directory`) ->
-  the checkpoint (:func:`~randlora_peft.reader.checkpoint_from_directory`) -> its bytes, validated
-  (:func:`~randlora_peft._spec_seam.encode_checkpoint`) -> DST.
+  the checkpoint (:func:`~randlora_peft.reader.checkpoint_from_directory`) -> validated as an object
+  and encoded once (:func:`~randlora_peft._spec_seam.encode_checkpoint`) -> DST.
 * randlora -> PEFT: the file's bytes -> the validated checkpoint
   (:func:`~randlora_peft._spec_seam.read_checkpoint`) -> the PEFT directory's files
   (:func:`~randlora_peft.writer.peft_directory_files`) -> DST.
@@ -124,7 +124,7 @@ def to_randlora(args: argparse.Namespace, progress: Progress = _silent) -> Outco
 def _read_ours(src: Path) -> tuple[AdapterCheckpoint, int]:
     blob = directory.read_file(src)
     try:
-        ckpt, _ = seam.read_checkpoint(blob, str(src))
+        ckpt = seam.read_checkpoint(blob, str(src))
     except CheckpointError:
         hint = hints.peft_file_given(src)
         if hint is None:

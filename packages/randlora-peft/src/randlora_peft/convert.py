@@ -44,7 +44,7 @@ PEFT_INFO_KEYS = BOOKKEEPING_FIELDS
 
 
 def validate_checkpoint(ckpt: AdapterCheckpoint) -> bytes:
-    """Serialise ``ckpt`` in format v1, which runs every check of the spec's reader; returns the bytes."""
+    """Serialise ``ckpt`` in format v1 after every check of the spec's reader (object validation); returns the bytes."""
     return seam.encode_checkpoint(ckpt)
 
 

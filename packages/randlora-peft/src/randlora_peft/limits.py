@@ -11,7 +11,6 @@ beyond reading the input once.
 
 from __future__ import annotations
 
-import json
 import operator
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from randlora_spec.bases import BasesShape
 from randlora_spec.checkpoint import LayerRecord
 from randlora_spec.errors import CheckpointError
+from randlora_spec.untrusted import parse_json
 
 MAX_JSON_BYTES = 4 * 1024 * 1024
 """Largest JSON side file read (``adapter_config.json``, the sidecar, a layer-shapes file); checked before reading."""
@@ -33,18 +33,16 @@ BASES_PER_WEIGHT_BYTE = 4
 
 
 def strict_json(raw: bytes, source: str) -> Any:
-    """The JSON value in ``raw``: UTF-8, standard JSON only (no ``NaN``/``Infinity``), bounded nesting and size."""
+    """The JSON value in ``raw``, strict JSON of at most :data:`MAX_JSON_BYTES`.
+
+    Strict as :func:`randlora_spec.untrusted.parse_json` is: UTF-8, no ``NaN`` or ``Infinity``,
+    unique keys, bounded nesting.
+    """
     if len(raw) > MAX_JSON_BYTES:
         raise CheckpointError(f"{source}: is {len(raw)} bytes, over the {MAX_JSON_BYTES}-byte limit for a JSON file")
-
-    def refuse(name: str) -> Any:
-        raise ValueError(f"non-standard constant {name}")
-
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=refuse)
-    except RecursionError:
-        raise CheckpointError(f"{source}: not valid JSON (nested too deeply)") from None
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        return parse_json(raw)
+    except ValueError as exc:  # CheckpointError, json's errors and UnicodeDecodeError all are
         raise CheckpointError(f"{source}: not valid JSON ({exc})") from None
 
 
