@@ -144,15 +144,24 @@ def _stored_are_portable(ckpt: AdapterCheckpoint, allocation: BasesShape) -> boo
 
 
 def _portable(ckpt: AdapterCheckpoint, sidecar: Sidecar, allocation: BasesShape) -> AdapterCheckpoint:
-    """``ckpt`` under the portable rule at ``allocation``, the bases kept only if the sidecar says they were."""
+    """``ckpt`` under the portable rule at ``allocation``, the bases kept only if the sidecar says they were.
+
+    Without stored bases, a dense or sparse adapter records its own layers' allocation (the stored
+    window, whose values the larger allocation's window repeats exactly), which is what readers
+    regenerate without question (randlora-core refuses a larger one); ``very_sparse`` keeps the
+    allocation, whose ``m_max`` sets its values.
+    """
     from randlora_core import generate_bases
 
     cfg = ckpt.config
+    kind = basis_kind(cfg.sparse, cfg.very_sparse)
     fields = {**cfg.model_dump(mode="json"), "basis_rule": PORTABLE_RULE, "save_projection": sidecar.save_projection}
     bases = None
     if sidecar.save_projection:
-        a, b = generate_bases(cfg.projection_prng_key, allocation, basis_kind(cfg.sparse, cfg.very_sparse))
+        a, b = generate_bases(cfg.projection_prng_key, allocation, kind)
         bases = (a.numpy(), b.numpy())
+    elif kind != "very_sparse":
+        allocation = ckpt.bases_shape
     return AdapterCheckpoint(
         config=RandLoraConfig.parse(fields),
         adapter_name=ckpt.adapter_name,
