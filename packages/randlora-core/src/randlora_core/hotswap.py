@@ -88,7 +88,7 @@ def hotswap_adapter(
             ckpt = reader.load()
     _check_bases(model, ckpt, source)
     wrappers = {path: model.model.get_submodule(path) for path in ckpt.layers}
-    values = values_for(model.model, wrappers, ckpt, source)
+    values = values_for(model.model, wrappers, ckpt, source, adapter_name)  # in the adapter's own dtypes
     ratio = ckpt.config.randlora_alpha / model.peft_config[adapter_name].randlora_alpha
     if ratio != 1.0:
         for slot in [s for s in values if s[2] == "randlora_lambda"]:

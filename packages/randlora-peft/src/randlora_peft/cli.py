@@ -4,8 +4,10 @@
 randlora checkpoint file (format v1), in the direction SRC implies (a directory holding
 ``adapter_config.json`` -> a ``.safetensors`` file of ours; a ``.safetensors`` file of ours -> a
 PEFT directory), or as ``--to-randlora`` / ``--to-peft`` say. It prints both sizes in bytes and
-their ratio (``--json``: one JSON object; ``--quiet``: nothing). Exit status: 0 on success, 1 when
-the conversion fails (rejected input, or an operating-system error such as a full disk), 2 for
+their ratio. ``randlora-peft to-lora SRC DST --rank R`` exports a RandLoRA adapter as a PEFT LoRA
+directory (:mod:`randlora_peft.lora_command`). Both commands take ``--json`` (one JSON object on
+stdout, the result or the error) and ``--quiet`` (nothing on success). Exit status: 0 on success, 1 when
+the command fails (rejected input, or an operating-system error such as a full disk), 2 for
 usage errors. Every failure prints one line, ``randlora-peft: error: ...``, never a traceback
 (set ``RANDLORA_PEFT_TRACEBACK=1`` to get one when debugging).
 
@@ -24,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from randlora_peft import __version__
+from randlora_peft import __version__, lora_command
 
 if TYPE_CHECKING:
     from randlora_peft.commands import Outcome
@@ -86,16 +88,22 @@ def _parser() -> argparse.ArgumentParser:
         help="to randlora: store PEFT's bases in their file dtype (float32) even when bfloat16 holds them exactly",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    output = conv.add_mutually_exclusive_group()
-    output.add_argument("--quiet", "-q", action="store_true", help="print nothing on success (errors still go to stderr)")
-    output.add_argument("--json", action="store_true", help="print one JSON object (the result, or the error) on stdout")
+    add_output_flags(conv)
     conv.add_argument(
         "--progress",
         choices=("auto", "always", "never"),
         default="auto",
         help="progress lines on stderr (auto: when stderr is a terminal and neither --quiet nor --json is given)",
     )
+    add_output_flags(lora_command.add_parser(sub))
     return parser
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` and ``--json``, which every command takes (they exclude each other)."""
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--quiet", "-q", action="store_true", help="print nothing on success (errors still go to stderr)")
+    output.add_argument("--json", action="store_true", help="print one JSON object (the result, or the error) on stdout")
 
 
 class Progress:
@@ -196,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``randlora-peft`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        return convert(args)
+        return lora_command.run(args) if args.command == lora_command.COMMAND else convert(args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
