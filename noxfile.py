@@ -55,7 +55,7 @@ PACKAGES: dict[str, list[str]] = {
     "jax": [SPEC, "packages/randlora-jax"],
 }
 # Test dependencies a package's own tests need beyond TEST_DEPS.
-EXTRA_TEST_DEPS: dict[str, list[str]] = {"jax": ["optax>=0.2.4"]}
+EXTRA_TEST_DEPS: dict[str, list[str]] = {"jax": ["optax>=0.2.4"], "peft": ["ruff==0.17.6"]}  # peft: test_structure runs ruff
 CORE = "packages/randlora-core"
 NO_TORCH = "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
