@@ -65,6 +65,23 @@ def test_help_of_a_spawned_cli_is_fast():
     assert min(times) < 2.0
 
 
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "randlora-peft: error: the following arguments are required: command"),
+        (["convert"], "randlora-peft convert: error: the following arguments are required: src, dst"),
+        (["convert", "a", "b", "--json", "-q"], "randlora-peft convert: error: argument --quiet/-q: not allowed with"),
+        (["convert", "a", "b", "--progress", "sometimes"], "randlora-peft convert: error: argument --progress: invalid choice"),
+        (["frobnicate"], "randlora-peft: error: argument command: invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(argv, expected):
+    done = subprocess.run([sys.executable, "-m", "randlora_peft", *argv], capture_output=True, text=True, check=False, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), done.stderr
+    assert "--help)" in lines[0] and done.stdout == ""
+
+
 def test_console_script_version():
     done = subprocess.run(
         [sys.executable, "-m", "randlora_peft", "--version"], capture_output=True, text=True, check=False, timeout=60

@@ -146,13 +146,22 @@ def test_written_files_follow_the_umask(src, tmp_path, umask):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o666 & ~umask
 
 
-def test_usage_errors_exit_2(src, tmp_path, capsys):
+USAGE_ERRORS = {
+    "rank not a number": (["--rank", "many"], "argument --rank: not a number: 'many'"),
+    "no rank": ([], "the following arguments are required: --rank"),
+    "json and quiet": (["--rank", "2", "--json", "--quiet"], "not allowed with argument"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_ERRORS))
+def test_usage_errors_are_one_line_and_exit_2(case, src, tmp_path, capsys):
+    extra, expected = USAGE_ERRORS[case]
     with pytest.raises(SystemExit) as exc:
-        main(["to-lora", str(src), str(tmp_path / "out"), "--rank", "many"])
-    assert exc.value.code == 2 and "not a number: 'many'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        main(["to-lora", str(src), str(tmp_path / "out"), "--rank", "2", "--json", "--quiet"])
-    assert exc.value.code == 2
+        main(["to-lora", str(src), str(tmp_path / "out"), *extra])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(lines) == 1 and expected in lines[0], lines
+    assert lines[0].startswith("randlora-peft to-lora: error: ") and lines[0].endswith("(see randlora-peft to-lora --help)")
+    assert not (tmp_path / "out").exists()
 
 
 def test_help_imports_no_heavy_module():

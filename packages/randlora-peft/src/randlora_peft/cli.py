@@ -9,7 +9,8 @@ directory (:mod:`randlora_peft.lora_command`). Both commands take ``--json`` (on
 stdout, the result or the error) and ``--quiet`` (nothing on success). Exit status: 0 on success, 1 when
 the command fails (rejected input, or an operating-system error such as a full disk), 2 for
 usage errors. Every failure prints one line, ``randlora-peft: error: ...``, never a traceback
-(set ``RANDLORA_PEFT_TRACEBACK=1`` to get one when debugging).
+(set ``RANDLORA_PEFT_TRACEBACK=1`` to get one when debugging); a usage error's line names the
+command (``randlora-peft convert: error: ...``) and points to its ``--help``.
 
 This module imports only the standard library at import time, so ``--help`` and ``--version`` are
 fast; the conversion's modules (torch, PEFT) are imported when a command runs.
@@ -24,7 +25,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from randlora_peft import __version__, lora_command
 
@@ -36,8 +37,16 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line too (the usage itself is under ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG [command]: error: message (see ... --help)`` and exit with :data:`EXIT_USAGE`."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Bridge between PEFT's RandLoRA and randlora checkpoints.")
+    parser = _Parser(prog=PROG, description="Bridge between PEFT's RandLoRA and randlora checkpoints.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser(
