@@ -70,7 +70,7 @@ def _garbage(tmp: Path) -> Path:
 
 
 FAILURES = {
-    "missing source": (lambda tmp, src: [str(tmp / "nope.safetensors")], "no such checkpoint file"),
+    "missing source": (lambda tmp, src: [str(tmp / "nope.safetensors")], "nope.safetensors: No such file or directory"),
     "not a checkpoint": (lambda tmp, src: [str(_garbage(tmp))], "bad.safetensors"),
     "rank 0": (lambda tmp, src: [str(src), "--rank", "0"], "rank: must be an integer >= 1"),
     "energy above 1": (lambda tmp, src: [str(src), "--rank", "1.5"], "must lie in (0, 1]"),

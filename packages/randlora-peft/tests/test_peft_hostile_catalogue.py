@@ -1,4 +1,4 @@
-"""Error catalogue rows ERR-260 - ERR-29x (docs/errors.md): hostile PEFT directories, sidecars, configs and CLI inputs.
+"""Error catalogue rows ERR-260 - ERR-294 (docs/errors.md): hostile PEFT directories, sidecars, configs and CLI inputs.
 
 Each row is a refusal: the documented exception type and message, and nothing changed on disk
 (the directory tree under ``tmp_path`` is identical afterwards: no DST appears, no temporary file
@@ -20,7 +20,7 @@ from peft_helpers import peft_model, portable_checkpoint, tiny_llama
 from safetensors.torch import load_file, save_file
 
 from randlora_core.testing import model_state
-from randlora_peft import read_peft_adapter, write_peft_adapter
+from randlora_peft import lora_command, read_peft_adapter, write_peft_adapter
 from randlora_peft.cli import _parser, convert
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
@@ -171,6 +171,11 @@ def cli(argv: list[str]) -> Call:
     return lambda: convert(args)
 
 
+def to_lora(argv: list[str]) -> Call:
+    args = _parser().parse_args(["to-lora", *argv, "--rank", "2"])
+    return lambda: lora_command.run(args)
+
+
 def _window_bomb(tmp: Path) -> Call:
     src = claimed_layer_checkpoint(tmp)
     return cli([str(src), str(tmp / "out")])
@@ -211,6 +216,14 @@ register("ERR-289", lambda tmp: cli([str(ours(tmp) / "adapter_model.safetensors"
 register("ERR-290", lambda tmp: cli([str(ours(tmp)), str(tmp / "out"), "--to-peft"]))
 
 
+register("ERR-293", lambda tmp: to_lora([str(ours(tmp) / "adapter_model.safetensors"), str(tmp / "out")]))
+
+
+def _to_lora_fifo(tmp: Path) -> Call:
+    os.mkfifo(tmp / "adapter.safetensors")
+    return to_lora([str(tmp / "adapter.safetensors"), str(tmp / "out")])
+
+
 def _dst_exists(tmp: Path) -> Call:
     d = ours(tmp)
     (tmp / "out.safetensors").write_bytes(b"keep me")
@@ -249,6 +262,7 @@ for _row_id, _setup in {
     "ERR-285": _auto_mapping_not_strings,
     "ERR-291": _dst_exists,
     "ERR-292": _many_names_time_bomb,
+    "ERR-294": _to_lora_fifo,
 }.items():
     register(_row_id, _setup)
 
@@ -260,4 +274,4 @@ def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
 
 
 def test_rows_cover_every_registered_refusal() -> None:
-    assert sorted(ROWS) == [f"ERR-{n}" for n in range(260, 293)]
+    assert sorted(ROWS) == [f"ERR-{n}" for n in range(260, 295)]

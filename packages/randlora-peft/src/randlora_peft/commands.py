@@ -121,12 +121,16 @@ def to_randlora(args: argparse.Namespace, progress: Progress = _silent) -> Outco
     return Outcome("to-randlora", src, dst, snapshot.size, len(blob), notes, ckpt.config.bookkeeping())
 
 
-def _read_ours(src: Path) -> tuple[AdapterCheckpoint, int]:
+def read_checkpoint_file(src: Path, command: str = "convert") -> tuple[AdapterCheckpoint, int]:
+    """``(checkpoint, size in bytes)`` of our checkpoint file ``src``, read once.
+
+    A file of a PEFT directory given instead gets a hint to pass the directory to ``command``.
+    """
     blob = directory.read_file(src)
     try:
         ckpt = seam.read_checkpoint(blob, str(src))
     except CheckpointError:
-        hint = hints.peft_file_given(src)
+        hint = hints.peft_file_given(src, command)
         if hint is None:
             raise
         raise hint from None
@@ -139,7 +143,7 @@ def to_peft(args: argparse.Namespace, progress: Progress = _silent) -> Outcome:
     if not src.is_file():
         raise hints.checkpoint_expected(src)
     progress(f"reading randlora checkpoint {src}")
-    ckpt, size = _read_ours(src)
+    ckpt, size = read_checkpoint_file(src)
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst} exists and is not a directory; --to-peft writes a directory")
     flags = {"task_type": args.task_type, "base_model_name_or_path": args.base_model_name_or_path}

@@ -26,13 +26,22 @@ def _single_checkpoint(directory: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def peft_file_given(src: Path) -> CheckpointError | None:
-    """The error for a SRC that is a file of a PEFT directory (whose directory should have been given), else ``None``."""
+_ON_THE_DIRECTORY = {
+    "convert": "convert the PEFT adapter: randlora-peft convert {} DST",
+    "to-lora": "export the PEFT adapter: randlora-peft to-lora {} DST --rank R",
+}
+
+
+def peft_file_given(src: Path, command: str = "convert") -> CheckpointError | None:
+    """The error for a SRC that is a file of a PEFT directory (whose directory should have been given), else ``None``.
+
+    ``command`` (``convert`` or ``to-lora``): the CLI command the hint suggests running on the directory.
+    """
     if not _is_peft_member(src):
         return None
     return CheckpointError(
         f"{src} is a file of the PEFT adapter directory {src.parent}, not a randlora checkpoint; "
-        f"pass the directory to convert the PEFT adapter: randlora-peft convert {src.parent} DST"
+        f"pass the directory to {_ON_THE_DIRECTORY[command].format(src.parent)}"
     )
 
 

@@ -209,7 +209,9 @@ def read_adapter(
         from randlora_peft import read_peft_adapter
 
         return read_peft_adapter(path, model=model, layer_shapes=layer_shapes)
-    return spec_ckpt.load(path)
+    from randlora_peft.commands import read_checkpoint_file
+
+    return read_checkpoint_file(path, command="to-lora")[0]
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
