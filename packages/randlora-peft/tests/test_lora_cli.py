@@ -97,15 +97,18 @@ def test_failures_print_one_line_exit_1_and_write_nothing(case, src, tmp_path, c
     assert json.loads(out)["ok"] is False and expected in _one_line(err)
 
 
-def test_an_existing_adapter_needs_overwrite_and_is_kept(src, tmp_path, capsys):
+def test_an_existing_adapter_needs_overwrite_and_is_kept_until_replaced(src, tmp_path, capsys):
     dst = tmp_path / "out"
     assert main(["to-lora", str(src), str(dst), "--rank", "2", "-q"]) == 0
     before = _files(dst)
     assert main(["to-lora", str(src), str(dst), "--rank", "3"]) == 1
     assert "pass overwrite=True (--overwrite)" in _one_line(capsys.readouterr().err)
     assert _files(dst) == before
+    (dst / LORA_CONFIG_FILE).chmod(0o640)
+    (dst / "README.md").write_text("model card")
     assert main(["to-lora", str(src), str(dst), "--rank", "3", "--overwrite", "-q"]) == 0
-    assert _files(dst) != before
+    assert _files(dst) != before and (dst / "README.md").read_text() == "model card"
+    assert stat.S_IMODE((dst / LORA_CONFIG_FILE).stat().st_mode) == 0o640  # a replaced file keeps its mode
 
 
 def _with_file_size_limit(argv: list[str], limit: int) -> int:
