@@ -13,6 +13,7 @@ if not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import bench
+from bench.bases_suite import bases_rng_suite, write_bases_report
 from bench.calibration import calibrate
 from bench.machine import machine_name
 from bench.memory import memory_server
@@ -42,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=None, help="re-timings per case at most (2; smoke 0)")
     p.add_argument("--only", default=None, help="run only cases whose label contains this text")
     p.add_argument("--calibrate", action="store_true", help="fit/check the cost model of randlora_core.compute")
+    p.add_argument("--bases-only", action="store_true", help="only the basis-generation suite (writes <machine>-bases.md)")
     p.add_argument("--memory-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--report-from", type=Path, default=None, help="rewrite the report of an earlier run from its JSON (no measuring)"
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     machine = args.machine or machine_name()
     if args.calibrate:
         print(f"[bench] wrote {calibrate(out, machine, args.smoke)}")
+        return 0
+    if args.bases_only:
+        print(f"[bench] wrote {write_bases_report(out, machine, bases_rng_suite(args.smoke))}")
         return 0
     settings = Settings(
         smoke=args.smoke,
