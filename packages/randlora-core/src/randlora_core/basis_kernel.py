@@ -29,7 +29,7 @@ from types import ModuleType
 import torch
 
 from randlora_spec.bases import DENSE_SCALE, BasisKind, sparse_scale, sparse_threshold
-from randlora_spec.errors import ConfigError
+from randlora_spec.errors import BasisRuleError, ConfigError
 from randlora_spec.philox import seed_to_key
 
 KERNEL_ENV = "RANDLORA_BASES_KERNEL"
@@ -76,7 +76,7 @@ def fill(out: torch.Tensor, seed: int, tag: int, kind: BasisKind, m_max: int, th
     """Fill the contiguous CPU float32 tensor ``out`` (3-D, sizes >= 1) with its basis values under the rule."""
     ext = extension()
     if ext is None:
-        raise RuntimeError("randlora_core._philox is not built; generate_basis uses the pure-torch rule instead")
+        raise BasisRuleError("randlora_core._philox is not built here; generate_basis uses the pure-torch rule instead")
     code, threshold, scale = mapping(kind, m_max)
     k0, k1 = seed_to_key(seed)
     _, d1, d2 = out.shape
