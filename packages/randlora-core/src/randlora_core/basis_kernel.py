@@ -5,15 +5,18 @@
 CPU where the extension is missing or ``RANDLORA_BASES_KERNEL=torch``). Both give the same bits;
 the tests prove it on the Philox known-answer vectors, every golden bases case and random shapes.
 
-Why a small C extension (see ``bench/results`` for the numbers): the rule is ~20 integer multiplies
-per value, and torch has no unsigned 32x32 -> 64 bit multiply, so a torch version issues about 125
-elementwise ops per chunk, each a pass over memory and (with several threads) a barrier. Fusing them
-needs a compiler: ``torch.compile`` fuses them bit-exactly and is ~7x faster, but costs 19-26 s of
-compilation in a fresh process (and a compiler on the user's machine), which a user's first wrap must
-not wait for. numpy's ``Philox`` is the 4x64 variant with a sequential counter, not this rule. One C
-file compiled when the wheel is built has no first-call cost, imports in well under a millisecond,
-and a call costs a few microseconds (the Python C API with the buffer protocol, which also checks the
-buffer's size, rather than ctypes and a raw pointer).
+Why a small C extension (timings: ``bench/results/cpu-2core-bases.md``): the rule is ~20 integer
+multiplies per value and torch has no unsigned 32x32 -> 64 bit multiply, so the torch version issues
+about 125 elementwise ops per chunk, each a pass over memory and, on several threads, a barrier
+(17.9x slower than this fill on one thread, worse on two busy ones). Fusing those ops needs a
+compiler. ``torch.compile`` fuses them, but compiling took 90 s in a fresh process with a cold cache
+and 10 s with a warm one (this 2-core machine at load ~9; the issue saw 19-26 s at load 1.5), needs
+a C++ compiler on the user's machine, and a user's first wrap must not wait for it. A JIT library
+such as numba also compiles on first use (or keeps its own cache) and is a large dependency; numpy's
+``Philox`` is the 4x64 variant with a sequential counter, not this rule. One C file compiled when the
+package is built has no first-call cost: it imports in 0.3 ms and a call costs under 1 us (the Python
+C API with the buffer protocol, which also checks the buffer's size; ``ctypes`` alone takes 2.4 ms to
+import and would pass a raw pointer).
 
 The fill writes straight into the output tensor, so it needs no memory beyond the tensor itself.
 It runs on ``torch.get_num_threads()`` threads (each value is a pure function of its coordinates,
