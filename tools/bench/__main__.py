@@ -15,7 +15,7 @@ if not __package__:
 import bench
 from bench.bases_suite import bases_rng_suite, write_bases_report
 from bench.calibration import calibrate
-from bench.machine import machine_name
+from bench.machine import environment, machine_name
 from bench.memory import memory_server
 from bench.report import report_from
 from bench.run import Settings, output_dir, run
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] wrote {calibrate(out, machine, args.smoke)}")
         return 0
     if args.bases_only:
-        print(f"[bench] wrote {write_bases_report(out, machine, bases_rng_suite(args.smoke))}")
+        data = bases_rng_suite(args.smoke)
+        data["environment"] = environment()
+        print(f"[bench] wrote {write_bases_report(out, machine, data)}")
         return 0
     settings = Settings(
         smoke=args.smoke,

@@ -168,21 +168,48 @@ def _save(task: dict[str, Any]) -> dict[str, Any]:
     return {"bytes": Path(task["path"]).stat().st_size}
 
 
+def _set_cache(directory: str | None) -> None:
+    from randlora_core.bases_cache import set_bases_cache
+
+    set_bases_cache(directory)
+
+
 def _load(task: dict[str, Any]) -> dict[str, Any]:
+    """``load_adapter`` of each file, side by side; the first round (imports, first touches) is not timed."""
     from randlora_core import load_adapter
 
-    base = _llama_layers(task["cfg"], 2)
-    t0 = time.perf_counter()
-    load_adapter(base, task["path"])
-    return {"load_s": time.perf_counter() - t0}
+    from .timing import interleaved
+
+    def load(path: str, cache: str | None) -> None:
+        _set_cache(cache)
+        load_adapter(_llama_layers(task["cfg"], 2), path)  # a fresh base each time; weights are never touched
+        _set_cache(None)
+
+    variants = {name: (lambda path=path, cache=cache: load(path, cache)) for name, (path, cache) in task["variants"].items()}
+    return {"samples": interleaved(variants, lambda rep, _: rep < task["repeats"] + 1, warmup=1)}
 
 
 def _cache(task: dict[str, Any]) -> dict[str, Any]:
+    """First ``generate_bases`` of a fresh process with the cache on; then cached and uncached side by side."""
     from randlora_core import generate_bases
 
+    from .timing import interleaved
+
+    shape = _shape(task["alloc"])
+    _set_cache(task["dir"])
     t0 = time.perf_counter()
-    generate_bases(0, _shape(task["alloc"]))
-    return {"seconds": time.perf_counter() - t0}
+    generate_bases(0, shape)
+    first_s = time.perf_counter() - t0
+    if not task["repeats"]:
+        return {"first_s": first_s}
+
+    def generate(cache: str | None) -> None:
+        _set_cache(cache)
+        generate_bases(0, shape)
+        _set_cache(None)
+
+    fns = {"cached": lambda: generate(task["dir"]), "uncached": lambda: generate(None)}
+    return {"first_s": first_s, "samples": interleaved(fns, lambda rep, _: rep < task["repeats"], warmup=0)}
 
 
 CHILDREN = {"timing": _timing, "memory": _memory, "save": _save, "load": _load, "cache": _cache}
@@ -241,26 +268,30 @@ def _memory_rows(models: dict[str, dict[str, int]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _cache_and_load(models: dict[str, dict[str, int]]) -> dict[str, Any]:
+def _medians(got: dict[str, Any]) -> dict[str, Any]:
+    return {**got, "median_s": {k: statistics.median(v) for k, v in got.get("samples", {}).items()}}
+
+
+def _cache_and_load(models: dict[str, dict[str, int]], repeats: int) -> dict[str, Any]:
     name, cfg = list(models.items())[-1]
     alloc = allocation_of(cfg)
     with tempfile.TemporaryDirectory(prefix="randlora-bases-bench-") as tmp:
-        env = {"RANDLORA_BASES_CACHE": str(Path(tmp) / "cache")}
+        cache_dir = str(Path(tmp) / "cache")
         cache = {
-            "uncached": run_child({"kind": "cache", "alloc": alloc}),
-            "first (stores)": run_child({"kind": "cache", "alloc": alloc}, env),
-            "second (reads)": run_child({"kind": "cache", "alloc": alloc}, env),
+            "stores": run_child({"kind": "cache", "alloc": alloc, "dir": cache_dir, "repeats": 0}),
+            "reads": _medians(run_child({"kind": "cache", "alloc": alloc, "dir": cache_dir, "repeats": repeats})),
         }
         with_path, without_path = (str(Path(tmp) / f"adapter-{w}-bases.safetensors") for w in ("with", "without"))
         sizes = {
             "stored bases": run_child({"kind": "save", "cfg": cfg, "path": with_path, "stored": True}),
             "no bases": run_child({"kind": "save", "cfg": cfg, "path": without_path, "stored": False}),
         }
-        loads = {
-            "stored bases": run_child({"kind": "load", "cfg": cfg, "path": with_path}),
-            "regenerated": run_child({"kind": "load", "cfg": cfg, "path": without_path}),
-            "regenerated, cached": run_child({"kind": "load", "cfg": cfg, "path": without_path}, env),
+        variants = {
+            "stored bases": (with_path, None),
+            "no bases, regenerated": (without_path, None),
+            "no bases, disk cache warm": (without_path, cache_dir),
         }
+        loads = _medians(run_child({"kind": "load", "cfg": cfg, "variants": variants, "repeats": repeats}))
     return {"model": name, "alloc": alloc, "cache": cache, "sizes": sizes, "loads": loads}
 
 
@@ -270,7 +301,7 @@ def bases_rng_suite(smoke: bool) -> dict[str, Any]:
     start = os.getloadavg()
     data: dict[str, Any] = {"timing": _timing_rows(models, 1 if smoke else 3, smoke)}
     data["memory"] = _memory_rows(models)
-    data["cache_and_load"] = _cache_and_load(models)
+    data["cache_and_load"] = _cache_and_load(models, 1 if smoke else 3)
     data["load_start"], data["load_end"] = list(start), list(os.getloadavg())
     return data
 
@@ -294,11 +325,12 @@ def bases_rng_report(data: dict[str, Any]) -> list[str]:
         "## Basis generation at RNG speed (issue #15)",
         "",
         f"Load average (1/5/15 min) at the start of this suite {' / '.join(f'{v:.2f}' for v in data['load_start'])}, "
-        f"at its end {' / '.join(f'{v:.2f}' for v in data['load_end'])}: the 2 cores are shared with other work, so "
-        "absolute times vary with it; the ratios are of medians measured side by side in one process (rotating "
-        "order). Each row is a fresh process; `first call` is the first `generate_bases` of that process (no "
+        f"at its end {' / '.join(f'{v:.2f}' for v in data['load_end'])}. Absolute times vary with the other work on the "
+        "machine; the ratios are of medians measured side by side in one process (rotating order), which is what "
+        "counts. Each row is a fresh process; `first call` is the first `generate_bases` of that process (no "
         "compiler runs at generation time, so there is no cold/warm compiler cache to separate). All-linear "
-        "allocations of the public configs at r = 32.",
+        "allocations of the public configs at r = 32. Runs use at most the threads stated (cache and checkpoint "
+        "rows: 2).",
         "",
         "| model | allocation (r, m_max, M_max, nb_max) | values | threads | generator | first call ms | core ms "
         "| torch.rand ms | core / rand | PEFT init ms | PEFT / core | torch rule ms | torch rule / core |",
@@ -320,14 +352,25 @@ def bases_rng_report(data: dict[str, Any]) -> list[str]:
         got = f"{row['peak_mib']:.0f} | {row['kept_mib']:.0f}" if "peak_mib" in row else f"error: {row.get('error')} | —"
         lines.append(f"| {row['model']} | {row['what']} | {row['bases_mib']:.0f} | {got} |")
     cl = data["cache_and_load"]
-    lines += ["", f"Disk cache and checkpoints, {cl['model']} allocation {tuple(cl['alloc'])} (fresh process each):", ""]
-    lines += ["| generate_bases | seconds |", "|---|---|"]
-    lines += [f"| {name} | {got.get('seconds', float('nan')):.2f} |" for name, got in cl["cache"].items()]
-    lines += ["", "| 2 decoder layers, all linear, r = 32 | file MiB | load_adapter s |", "|---|---|---|"]
-    for (size_name, size), (load_name, load) in zip(cl["sizes"].items(), list(cl["loads"].items())[:2], strict=True):
-        lines.append(f"| {size_name} / {load_name} | {size.get('bytes', 0) / MIB:.1f} | {load.get('load_s', float('nan')):.2f} |")
-    cached = cl["loads"]["regenerated, cached"]
-    lines += [f"| no bases / regenerated, disk cache warm | — | {cached.get('load_s', float('nan')):.2f} |", ""]
+    lines += ["", f"Disk cache and checkpoints, {cl['model']} allocation {tuple(cl['alloc'])}, 2 threads:", ""]
+    reads = cl["cache"]["reads"].get("median_s", {})
+    lines += [
+        "| generate_bases with the cache on | seconds |",
+        "|---|---|",
+        f"| first call of a fresh process, no entry (generates, stores) | {cl['cache']['stores'].get('first_s', 0):.2f} |",
+        f"| first call of a fresh process, entry present (reads and verifies) | {cl['cache']['reads'].get('first_s', 0):.2f} |",
+        f"| median read, side by side | {reads.get('cached', 0):.2f} |",
+        f"| median generation without the cache, side by side | {reads.get('uncached', 0):.2f} |",
+        "",
+    ]
+    loads = cl["loads"].get("median_s", {})
+    stored = loads.get("stored bases")
+    lines += ["| 2 decoder layers, all linear, r = 32 | file MiB | load_adapter s (median, side by side) | vs stored |"]
+    lines += ["|---|---|---|---|"]
+    for variant, seconds in loads.items():
+        size = cl["sizes"]["stored bases" if variant == "stored bases" else "no bases"].get("bytes", 0) / MIB
+        lines.append(f"| {variant} | {size:.1f} | {seconds:.2f} | {_ratio(seconds, stored)} |")
+    lines.append("")
     return lines
 
 
@@ -336,5 +379,7 @@ def write_bases_report(out: Path, machine: str, data: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{machine}-bases.json").write_text(json.dumps(data, indent=1) + "\n")
     path = out / f"{machine}-bases.md"
-    path.write_text("\n".join([f"# Basis generation benchmark ({machine})", "", *bases_rng_report(data)]))
+    env = data.get("environment", {})
+    facts = [f"- {key}: {env[key]}" for key in ("cpu", "cpus", "python", "torch", "peft", "commit", "date") if key in env]
+    path.write_text("\n".join([f"# Basis generation benchmark ({machine})", "", *facts, "", *bases_rng_report(data)]))
     return path
