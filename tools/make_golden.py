@@ -15,49 +15,31 @@ import argparse
 import json
 import sys
 import tempfile
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "spec" / "src"))  # run from a checkout without installing anything
 
-from randlora_spec import checkpoint  # noqa: E402
-from randlora_spec.bases import basis_kind, generate_bases  # noqa: E402
-from randlora_spec.config import RandLoraConfig  # noqa: E402
-from randlora_spec.driver import ReferenceDriver  # noqa: E402
-from randlora_spec.geometry import BasesShape, LayerGeometry, allocation, bases_shape_for_layers  # noqa: E402
-from randlora_spec.golden import GOLDEN_FORMAT, MANIFEST_NAME, GoldenCase  # noqa: E402
-from randlora_spec.safetensors_io import encode  # noqa: E402
-from randlora_spec.tolerances import tolerance  # noqa: E402
+try:
+    import numpy as np
+
+    from randlora_spec import checkpoint
+    from randlora_spec.bases import generate_bases
+    from randlora_spec.config import RandLoraConfig
+    from randlora_spec.driver import ReferenceDriver
+    from randlora_spec.geometry import BasesShape, bases_shape_for_layers
+    from randlora_spec.golden import GOLDEN_FORMAT, MANIFEST_NAME, GoldenCase
+    from randlora_spec.safetensors_io import encode
+    from randlora_spec.testing.cases import LAYER_KINDS, LayerSpec, checkpoint_inputs, layer_case
+    from randlora_spec.tolerances import tolerance
+except ModuleNotFoundError as exc:  # a Python without randlora-spec's dependencies (numpy, pydantic)
+    print(
+        f"make_golden.py needs the Python module {exc.name!r}: run `nox -s golden`, or `pip install ./spec` first",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 DTYPES = ("float64", "float32")
-
-
-def rng_for(case_id: str) -> np.random.Generator:
-    """A generator seeded by the case id, so inputs never depend on generation order."""
-    return np.random.default_rng(zlib.crc32(case_id.encode()))
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One layer geometry to cover, with its adapters and the allocation of the shared bases."""
-
-    name: str
-    in_features: int
-    out_features: int
-    adapters: dict[str, int]  # adapter name -> r
-    active: tuple[str, ...] = ("default",)
-    fan_in_fan_out: bool = False
-    has_bias: bool = True
-    x_shape: tuple[int, ...] = (5,)  # leading axes of x
-    alloc_extra: tuple[int, int] = (0, 0)  # bases allocated for a larger model: extra (in, out)
-    seed: int = 0
-    basis: str = "dense"
-    notes: str = ""
-    alphas: dict[str, float] = field(default_factory=dict)
 
 
 LAYERS = [
@@ -112,101 +94,25 @@ BASES = [
 ]
 
 
-def _round(arr: np.ndarray, dtype: str) -> np.ndarray:
-    return np.asarray(arr, dtype=np.dtype(dtype))
-
-
-def layer_inputs(spec: LayerSpec, case_id: str, dtype: str) -> tuple[dict, dict]:
-    """Inputs and params of a layer case (the same inputs serve forward, backward and merge)."""
-    rng = rng_for(case_id)
-    i_f, o_f = spec.in_features, spec.out_features
-    shape = allocation([(i_f + spec.alloc_extra[0], o_f + spec.alloc_extra[1])], spec.adapters.values())
-    a, b = generate_bases(spec.seed, shape, spec.basis)
-    weight = rng.standard_normal((o_f, i_f)) / np.sqrt(i_f)
-    inputs = {
-        "x": _round(rng.standard_normal((*spec.x_shape, i_f)), dtype),
-        "weight": _round(weight.T if spec.fan_in_fan_out else weight, dtype),
-        "grad_y": _round(rng.standard_normal((*spec.x_shape, o_f)), dtype),
-        "randlora_A": a,
-        "randlora_B": b,
-    }
-    if spec.has_bias:
-        inputs["bias"] = _round(0.1 * rng.standard_normal(o_f), dtype)
-    adapters = {}
-    for name, r in sorted(spec.adapters.items()):
-        geom = LayerGeometry(i_f, o_f, r)
-        inputs[f"{name}.lambda"] = _round(rng.standard_normal((geom.r, geom.nb)), dtype)
-        # Non-trivial gamma: around PEFT's 1/M init, but different per element.
-        inputs[f"{name}.gamma"] = _round((1.0 + 0.5 * rng.standard_normal((geom.nb, geom.m))) / geom.M, dtype)
-        adapters[name] = {"r": r, "alpha": spec.alphas.get(name, 2.0 * r)}
-    params = {
-        "in_features": i_f,
-        "out_features": o_f,
-        "fan_in_fan_out": spec.fan_in_fan_out,
-        "has_bias": spec.has_bias,
-        "adapters": adapters,
-        "active": list(spec.active),
-        "seed": spec.seed,
-        "basis_kind": spec.basis,
-        "bases_shape": shape.__dict__,
-        "notes": spec.notes,
-    }
-    return inputs, params
-
-
 def checkpoint_cases(out: dict[str, bytes]) -> list[dict]:
     """Checkpoint files with and without bases, plus layer inputs and the outputs they must give."""
-    layers = {
-        "encoder.layers.0.q_proj": checkpoint.LayerRecord(12, 20),
-        "encoder.layers.0.o_proj": checkpoint.LayerRecord(20, 12),
-        "head.c_fc": checkpoint.LayerRecord(16, 16, fan_in_fan_out=True),
-    }
     variants = [
-        ("with-bases", {"save_projection": True}, False, frozenset()),
-        ("without-bases", {"save_projection": False}, False, frozenset()),
-        ("sparse-without-bases", {"save_projection": False, "sparse": True, "projection_prng_key": 99}, False, frozenset()),
+        ("with-bases", {"save_projection": True}, False, False),
+        ("without-bases", {"save_projection": False}, False, False),
+        ("sparse-without-bases", {"save_projection": False, "sparse": True, "projection_prng_key": 99}, False, False),
         (
             "trainable-biases",
             {"save_projection": True, "bias": "randlora_only", "projection_prng_key": 2**40 + 3},
             True,
-            frozenset(),
+            False,
         ),
-        ("bf16-parameters", {"save_projection": False, "projection_prng_key": 5}, False, None),
+        ("bf16-parameters", {"save_projection": False, "projection_prng_key": 5}, False, True),
     ]
     entries = []
     for name, overrides, biases, bf16 in variants:
         case_id = f"checkpoint-{name}"
-        rng = rng_for(case_id)
         config = RandLoraConfig(r=4, randlora_alpha=8.0, target_modules=["q_proj", "o_proj", "c_fc"], **overrides)
-        shape = bases_shape_for_layers([(rec.in_features, rec.out_features) for rec in layers.values()], config.r)
-        tensors: dict[str, np.ndarray] = {}
-        inputs: dict[str, np.ndarray] = {}
-        for path, rec in layers.items():
-            geom = LayerGeometry(rec.in_features, rec.out_features, config.r)
-            lam = rng.standard_normal((geom.r, geom.nb)).astype(np.float32)
-            gamma = ((1.0 + 0.5 * rng.standard_normal((geom.nb, geom.m))) / geom.M).astype(np.float32)
-            if bf16 is None:  # make the values bf16-representable so storing them as BF16 is lossless
-                lam, gamma = (np.asarray(t.view(np.uint32) & 0xFFFF0000, np.uint32).view(np.float32) for t in (lam, gamma))
-            tensors[path + checkpoint.LAMBDA_SUFFIX], tensors[path + checkpoint.GAMMA_SUFFIX] = lam, gamma
-            weight = (rng.standard_normal((rec.out_features, rec.in_features)) / np.sqrt(rec.in_features)).astype(np.float32)
-            inputs[f"{path}.weight"] = weight.T.copy() if rec.fan_in_fan_out else weight
-            inputs[f"{path}.x"] = rng.standard_normal((2, 3, rec.in_features)).astype(np.float32)
-            bias = (0.1 * rng.standard_normal(rec.out_features)).astype(np.float32)
-            if biases:
-                tensors[f"{path}.bias"] = bias  # the trained bias lives in the checkpoint
-            else:
-                inputs[f"{path}.bias"] = bias
-        kind = basis_kind(config.sparse, config.very_sparse)
-        ckpt = checkpoint.AdapterCheckpoint(
-            config=config,
-            adapter_name="default",
-            layers=dict(layers),
-            bases_shape=shape,
-            tensors=tensors,
-            bases=generate_bases(config.projection_prng_key, shape, kind) if config.save_projection else None,
-            biases=sorted(layers) if biases else [],
-            bf16_keys=frozenset(tensors) if bf16 is None else bf16,
-        )
+        ckpt, inputs = checkpoint_inputs(case_id, config, trained_biases=biases, bf16=bf16)
         ckpt_file = f"checkpoints/{name}.safetensors"
         out[ckpt_file] = checkpoint.to_bytes(ckpt)
         entries.append(
@@ -215,7 +121,7 @@ def checkpoint_cases(out: dict[str, bytes]) -> list[dict]:
                 "kind": "checkpoint",
                 "dtype": "float32",
                 "params": {
-                    "layers": {p: rec.__dict__ for p, rec in layers.items()},
+                    "layers": {p: rec.__dict__ for p, rec in ckpt.layers.items()},
                     "basis_rule": config.basis_rule,
                     "notes": f"checkpoint {name}: the listed layers, loaded from the file, must map each x to y",
                 },
@@ -260,14 +166,9 @@ def build() -> dict[str, bytes]:
     )
     for spec in LAYERS:
         for dtype in DTYPES:
-            for kind in ("forward", "backward", "merge"):
-                case_id = f"{kind}-{spec.name}-{dtype}"
-                inputs, params = layer_inputs(spec, f"{spec.name}-{dtype}", dtype)
-                if kind != "backward":
-                    inputs = {k: v for k, v in inputs.items() if k != "grad_y"}
-                if kind == "merge":
-                    inputs = {k: v for k, v in inputs.items() if k != "x"}
-                entries.append({"id": case_id, "kind": kind, "dtype": dtype, "params": params, "inputs": inputs})
+            for kind in LAYER_KINDS:
+                case = layer_case(spec, kind, dtype)
+                entries.append({"id": case.id, "kind": kind, "dtype": dtype, "params": case.params, "inputs": case.inputs})
     entries.extend(checkpoint_cases(out))
 
     with tempfile.TemporaryDirectory() as scratch:

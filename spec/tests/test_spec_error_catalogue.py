@@ -7,12 +7,9 @@ and its directory are unchanged after the refused write.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -21,20 +18,7 @@ import pytest
 from randlora_spec import checkpoint, generate_bases, tolerance
 from randlora_spec.bases import bases_shape_for_layers
 from randlora_spec.config import RandLoraConfig
-
-
-def _load_catalogue() -> ModuleType:
-    name = "randlora_docs_catalogue"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[2] / "docs" / "tests" / "catalogue.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-catalogue = _load_catalogue()
+from randlora_spec.testing import catalogue
 
 # row id -> the bad fields (applied to a config that is otherwise valid: sparse=True for ERR-011)
 CONFIG_ROWS: dict[str, dict[str, Any]] = {
@@ -121,22 +105,14 @@ def _checkpoint(nan: bool = False) -> checkpoint.AdapterCheckpoint:
 def test_writer_refuses_nan(tmp_path: Path) -> None:
     path = tmp_path / "a.safetensors"
     checkpoint.save(path, _checkpoint())
-    before = catalogue.tree_state(tmp_path)
-    with pytest.raises(Exception) as info:
-        checkpoint.save(path, _checkpoint(nan=True))
-    catalogue.check("ERR-123", info.value)
-    assert catalogue.tree_state(tmp_path) == before
+    catalogue.check_row("ERR-123", lambda: checkpoint.save(path, _checkpoint(nan=True)), None, tmp_path)
 
 
 def test_writer_refuses_unreadable_file(tmp_path: Path) -> None:
     ckpt = _checkpoint()
     ckpt.config = RandLoraConfig(r=2, target_modules=["q"], save_projection=False, basis_rule="peft-torch-v1")
     ckpt.bases = None
-    before = catalogue.tree_state(tmp_path)
-    with pytest.raises(Exception) as info:
-        checkpoint.save(tmp_path / "a.safetensors", ckpt)
-    catalogue.check("ERR-124", info.value)
-    assert catalogue.tree_state(tmp_path) == before
+    catalogue.check_row("ERR-124", lambda: checkpoint.save(tmp_path / "a.safetensors", ckpt), None, tmp_path)
 
 
 def test_reader_of_bytes() -> None:

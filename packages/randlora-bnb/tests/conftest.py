@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.driver import SingleLayer
 from randlora_core.model import RandLoraModel
+from randlora_core.testing import SingleLayer
 
 # bitsandbytes is imported inside the helpers, not here: pytest imports conftest before it captures
 # logs, and importing bitsandbytes logs that an optional CPU kernel package is missing.

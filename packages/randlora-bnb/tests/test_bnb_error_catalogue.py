@@ -7,13 +7,9 @@ and the files are unchanged afterwards.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -21,32 +17,11 @@ from conftest import MLP, adapt, quantized, seeded_linear
 from torch import nn
 
 from randlora_core import load_adapter
-from randlora_core.driver import SingleLayer
+from randlora_core.testing import SingleLayer, model_state
+from randlora_spec.testing import catalogue
 
-
-def _load_catalogue() -> ModuleType:
-    name = "randlora_docs_catalogue"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[3] / "docs" / "tests" / "catalogue.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-catalogue = _load_catalogue()
-
-Setup = Callable[[Path], tuple[nn.Module | None, Callable[[], object]]]
-ROWS: dict[str, Setup] = {}
-
-
-def row(row_id: str) -> Callable[[Setup], Setup]:
-    def register(fn: Setup) -> Setup:
-        ROWS[row_id] = fn
-        return fn
-
-    return register
+ROWS = catalogue.Setups()
+row = ROWS.row
 
 
 @row("ERR-150")
@@ -121,13 +96,4 @@ def _load_into_different(tmp: Path):
 @pytest.mark.parametrize("row_id", sorted(ROWS))
 def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
     model, call = ROWS[row_id](tmp_path)
-    before_model = catalogue.model_state(model) if model is not None else None
-    before_files = catalogue.tree_state(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(Exception) as info:
-            call()
-    catalogue.check(row_id, info.value)
-    if model is not None:
-        assert catalogue.model_state(model) == before_model, f"{row_id}: the model changed"
-    assert catalogue.tree_state(tmp_path) == before_files, f"{row_id}: files changed"
+    catalogue.check_row(row_id, call, model, tmp_path, state=model_state)

@@ -16,7 +16,7 @@ from randlora_bnb import (
     restore_standard_layout,
 )
 from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.driver import SingleLayer
+from randlora_core.testing import SingleLayer
 from randlora_spec.tolerances import check_close
 
 VARIANTS = [

@@ -9,7 +9,7 @@ from conftest import QUANTS, adapt, half_step, quantized
 
 from randlora_bnb import QuantizedMergeWarning, RandLoraBnbLinear, dequantize_weight, requantize_weight
 from randlora_core import MergeError, RandLoraConfig, get_randlora_model
-from randlora_core.driver import SingleLayer
+from randlora_core.testing import SingleLayer
 
 
 def within(actual: torch.Tensor, expected: torch.Tensor, bound: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.driver import Conv1DLike, SingleLayer
+from randlora_core.testing import Conv1DLike, SingleLayer
 
 
 class Block(nn.Module):

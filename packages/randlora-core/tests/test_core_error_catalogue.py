@@ -9,13 +9,10 @@ exactly as before.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -32,33 +29,12 @@ from randlora_core import (
     save_adapter,
 )
 from randlora_core.compute import compute_override
+from randlora_core.testing import model_state
 from randlora_spec.safetensors_io import decode, encode
+from randlora_spec.testing import catalogue
 
-
-def _load_catalogue() -> ModuleType:
-    name = "randlora_docs_catalogue"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[3] / "docs" / "tests" / "catalogue.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-catalogue = _load_catalogue()
-
-Setup = Callable[[Path], tuple[nn.Module | None, Callable[[], object]]]
-ROWS: dict[str, Setup] = {}
-
-
-def row(row_id: str) -> Callable[[Setup], Setup]:
-    def register(fn: Setup) -> Setup:
-        assert row_id not in ROWS, row_id
-        ROWS[row_id] = fn
-        return fn
-
-    return register
+ROWS = catalogue.Setups()
+row = ROWS.row
 
 
 def cfg(**kw: object) -> RandLoraConfig:
@@ -121,7 +97,7 @@ def write(tmp: Path, data: bytes, name: str = "adapter.safetensors") -> Path:
     return path
 
 
-def load_into_plain(data: bytes) -> Setup:
+def load_into_plain(data: bytes) -> catalogue.Setup:
     def setup(tmp: Path) -> tuple[nn.Module, Callable[[], object]]:
         path = write(tmp, data)
         model = plain()
@@ -701,14 +677,7 @@ def _load_bad_name(tmp: Path):
 @pytest.mark.parametrize("row_id", sorted(ROWS))
 def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
     model, call = ROWS[row_id](tmp_path)
-    before_model = catalogue.model_state(model) if model is not None else None
-    before_files = catalogue.tree_state(tmp_path)
-    with pytest.raises(Exception) as info:
-        call()
-    catalogue.check(row_id, info.value)
-    if model is not None:
-        assert catalogue.model_state(model) == before_model, f"{row_id}: the model changed"
-    assert catalogue.tree_state(tmp_path) == before_files, f"{row_id}: files changed"
+    catalogue.check_row(row_id, call, model, tmp_path, state=model_state)
 
 
 def test_float_inputs_of_another_dtype_are_autocast() -> None:

@@ -12,9 +12,9 @@ from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
 from randlora_core.compute import choose_compute, choose_path, compute_override, path_costs
-from randlora_core.driver import SingleLayer
 from randlora_core.engine import GroupPlan, Plan, RandLoraFunction
 from randlora_core.plain import adapter_output
+from randlora_core.testing import SingleLayer
 from randlora_spec import reference
 from randlora_spec.bases import BasesShape, generate_bases
 from randlora_spec.errors import ConfigError

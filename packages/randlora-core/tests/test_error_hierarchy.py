@@ -9,7 +9,9 @@ listed conformance tooling of the spec, which reports broken golden fixtures to 
 from __future__ import annotations
 
 import ast
+import builtins
 import inspect
+import re
 from pathlib import Path
 
 import randlora_spec.errors as errors
@@ -63,3 +65,12 @@ def test_every_library_exception_derives_from_the_root() -> None:
     for name in errors.__dict__:
         if isinstance(getattr(errors, name), type) and issubclass(getattr(errors, name), errors.RandLoraError):
             assert getattr(randlora_core, name) is getattr(errors, name), f"randlora_core does not re-export {name}"
+
+
+def test_builtin_bases_are_the_documented_ones() -> None:
+    """Each error derives from the builtin the "Exception hierarchy" table of docs/errors.md names."""
+    table = (ROOT / "docs" / "errors.md").read_text(encoding="utf-8")
+    documented = dict(re.findall(r"^\| `(\w+Error)` \| `(\w+)` \|", table, re.M))
+    assert len(documented) >= 8
+    for name, builtin in documented.items():
+        assert issubclass(getattr(errors, name), getattr(builtins, builtin)), (name, builtin)

@@ -9,7 +9,7 @@ from conftest import adapted, np64
 from torch import nn
 
 from randlora_core import RandLoraConfig, RandLoraLinear, ShapeError, get_randlora_model
-from randlora_core.driver import SingleLayer
+from randlora_core.testing import SingleLayer
 from randlora_spec import reference
 from randlora_spec.tolerances import check_close
 

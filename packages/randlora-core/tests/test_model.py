@@ -364,7 +364,7 @@ def test_unload_restores_base(tiny_lm: TinyLM) -> None:
     seed=st.integers(0, 2**64 - 1),
 )
 def test_property_merged_equals_unmerged(in_f: int, out_f: int, r: int, conv1d: bool, seed: int) -> None:
-    from randlora_core.driver import SingleLayer, make_layer
+    from randlora_core.testing import SingleLayer, make_layer
 
     layer = make_layer(in_f, out_f, True, conv1d, torch.float64)
     with torch.no_grad():

@@ -7,14 +7,10 @@ are unchanged afterwards.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
-import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -24,21 +20,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from randlora_core import RandLoraConfig, get_randlora_model
+from randlora_core.testing import model_state
 from randlora_peft import accelerate, load_peft_adapter, read_peft_adapter, save_peft_adapter
-
-
-def _load_catalogue() -> ModuleType:
-    name = "randlora_docs_catalogue"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[3] / "docs" / "tests" / "catalogue.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-catalogue = _load_catalogue()
+from randlora_spec.testing import catalogue
 
 TARGETS = ["q_proj", "v_proj"]
 _PEFT_DIR: dict[str, Path] = {}
@@ -75,16 +59,8 @@ def bigger_llama() -> nn.Module:
     return LlamaForCausalLM(cfg).eval()
 
 
-Setup = Callable[[Path, Path, nn.Module], tuple[nn.Module | None, Callable[[], object]]]
-ROWS: dict[str, Setup] = {}
-
-
-def row(row_id: str) -> Callable[[Setup], Setup]:
-    def register(fn: Setup) -> Setup:
-        ROWS[row_id] = fn
-        return fn
-
-    return register
+ROWS = catalogue.Setups()
+row = ROWS.row
 
 
 @row("ERR-130")
@@ -228,13 +204,4 @@ def _read_without_shapes(tmp: Path, good: Path, pm: nn.Module):
 def test_catalogue_row(row_id: str, tmp_path: Path, peft_dir: tuple[Path, nn.Module]) -> None:
     good, pm = peft_dir
     model, call = ROWS[row_id](tmp_path, good, pm)
-    before_model = catalogue.model_state(model) if model is not None else None
-    before_files = catalogue.tree_state(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with pytest.raises(Exception) as info:
-            call()
-    catalogue.check(row_id, info.value)
-    if model is not None:
-        assert catalogue.model_state(model) == before_model, f"{row_id}: the model changed"
-    assert catalogue.tree_state(tmp_path) == before_files, f"{row_id}: files changed"
+    catalogue.check_row(row_id, call, model, tmp_path, state=model_state)

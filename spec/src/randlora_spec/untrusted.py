@@ -1,7 +1,8 @@
 """Helpers for values that come from untrusted files: strict JSON parsing and short, safe reprs.
 
 Parsers of checkpoint headers and metadata use :func:`parse_json`, whose every failure is a
-``ValueError`` with a short reason, so callers turn one exception type into their own error. Error
+``ValueError`` (a :class:`CheckpointError` or one of json's own) with a short reason, so callers
+turn one exception type into their own message. Error
 messages quote hostile values through :func:`brief`, which never fails and never grows with the
 value (a 16 MiB name, a list nested 900 deep or an integer of 4,000 digits stays a short text).
 """
@@ -12,6 +13,8 @@ import json
 import reprlib
 from typing import Any
 
+from randlora_spec.errors import CheckpointError
+
 MAX_JSON_INT_DIGITS = 4300
 """Longest integer (in decimal digits) a JSON text may hold: Python's default int-string limit."""
 JSON_INT_LIMIT = 10**MAX_JSON_INT_DIGITS
@@ -19,7 +22,7 @@ JSON_INT_LIMIT = 10**MAX_JSON_INT_DIGITS
 
 
 def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
+    raise CheckpointError(f"{name} is not a JSON value")
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -27,7 +30,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(obj) != len(pairs):
         seen: set[str] = set()
         duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate key {brief(duplicate)} in a JSON object")
+        raise CheckpointError(f"duplicate key {brief(duplicate)} in a JSON object")
     return obj
 
 
@@ -43,12 +46,12 @@ def parse_json(text: str | bytes) -> Any:
     try:
         return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constants)
     except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
+        raise CheckpointError("JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise
     except ValueError as exc:
         if "integer string conversion" in str(exc):  # Python's int-string limit, not a JSON error
-            raise ValueError(f"an integer has more than {MAX_JSON_INT_DIGITS} digits") from None
+            raise CheckpointError(f"an integer has more than {MAX_JSON_INT_DIGITS} digits") from None
         raise
 
 

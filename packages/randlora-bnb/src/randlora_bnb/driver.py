@@ -40,9 +40,10 @@ import torch
 from torch import nn
 
 from randlora_bnb.quant import QUANT_TYPES, dequantize_weight, quantize_linear
-from randlora_core import RandLoraConfig, generate_bases, get_randlora_model, load_adapter
-from randlora_core.driver import Conv1DLike, SingleLayer
+from randlora_core import generate_bases, load_adapter
+from randlora_core.driver import layer_case_model
 from randlora_core.model import RandLoraModel
+from randlora_core.testing import Conv1DLike, tree_of
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
 from randlora_spec.driver import Unsupported
@@ -112,30 +113,8 @@ class BnbDriver:
         return quantize_linear(linear, self.quant_type, compute_dtype=torch.float32)
 
     def _layer_model(self, case: GoldenCase, weight_oi: np.ndarray) -> RandLoraModel:
-        p, i = case.params, case.inputs
-        model: RandLoraModel | None = None
-        for name, spec in p["adapters"].items():
-            config = RandLoraConfig(
-                r=spec["r"],
-                randlora_alpha=float(spec["alpha"]),
-                target_modules=["layer"],
-                projection_prng_key=p.get("seed", 0),
-                sparse=p.get("basis_kind") == "sparse",
-                very_sparse=p.get("basis_kind") == "very_sparse",
-            )
-            if model is None:
-                model = get_randlora_model(SingleLayer(self._quantized(weight_oi, i.get("bias"))), config, adapter_name=name)
-            else:
-                model.add_adapter(name, config)
-        assert model is not None
-        model.set_shared_bases(_t(i["randlora_A"]), _t(i["randlora_B"]))
-        wrapper = model.model.layer
-        with torch.no_grad():
-            for name in p["adapters"]:
-                wrapper.randlora_lambda[name].copy_(_f32(i[f"{name}.lambda"]))
-                wrapper.randlora_gamma[name].copy_(_f32(i[f"{name}.gamma"]))
-        model.set_adapter(list(p["active"]))
-        return model
+        # The quantized layer stores (out, in) whatever the case's layout: the configs say so.
+        return layer_case_model(self._quantized(weight_oi, case.inputs.get("bias")), case, fan_in_fan_out=False)
 
     def _layer_case(self, case: GoldenCase) -> dict[str, np.ndarray]:
         p, i = case.params, case.inputs
@@ -186,7 +165,7 @@ class BnbDriver:
     def _checkpoint(self, case: GoldenCase) -> dict[str, np.ndarray]:
         path = case.files["checkpoint"]
         ckpt = spec_ckpt.load(path)  # to learn which layers carry a bias; load_adapter validates again
-        root = nn.Module()
+        modules: dict[str, nn.Module] = {}
         exact_bias: dict[str, np.ndarray | None] = {}
         for lpath, rec in ckpt.layers.items():
             weight = case.inputs[f"{lpath}.weight"]
@@ -200,13 +179,8 @@ class BnbDriver:
                         module.bias.copy_(_f32(bias))
             else:
                 module = self._quantized(weight, bias)
-            parent = root
-            *parents, leaf = lpath.split(".")
-            for part in parents:
-                if not hasattr(parent, part):
-                    parent.add_module(part, nn.Module())
-                parent = getattr(parent, part)
-            parent.add_module(leaf, module)
+            modules[lpath] = module
+        root = tree_of(modules)
         model = load_adapter(root, path, adapter_name=ckpt.adapter_name)
         out = {}
         for lpath, rec in ckpt.layers.items():

@@ -23,6 +23,7 @@ from randlora_core.bases import generate_bases
 from randlora_core.checkpoint import load_adapter
 from randlora_core.compute import compute_override
 from randlora_core.model import RandLoraModel, get_randlora_model
+from randlora_core.testing import Conv1DLike, SingleLayer, build_model, make_layer
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
 from randlora_spec.config import RandLoraConfig
@@ -31,64 +32,59 @@ from randlora_spec.golden import GoldenCase
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
-
-class Conv1DLike(nn.Module):
-    """A GPT-2-style Conv1D (weight stored (in, out)), matching randlora-core's duck-typing rule."""
-
-    _randlora_plain_conv1d = True  # forward is exactly x @ W + b, so the fused/dense path may replace it
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        self.nf = out_features
-        self.weight = nn.Parameter(torch.zeros(in_features, out_features, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ W (+ bias)`` with W stored (in, out)."""
-        y = x @ self.weight
-        return y + self.bias if self.bias is not None else y
+__all__ = [
+    "Conv1DLike",
+    "CoreDenseDriver",
+    "CoreDriver",
+    "CoreFactoredDriver",
+    "SingleLayer",
+    "build_model",
+    "layer_case_model",
+    "make_layer",
+]
 
 
-def make_layer(in_features: int, out_features: int, bias: bool, fan_in_fan_out: bool, dtype: torch.dtype) -> nn.Module:
-    """An ``nn.Linear`` or, with ``fan_in_fan_out``, a :class:`Conv1DLike`, zero-initialised."""
-    if fan_in_fan_out:
-        return Conv1DLike(in_features, out_features, bias, dtype)
-    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-
-
-def build_model(layers: dict[str, tuple[int, int, bool, bool]], dtype: torch.dtype) -> nn.Module:
-    """A module tree with a layer at each dotted path: ``{path: (in, out, has_bias, fan_in_fan_out)}``."""
-    root = nn.Module()
-    for path, (in_f, out_f, bias, fifo) in layers.items():
-        parent = root
-        *parents, leaf = path.split(".")
-        for part in parents:
-            if not hasattr(parent, part):
-                parent.add_module(part, nn.Module())
-            parent = getattr(parent, part)
-        parent.add_module(leaf, make_layer(in_f, out_f, bias, fifo, dtype))
-    return root
-
-
-class SingleLayer(nn.Module):
-    """A model made of one layer registered as ``layer`` (the target name the drivers and tests use)."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's output."""
-        return self.layer(x)
-
-
-def _t(a: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.to(dtype) if dtype is not None else t
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
+
+
+def layer_case_model(layer: nn.Module, case: GoldenCase, fan_in_fan_out: bool) -> RandLoraModel:
+    """``SingleLayer(layer)`` adapted with the adapters of a layer case, holding the case's bases, lambda and gamma.
+
+    Every adapter of ``case.params["adapters"]`` is added through the public API (the first by
+    :func:`get_randlora_model`, the others by ``add_adapter``), the case's bases are injected with
+    ``set_shared_bases``, and ``case.params["active"]`` are made active. ``layer`` holds the case's
+    weight already; ``fan_in_fan_out`` is the configs' value for it.
+    """
+    p, i = case.params, case.inputs
+    model: RandLoraModel | None = None
+    for name, spec in p["adapters"].items():
+        config = RandLoraConfig(
+            r=spec["r"],
+            randlora_alpha=float(spec["alpha"]),
+            target_modules=["layer"],
+            fan_in_fan_out=fan_in_fan_out,
+            projection_prng_key=p.get("seed", 0),
+            sparse=p.get("basis_kind") == "sparse",
+            very_sparse=p.get("basis_kind") == "very_sparse",
+        )
+        if model is None:
+            model = get_randlora_model(SingleLayer(layer), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    assert model is not None, f"layer case {case.id} has no adapter"
+    model.set_shared_bases(_t(i["randlora_A"]), _t(i["randlora_B"]))
+    wrapper = model.model.layer
+    with torch.no_grad():  # copy_ casts to the parameters' dtype
+        for name in p["adapters"]:
+            wrapper.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"]))
+            wrapper.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"]))
+    model.set_adapter(list(p["active"]))
+    return model
 
 
 class CoreDriver:
@@ -123,38 +119,12 @@ class CoreDriver:
 
     def _layer_model(self, case: GoldenCase) -> RandLoraModel:
         p, i = case.params, case.inputs
-        dtype = DTYPES[case.dtype]
-        layer = make_layer(p["in_features"], p["out_features"], p["has_bias"], p["fan_in_fan_out"], dtype)
+        layer = make_layer(p["in_features"], p["out_features"], p["has_bias"], p["fan_in_fan_out"], DTYPES[case.dtype])
         with torch.no_grad():
             layer.weight.copy_(_t(i["weight"]))
             if p["has_bias"]:
                 layer.bias.copy_(_t(i["bias"]))
-        names = list(p["adapters"])
-        model: RandLoraModel | None = None
-        for name in names:
-            spec = p["adapters"][name]
-            config = RandLoraConfig(
-                r=spec["r"],
-                randlora_alpha=float(spec["alpha"]),
-                target_modules=["layer"],
-                fan_in_fan_out=p["fan_in_fan_out"],
-                projection_prng_key=p.get("seed", 0),
-                sparse=p.get("basis_kind") == "sparse",
-                very_sparse=p.get("basis_kind") == "very_sparse",
-            )
-            if model is None:
-                model = get_randlora_model(SingleLayer(layer), config, adapter_name=name)
-            else:
-                model.add_adapter(name, config)
-        assert model is not None
-        model.set_shared_bases(_t(i["randlora_A"]), _t(i["randlora_B"]))
-        wrapper = model.model.layer
-        with torch.no_grad():
-            for name in names:
-                wrapper.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"]))
-                wrapper.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"]))
-        model.set_adapter(list(p["active"]))
-        return model
+        return layer_case_model(layer, case, p["fan_in_fan_out"])
 
     def _layer_case(self, case: GoldenCase) -> dict[str, np.ndarray]:
         p, i = case.params, case.inputs
@@ -216,3 +186,10 @@ class CoreDenseDriver(CoreDriver):
 
     name = "core-dense"
     compute = "dense"
+
+
+class CoreSparseDriver(CoreDriver):
+    """randlora-core with ternary bases on the sparse kernels (dense bases take the factored path)."""
+
+    name = "core-sparse"
+    compute = "sparse"

@@ -6,9 +6,13 @@ are not owned here: the layer keeps a plain reference to the model's
 :class:`~randlora_core.bases.RandLoraBases` (not a submodule, so it is neither duplicated in
 ``state_dict`` nor moved once per layer) and slices its windows on use.
 
-Dtypes (SPEC.md section 5): lambda and gamma are created in the base weight's dtype; the adapter is
-computed in that dtype, except on CPU where float16/bfloat16 adapter math runs in float32 (as
-PEFT). The output is cast to the input's dtype.
+Dtypes (SPEC.md section 5): lambda and gamma are created in the base weight's dtype, except that
+float16/bfloat16 bases get float32 lambda/gamma unless ``autocast_adapter_dtype=False`` (PEFT's
+default, for stable training); the adapter is computed in their dtype, except on CPU where
+float16/bfloat16 adapter math runs in float32 (as PEFT). The output is cast to the input's dtype.
+
+Like PEFT's layers, the wrapper exposes its base layer's ``weight`` and ``bias`` (transformers code
+reads them, e.g. T5's feed-forward reads ``self.wo.weight.dtype``).
 
 Subclasses for other base layers (e.g. bitsandbytes) override the small hooks
 ``_features``, ``_base_forward``, ``_param_dtype``, ``_dense_weight``, ``_merge_delta`` and
@@ -28,14 +32,17 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
-from randlora_core.compute import Compute
+from randlora_core.compute import Compute, resolve_compute
 from randlora_core.engine import layer_forward
+from randlora_core.inference_cache import InferenceCache, tensor_key
+from randlora_core.mixed import mixed_groups, scatter_rows
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
-from randlora_core.registry import _register_builtin, is_conv1d_like, plain_linear_operands
+from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
+from randlora_core.sparse import MAX_DENSITY, sparse_density, window_structure
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import DtypeError, MergeError, ShapeError
+from randlora_spec.errors import CheckpointError, DtypeError, MergeError, ShapeError
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -66,18 +73,20 @@ class RandLoraLinear(nn.Module):
         self.disable_adapters = False
         self.layer_name = ""
         """Dotted path of this layer in the model, for messages (set by the model)."""
+        self.inference_cache: InferenceCache | None = None
+        """The model's inference cache, when enabled (:meth:`RandLoraModel.enable_inference_cache`)."""
+        self.mixed_adapters: list[str] | None = None
+        """One adapter name per batch row during a mixed-adapter call (set by the model), else ``None``."""
         object.__setattr__(self, "_bases", None)  # a reference, deliberately not a registered submodule
 
     # -- hooks for subclasses -------------------------------------------------------------------
 
     def _features(self, base_layer: nn.Module) -> tuple[int, int]:
         """``(in_features, out_features)`` of the base layer."""
-        if hasattr(base_layer, "in_features") and hasattr(base_layer, "out_features"):
-            return int(base_layer.in_features), int(base_layer.out_features)
-        if is_conv1d_like(base_layer):
-            in_f, out_f = base_layer.weight.shape
-            return int(in_f), int(out_f)
-        raise ShapeError(f"cannot read in_features/out_features of {type(base_layer).__name__}")
+        features = linear_features(base_layer)
+        if features is None:
+            raise ShapeError(f"cannot read in_features/out_features of {type(base_layer).__name__}")
+        return features
 
     def _base_forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """The frozen base layer's output; a float input of another dtype is cast to a float weight's dtype first."""
@@ -87,9 +96,14 @@ class RandLoraLinear(nn.Module):
         return self.base_layer(x, *args, **kwargs)
 
     def _param_dtype(self) -> torch.dtype:
-        """Dtype for new lambda/gamma: the base weight's if it is floating point, else float32."""
+        """The base weight's dtype if it is floating point, else float32 (before ``autocast_adapter_dtype``)."""
         weight = getattr(self.get_base_layer(), "weight", None)
         return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+    def adapter_dtype(self, autocast_adapter_dtype: bool = True) -> torch.dtype:
+        """Dtype of new lambda/gamma: :meth:`_param_dtype`, upcast from float16/bfloat16 to float32 when autocasting."""
+        dtype = self._param_dtype()
+        return torch.float32 if autocast_adapter_dtype and dtype in HALF_DTYPES else dtype
 
     def _param_device(self) -> torch.device:
         weight = getattr(self.get_base_layer(), "weight", None)
@@ -104,18 +118,30 @@ class RandLoraLinear(nn.Module):
     def _merge_delta(self, delta: torch.Tensor) -> None:
         """Add ``delta`` (storage layout) to the base weight, cast to the weight dtype first (SPEC 5.4)."""
         weight = self.get_base_layer().weight
-        weight.data += delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # in place on the parameter, so its version counter (caches) sees the change
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def _unmerge_delta(self, delta: torch.Tensor) -> None:
         """Subtract ``delta`` (storage layout) from the base weight."""
         weight = self.get_base_layer().weight
-        weight.data -= delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            weight.sub_(delta.to(device=weight.device, dtype=weight.dtype))
 
     # -- adapters -------------------------------------------------------------------------------
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped base layer."""
         return self.base_layer
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's layers: transformers code reads ``layer.weight``)."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (``None`` without one)."""
+        return getattr(self.get_base_layer(), "bias", None)
 
     @property
     def bases(self) -> RandLoraBases:
@@ -135,10 +161,19 @@ class RandLoraLinear(nn.Module):
         m, big_m = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
         return r, m, big_m, num_bases(m, r)
 
-    def update_layer(self, adapter_name: str, config: RandLoraConfig, bases_module: RandLoraBases) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: RandLoraConfig,
+        bases_module: RandLoraBases,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         """Add adapter ``adapter_name`` with ``config``, reading windows of ``bases_module``.
 
-        lambda/gamma start per SPEC 3.8 (``init_weights``), in the base weight's dtype and device.
+        lambda/gamma start per SPEC 3.8 (``init_weights``) on the base weight's device, in
+        :meth:`adapter_dtype`; with ``low_cpu_mem_usage`` they are created empty on the meta device
+        (a checkpoint load materialises them).
         """
         r = config.r
         m, big_m = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
@@ -149,15 +184,15 @@ class RandLoraLinear(nn.Module):
                 f"layer {self.layer_name!r} ({self.in_features}x{self.out_features}, r={r}) needs bases windows "
                 f"A[:{r}, 0, :{m}] and B[:{big_m}, :{nb}, :{r}], but the shared bases are {have}"
             )
-        if config.init_weights:
-            lam = torch.zeros(r, nb)
-            gamma = torch.full((nb, m), 1.0 / max(nb, m))
+        dtype = self.adapter_dtype(autocast_adapter_dtype)
+        if low_cpu_mem_usage:
+            lam = torch.empty(r, nb, dtype=dtype, device="meta")
+            gamma = torch.empty(nb, m, dtype=dtype, device="meta")
         else:
-            lam = torch.randn(r, nb)
-            gamma = torch.full((nb, m), 1.0 / big_m)
-        dtype, device = self._param_dtype(), self._param_device()
-        self.randlora_lambda[adapter_name] = nn.Parameter(lam.to(device=device, dtype=dtype))
-        self.randlora_gamma[adapter_name] = nn.Parameter(gamma.to(device=device, dtype=dtype))
+            lam, gamma = _initial_values(r, m, big_m, nb, config.init_weights)
+            lam, gamma = (t.to(device=self._param_device(), dtype=dtype) for t in (lam, gamma))
+        self.randlora_lambda[adapter_name] = nn.Parameter(lam)
+        self.randlora_gamma[adapter_name] = nn.Parameter(gamma)
         p = config.randlora_dropout
         self.randlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.r[adapter_name] = r
@@ -192,10 +227,27 @@ class RandLoraLinear(nn.Module):
         return torch.float32 if device.type == "cpu" and dtype in HALF_DTYPES else dtype
 
     def adapter_call(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> AdapterCall:
-        """The operands of ``adapter_name`` for one call, in ``dtype`` on ``device``."""
+        """The operands of ``adapter_name`` for one call, in ``dtype`` on ``device``.
+
+        Raises:
+            CheckpointError: the adapter's lambda/gamma are still empty (meta device, ``low_cpu_mem_usage``).
+
+        """
+        lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
+        if lam.is_meta or gamma.is_meta:
+            raise CheckpointError(
+                f"adapter {adapter_name!r} on layer {self.layer_name!r} has no weights yet: it was created with "
+                "low_cpu_mem_usage=True (on the meta device); load its weights with load_adapter(path, adapter_name) first"
+            )
         r, m, big_m, nb = self.geometry(adapter_name)
         a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
-        lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
+        bases = self.bases
+        structure = None
+        if bases.kind != "dense" and (
+            sparse_density(bases) <= MAX_DENSITY or resolve_compute(self._requested_compute([adapter_name])) == "sparse"
+        ):
+            key = (r, m, big_m, nb, dtype, device, tensor_key(bases.randlora_A), tensor_key(bases.randlora_B))
+            structure = window_structure(bases, key, a_s, b_flat, nb)
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,
@@ -204,6 +256,8 @@ class RandLoraLinear(nn.Module):
             scaling=self.scaling[adapter_name],
             window=r,  # equal rank on one layer: the same windows of the one shared pair
             dropout=self.randlora_dropout[adapter_name],
+            key=(adapter_name, tensor_key(lam), tensor_key(gamma), tensor_key(bases.randlora_A), tensor_key(bases.randlora_B)),
+            sparse=structure,
         )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -211,7 +265,8 @@ class RandLoraLinear(nn.Module):
 
         Differentiable with respect to lambda and gamma.
         """
-        device = self.randlora_lambda[adapter_name].device
+        lam = self.randlora_lambda[adapter_name]
+        device = self._param_device() if lam.is_meta else lam.device
         op = self.adapter_call(adapter_name, self._compute_dtype([adapter_name], device), device)
         delta = delta_weight(op.a_s, op.b_flat, op.lam, op.gamma, op.scaling, self.in_features <= self.out_features)
         return delta.T if self.fan_in_fan_out else delta
@@ -233,14 +288,56 @@ class RandLoraLinear(nn.Module):
         if self.disable_adapters and self.merged:
             warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
             self.unmerge()
+        if self.mixed_adapters is not None and not self.disable_adapters:
+            return self._mixed_forward(x, self.mixed_adapters, args, kwargs)
         names = [] if self.disable_adapters else self._active_unmerged()
+        return self._adapted(x, names, args, kwargs)
+
+    def _adapted(
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        shared_base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``base(x)`` plus the adapters ``names`` (held here, unmerged) through the layer engine."""
         if not names:
             return self._base_forward(x, *args, **kwargs).to(x.dtype)
         dtype = self._compute_dtype(names, x.device)
         weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
-        base = BaseCall(lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out)
+        base = BaseCall(
+            lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out, self.inference_cache, id(self)
+        )
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
-        return layer_forward(x, base, adapters, self.in_features, self.out_features, self._requested_compute(names))
+        compute = self._requested_compute(names)
+        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, shared_base)
+
+    def _mixed_forward(
+        self, x: torch.Tensor, per_row: list[str], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> torch.Tensor:
+        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`~randlora_core.mixed.BASE` for none).
+
+        Each adapter runs on the whole batch and its rows are taken: matmul results depend on the
+        number of rows (BLAS kernels), so only that makes a row exactly what a single-adapter call
+        of the batch gives. The base output is computed once and shared: ``k`` adapters cost one
+        base pass and ``k`` adapter passes (``k`` layer passes where the dense path is chosen).
+        """
+        if x.dim() < 2 or x.shape[0] != len(per_row):
+            raise ShapeError(
+                f"layer {self.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
+                f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
+            )
+        base_out = self._base_forward(x, *args, **kwargs)
+        parts, order = [], []
+        for name, rows in mixed_groups(per_row, x.device).items():
+            if name in self.randlora_lambda and name not in self.merged_adapters:
+                out = self._adapted(x, [name], args, kwargs, shared_base=base_out)
+            else:
+                out = base_out.to(x.dtype)
+            parts.append(out.index_select(0, rows))
+            order.append(rows)
+        return scatter_rows(parts, order, x.shape[0])
 
     def _active_unmerged(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.randlora_lambda and n not in self.merged_adapters]
@@ -306,6 +403,13 @@ class RandLoraLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"fan_in_fan_out={self.fan_in_fan_out}, adapters={list(self.r)}"
         )
+
+
+def _initial_values(r: int, m: int, big_m: int, nb: int, init_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial lambda (r, nb) and gamma (nb, m) (SPEC 3.8), float32 on CPU."""
+    if init_weights:
+        return torch.zeros(r, nb), torch.full((nb, m), 1.0 / max(nb, m))
+    return torch.randn(r, nb), torch.full((nb, m), 1.0 / big_m)
 
 
 _register_builtin(nn.Linear, RandLoraLinear)

@@ -68,6 +68,16 @@ def is_randlora_layer(module: nn.Module) -> bool:
     return hasattr(module, "update_layer") and hasattr(module, "randlora_lambda")
 
 
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear-like module (attributes, or a Conv1D's weight), else ``None``."""
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    if isinstance(in_f, int) and isinstance(out_f, int):
+        return in_f, out_f
+    if is_conv1d_like(module):
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
 def layout_of(module: nn.Module) -> bool | None:
     """Storage layout a base layer dictates: True for (in, out) (Conv1D), False for (out, in) (``nn.Linear``), None if unknown."""
     if is_conv1d_like(module):

@@ -1,21 +1,30 @@
-"""Conformance driver ``peft``: golden cases through real PEFT models accelerated by randlora-core.
+"""Conformance drivers ``peft``, ``peft-dense``, ``peft-factored`` and ``peft-native``: golden cases through real PEFT models.
+
+``peft`` runs PEFT's RandLoRA layers accelerated by randlora-core (``peft-dense`` and
+``peft-factored`` force one compute path); ``peft-native`` runs the same models on PEFT's own
+code, unaccelerated, to show where PEFT itself stands against the spec. All share what follows.
 
 * Layer cases (forward, backward, merge): a tiny module holding one ``nn.Linear`` (or, with
   ``fan_in_fan_out``, a transformers ``Conv1D``) is wrapped by ``peft.get_peft_model`` with one
-  PEFT ``RandLoraConfig`` per adapter, accelerated with :func:`randlora_peft.accelerate`, and given
-  the case's weight, bias, lambda and gamma. PEFT reads each adapter's bases from its own entry of
-  the shared buffer dicts and does not slice the rank, so adapter ``name`` gets ``A[:r]`` and
-  ``B[..., :r]`` of the case's allocation (which may be larger than the layer needs; PEFT slices
-  the other axes itself). Outputs come from PEFT's API: the model's forward, autograd, and the
-  layer's ``merge`` / ``unmerge`` / ``get_delta_weight``.
+  PEFT ``RandLoraConfig`` per adapter, accelerated with :func:`randlora_peft.accelerate` (not for
+  ``peft-native``), and given the case's weight, bias, lambda and gamma. PEFT reads each
+  adapter's bases from its own entry of the shared buffer dicts and does not slice the rank, so
+  adapter ``name`` gets ``A[:r]`` and ``B[..., :r]`` of the case's allocation (which may be larger
+  than the layer needs; PEFT slices the other axes itself). Outputs come from PEFT's API: the
+  model's forward, autograd, and the layer's ``merge`` / ``unmerge`` / ``get_delta_weight``.
 * Checkpoint cases: the checkpoint file (format v1) is converted to a PEFT adapter directory by
   :func:`randlora_peft.convert.write_peft_adapter`, loaded with ``peft.PeftModel.from_pretrained``
-  over a model holding the recorded layers, accelerated, and run. This exercises our file format
-  -> PEFT's loader -> core's kernels end to end.
+  over a model holding the recorded layers, accelerated (not for ``peft-native``), and run. This
+  exercises our file format -> PEFT's loader -> core's kernels (or PEFT's) end to end.
 * Bases cases: :class:`~randlora_spec.driver.Unsupported`. PEFT draws bases with its own
   machine-dependent rule (``peft-torch-v1``), not the portable Philox rule; generating the portable
   rule is randlora-core's job and its driver already runs these cases, so routing them there would
   test nothing of this package.
+* ``peft-native`` also skips layer cases whose adapters need different numbers of bases
+  (``nb = ceil(m / r)``) on one layer: PEFT keeps a single ``num_bases`` per layer, set by the
+  adapter added last, and slices every adapter's bases with it, so its forward and merge fail with
+  a shape error on such a layer (randlora-core's kernels, used by the accelerated drivers, read
+  each adapter's own ``nb``).
 """
 
 from __future__ import annotations
@@ -28,12 +37,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from randlora_core.driver import SingleLayer
+from randlora_core.testing import SingleLayer, tree_of
 from randlora_peft._peft import import_peft
 from randlora_peft.accelerate import accelerate
 from randlora_peft.convert import write_peft_adapter
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.driver import Unsupported
+from randlora_spec.geometry import LayerGeometry
 from randlora_spec.golden import GoldenCase
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,11 +79,12 @@ class PeftDriver:
 
     ``compute`` is passed to :func:`~randlora_peft.accelerate`: ``auto`` here, ``dense`` and
     ``factored`` in the ``peft-dense`` / ``peft-factored`` drivers, so both evaluation paths of
-    the accelerated layers meet the golden values whatever the cost model picks.
+    the accelerated layers meet the golden values whatever the cost model picks; ``None`` (the
+    ``peft-native`` driver) leaves PEFT's layers as PEFT made them.
     """
 
     name = "peft"
-    compute = "auto"
+    compute: str | None = "auto"
 
     def tolerance_dtype(self, case: GoldenCase, output: str) -> str:
         """The case's own dtype: PEFT computes in it (float32 and float64 alike)."""
@@ -88,6 +99,9 @@ class PeftDriver:
             )
         if case.dtype not in _DTYPES:
             return Unsupported(f"dtype {case.dtype} is not run through PEFT")
+        reason = self._inexpressible(case)
+        if reason is not None:
+            return Unsupported(reason)
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")  # PEFT's advisory warnings (fan_in_fan_out fix-ups, missing keys)
             if case.kind == "checkpoint":
@@ -95,6 +109,14 @@ class PeftDriver:
             if case.kind in ("forward", "backward", "merge"):
                 return self._layer_case(case)
         return Unsupported(f"unknown case kind {case.kind!r}")
+
+    def _inexpressible(self, case: GoldenCase) -> str | None:
+        """Why the models this driver runs cannot express ``case`` (``None``: they can)."""
+        return None
+
+    def _accelerate(self, model: nn.Module) -> None:
+        if self.compute is not None:
+            accelerate(model, compute=self.compute)
 
     # -- layer cases ----------------------------------------------------------------------------
 
@@ -136,7 +158,7 @@ class PeftDriver:
                 peft_layer.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"], dtype))
                 peft_layer.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"], dtype))
         model.base_model.set_adapter(list(p["active"]))
-        accelerate(model, compute=self.compute)
+        self._accelerate(model)
         return model, peft_layer
 
     def _layer_case(self, case: GoldenCase) -> dict[str, np.ndarray]:
@@ -170,7 +192,7 @@ class PeftDriver:
         peft = import_peft()
         ckpt = spec_ckpt.load(case.files["checkpoint"])
         dtype = _DTYPES[case.dtype]
-        root = nn.Module()
+        layers: dict[str, nn.Module] = {}
         for path, rec in sorted(ckpt.layers.items()):
             bias = case.inputs.get(f"{path}.bias")
             layer = _make_layer(
@@ -180,17 +202,12 @@ class PeftDriver:
                 layer.weight.copy_(_t(case.inputs[f"{path}.weight"], dtype))
                 if bias is not None:
                     layer.bias.copy_(_t(bias, dtype))
-            parent = root
-            *parents, leaf = path.split(".")
-            for part in parents:
-                if part not in parent._modules:
-                    parent.add_module(part, nn.Module())
-                parent = parent._modules[part]  # type: ignore[assignment]
-            parent.add_module(leaf, layer)
+            layers[path] = layer
+        root = tree_of(layers)
         with tempfile.TemporaryDirectory(prefix="randlora-peft-driver-") as tmp:
             write_peft_adapter(ckpt, Path(tmp) / "adapter")
             model = peft.PeftModel.from_pretrained(root, str(Path(tmp) / "adapter"))
-        accelerate(model, compute=self.compute)
+        self._accelerate(model)
         base = model.get_base_model()
         out = {}
         with torch.no_grad():
@@ -211,3 +228,26 @@ class PeftFactoredDriver(PeftDriver):
 
     name = "peft-factored"
     compute = "factored"
+
+
+class PeftNativeDriver(PeftDriver):
+    """PEFT's own RandLoRA layers, not accelerated, on every golden case PEFT can express (see the module docstring)."""
+
+    name = "peft-native"
+    compute = None
+
+    def _inexpressible(self, case: GoldenCase) -> str | None:
+        if case.kind not in ("forward", "backward", "merge"):
+            return None
+        p = case.params
+        nbs = {
+            name: LayerGeometry(p["in_features"], p["out_features"], int(spec["r"])).nb for name, spec in p["adapters"].items()
+        }
+        if len(set(nbs.values())) > 1:
+            needs = ", ".join(f"{name}: r={p['adapters'][name]['r']}, nb={nb}" for name, nb in sorted(nbs.items()))
+            return (
+                "PEFT keeps one num_bases per layer (set by the adapter added last) and slices every adapter's bases "
+                f"with it, so adapters needing different numbers of bases on one layer ({needs}) fail in PEFT's "
+                "forward and merge with a shape error"
+            )
+        return None
