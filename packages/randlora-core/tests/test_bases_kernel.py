@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,8 @@ from randlora_spec.philox import philox4x32, seed_to_key
 
 EXT = basis_kernel.extension()
 needs_ext = pytest.mark.skipif(EXT is None, reason="randlora_core._philox is not built here (the torch rule is used)")
-GOLDEN = Path(__file__).resolve().parents[3] / "spec" / "golden"
+REPO = Path(__file__).resolve().parents[3]
+GOLDEN = REPO / "spec" / "golden"
 BLOCK = 1 << 16  # elements per block the C fill's threads claim
 
 # Random123 kat_vectors, the three "philox4x32 10" lines: counter words, key words -> output words.
@@ -36,6 +38,10 @@ KAT = [
     ((0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), 0x408F276D),
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0), 0xD16CFE09),
 ]
+# The project's copy of Random123's file, beside the repository in the development checkout only
+# (a fresh clone in CI does not have it, and then the table above stands alone).
+KAT_RUN = 2 * BLOCK + 9  # words per known-answer run: 3 blocks, so 2 threads both fill some
+KAT_FILE = REPO.parent / "shared" / "reference" / "philox4x32-10-kat.txt"
 
 
 @pytest.fixture(params=["c", "torch"])
@@ -55,11 +61,11 @@ def bits(t: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 def ext_words(
-    start: tuple[int, int, int], tag: int, key: tuple[int, int], dims: tuple[int, int], n: int, simd: bool
+    start: tuple[int, int, int], tag: int, key: tuple[int, int], dims: tuple[int, int], n: int, simd: bool, threads: int = 1
 ) -> np.ndarray:
     out = np.zeros(n, dtype=np.uint32)
     assert EXT is not None
-    EXT.fill(out, key[0], key[1], tag, dims[0], dims[1], *start, basis_kernel.WORDS, 0, 0.0, 1, simd)
+    EXT.fill(out, key[0], key[1], tag, dims[0], dims[1], *start, basis_kernel.WORDS, 0, 0.0, threads, simd)
     return out
 
 
@@ -72,14 +78,23 @@ def spec_words(start: tuple[int, int, int], tag: int, key: tuple[int, int], dims
 
 
 @needs_ext
-@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize(("simd", "threads"), [(True, 1), (False, 1), (True, 2)])
 @pytest.mark.parametrize(("counter", "key", "word0"), KAT)
-def test_known_answer_words(counter: tuple[int, ...], key: tuple[int, int], word0: int, simd: bool) -> None:
+def test_known_answer_words(counter: tuple[int, ...], key: tuple[int, int], word0: int, simd: bool, threads: int) -> None:
     c0, c1, c2, c3 = counter
-    # d1 = d2 = 2**32 lets the counter words take every value; 9 words cross rows (and wrap c0) from there
-    got = ext_words((c0, c1, c2), c3, key, (2**32, 2**32), 9, simd)
+    # d1 = d2 = 2**32 lets the counter words take every value; the run crosses rows (and wraps c0)
+    # from there, and is long enough for each of 2 threads to claim blocks.
+    got = ext_words((c0, c1, c2), c3, key, (2**32, 2**32), KAT_RUN, simd, threads)
     assert got[0] == word0
-    np.testing.assert_array_equal(got, spec_words((c0, c1, c2), c3, key, (2**32, 2**32), 9))
+    np.testing.assert_array_equal(got[:9], spec_words((c0, c1, c2), c3, key, (2**32, 2**32), 9))
+    np.testing.assert_array_equal(got, ext_words((c0, c1, c2), c3, key, (2**32, 2**32), KAT_RUN, False, 1))
+
+
+@pytest.mark.skipif(not KAT_FILE.is_file(), reason="no shared/reference checkout beside the repository")
+def test_known_answer_table_is_the_reference_file() -> None:
+    rows = [line.split() for line in KAT_FILE.read_text().splitlines() if line.startswith("philox4x32 10 ")]
+    words = [tuple(int(w, 16) for w in row[2:]) for row in rows]
+    assert [(w[0:4], w[4:6], w[6]) for w in words] == KAT
 
 
 @needs_ext
@@ -110,7 +125,17 @@ def test_thread_count_and_simd_do_not_change_bits(kind: spec_bases.BasisKind) ->
     np.testing.assert_array_equal(results[0], bits(reference))
 
 
-def test_every_golden_bases_case(kernel: str) -> None:
+@pytest.fixture(params=[1, 2])
+def threads(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Run a test with torch (and so the C fill) on 1 thread, then on 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_every_golden_bases_case(kernel: str, threads: int) -> None:
+    assert basis_kernel.kernel_for(torch.device("cpu")) == kernel and torch.get_num_threads() == threads
     cases = [c for c in load_cases(GOLDEN) if c.kind == "bases"]
     assert len(cases) >= 9 and {c.params["basis_kind"] for c in cases} == {"dense", "sparse", "very_sparse"}
     for case in cases:
