@@ -5,10 +5,10 @@
 CPU where the extension is missing or ``RANDLORA_BASES_KERNEL=torch``). Both give the same bits;
 the tests prove it on the Philox known-answer vectors, every golden bases case and random shapes.
 
-Why a small C extension (timings: ``bench/results/cpu-2core-bases.md``): the rule is ~20 integer
+Why a small C extension (timings: ``bench/results/*-bases.md``): the rule is ~20 integer
 multiplies per value and torch has no unsigned 32x32 -> 64 bit multiply, so the torch version issues
 about 125 elementwise ops per chunk, each a pass over memory and, on several threads, a barrier
-(17.9x slower than this fill on one thread, worse on two busy ones). Fusing those ops needs a
+(18-22x slower than this fill on one thread, worse on two busy ones). Fusing those ops needs a
 compiler. ``torch.compile`` fuses them, but compiling took 90 s in a fresh process with a cold cache
 and 10 s with a warm one (this 2-core machine at load ~9; the issue saw 19-26 s at load 1.5), needs
 a C++ compiler on the user's machine, and a user's first wrap must not wait for it. A JIT library
