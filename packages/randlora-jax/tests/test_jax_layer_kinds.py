@@ -17,6 +17,7 @@ from randlora_spec.config import RandLoraConfig
 from randlora_spec.driver import Unsupported
 from randlora_spec.golden import load_cases
 from randlora_spec.testing import catalogue
+from randlora_spec.testing.checkout import golden_dir
 from randlora_spec.testing.kind_cases import KindSpec, kind_checkpoint_inputs
 
 
@@ -47,7 +48,7 @@ def test_err_368_a_dora_checkpoint_is_refused(tmp_path: Path) -> None:
 
 def test_driver_skips_other_kinds_and_dora_with_the_reason() -> None:
     wanted = ("forward-conv2d-float32", "backward-dora-in-lt-out-float64", "checkpoint-dora-without-bases")
-    cases = [c for c in load_cases() if c.id in wanted]
+    cases = [c for c in load_cases(golden_dir()) if c.id in wanted]
     assert len(cases) == 3
     for case in cases:
         result = JaxDriver().run(case)

@@ -18,6 +18,7 @@ from randlora_spec.driver import Unsupported
 from randlora_spec.errors import ConfigError
 from randlora_spec.golden import load_cases
 from randlora_spec.testing import catalogue
+from randlora_spec.testing.checkout import golden_dir
 
 
 class Net(nn.Module):
@@ -46,7 +47,7 @@ def test_a_dora_adapter_has_no_peft_form(tmp_path: Path) -> None:
 @pytest.mark.parametrize("driver", [PeftDriver(), PeftNativeDriver()], ids=lambda d: d.name)
 def test_drivers_skip_other_kinds_and_dora_with_the_reason(driver: PeftDriver) -> None:
     wanted = ("forward-conv2d-float32", "merge-dora-in-lt-out-float64", "checkpoint-layer-kinds")
-    cases = [c for c in load_cases() if c.id in wanted]
+    cases = [c for c in load_cases(golden_dir()) if c.id in wanted]
     assert len(cases) == 3
     for case in cases:
         result = driver.run(case)
