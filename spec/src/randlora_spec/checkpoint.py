@@ -91,15 +91,16 @@ def _listed(value: Any) -> Any:
 
 def _fields_of(ckpt: AdapterCheckpoint) -> dict[str, Any]:
     """The JSON-valued metadata of ``ckpt`` as plain values, unsorted and unchecked (what a file would hold)."""
-    layers = ckpt.layers
-    if isinstance(layers, dict):
+    # Unchecked: a checkpoint built by hand may hold anything in these fields, whatever they are declared as.
+    layers: object = ckpt.layers
+    if isinstance(ckpt.layers, dict):
         layers = {
             path: (
                 {"in_features": rec.in_features, "out_features": rec.out_features, "fan_in_fan_out": rec.fan_in_fan_out}
                 if isinstance(rec, LayerRecord)
                 else None
             )
-            for path, rec in layers.items()
+            for path, rec in ckpt.layers.items()
         }
     s = ckpt.bases_shape
     shape = {"r": s.r, "m_max": s.m_max, "M_max": s.M_max, "nb_max": s.nb_max} if isinstance(s, BasesShape) else None

@@ -151,6 +151,84 @@ def _listing(keys: list[str]) -> str:
     return f"{brief(keys[:10])}{' ...' if len(keys) > 10 else ''}"
 
 
+def _check_bias_setting(config: RandLoraConfig, biases: list[str], layers: Mapping[str, LayerRecord], source: str) -> None:
+    if biases and config.bias == "none":
+        raise CheckpointError(f"{source}: biases {brief(biases[:5])} are stored but the config says bias='none'")
+    if config.bias == "randlora_only" and set(biases) - set(layers):
+        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
+
+
+def _bases_stored(bases: Any, config: RandLoraConfig, supported_basis_rules: Iterable[str], source: str) -> bool:
+    """Whether the file stores its bases; absent bases must be ones this reader can regenerate."""
+    if bases not in ("stored", "absent"):
+        raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {brief(bases)}")
+    if bases == "stored":
+        return True
+    if config.save_projection:
+        raise CheckpointError(f"{source}: bases are absent but the config says save_projection=True (file incomplete?)")
+    supported = set(supported_basis_rules)
+    if config.basis_rule not in supported:
+        raise BasisRuleError(
+            f"{source}: bases are absent and basis_rule {config.basis_rule!r} cannot be regenerated here "
+            f"(supported: {sorted(supported)}); refusing to substitute another rule"
+        )
+    return False
+
+
+def _check_key_set(
+    tensors: Mapping[str, TensorSpec],
+    layers: Mapping[str, LayerRecord],
+    biases: list[str],
+    mts: Mapping[str, list[str]],
+    stored: bool,
+    source: str,
+) -> None:
+    """Exactly the tensors the layers, biases, modules_to_save and (when stored) bases call for, all floating point."""
+    expected = {p + LAMBDA_SUFFIX for p in layers} | {p + GAMMA_SUFFIX for p in layers}
+    expected |= {p + ".bias" for p in biases} | {f"{p}.{n}" for p, names in mts.items() for n in names}
+    if stored:
+        expected |= {BASIS_A_KEY, BASIS_B_KEY}
+    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {_listing(missing)}")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensors {_listing(extra)}")
+    for key, spec in tensors.items():
+        if spec.dtype not in FLOAT_CODES:
+            raise CheckpointError(f"{source}: tensor {brief(key)} has dtype {spec.dtype}; only floating point is allowed")
+
+
+def _check_shapes(
+    r: int, layers: Mapping[str, LayerRecord], biases: list[str], tensors: Mapping[str, TensorSpec], source: str
+) -> None:
+    """Each layer's lambda (r, nb) and gamma (nb, m); each bias 1-D, of the layer's out_features when adapted."""
+    for path, rec in layers.items():
+        nb = num_bases(rec.m, r)
+        for key, want in ((path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))):
+            if tensors[key].shape != want:
+                raise CheckpointError(f"{source}: tensor {brief(key)} has shape {brief(tensors[key].shape)}, expected {want}")
+    for path in biases:
+        adapted = layers.get(path)
+        bias = tensors[path + ".bias"].shape
+        if len(bias) != 1 or (adapted is not None and bias[0] != adapted.out_features):
+            expected = f"({adapted.out_features},)" if adapted is not None else "1-D"
+            raise CheckpointError(f"{source}: tensor {brief(path + '.bias')} has shape {brief(bias)}, expected {expected}")
+
+
+def _check_stored_bases(config: RandLoraConfig, shape: BasesShape, tensors: Mapping[str, TensorSpec], source: str) -> None:
+    allowed = {"F32"} if config.basis_rule == PORTABLE_RULE else FLOAT_CODES
+    for key in (BASIS_A_KEY, BASIS_B_KEY):
+        if tensors[key].dtype not in allowed:
+            raise CheckpointError(
+                f"{source}: basis {key!r} is {tensors[key].dtype}; rule {config.basis_rule!r} defines F32 values"
+            )
+    a, b = tensors[BASIS_A_KEY].shape, tensors[BASIS_B_KEY].shape
+    if a != shape.a_shape or b != shape.b_shape:
+        raise CheckpointError(
+            f"{source}: stored bases have shapes {brief(a)}, {brief(b)}; bases_shape says {shape.a_shape}, {shape.b_shape}"
+        )
+
+
 def check_contents(
     config: RandLoraConfig,
     adapter_name: Any,
@@ -171,58 +249,12 @@ def check_contents(
     layers = _parse_layers(json_value("layers"), source)
     shape = _parse_bases_shape(json_value("bases_shape"), config, layers, source)
     biases, mts = _parse_extra(json_value("extra"), source)
-
-    if biases and config.bias == "none":
-        raise CheckpointError(f"{source}: biases {brief(biases[:5])} are stored but the config says bias='none'")
-    if config.bias == "randlora_only" and set(biases) - set(layers):
-        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
-    if bases not in ("stored", "absent"):
-        raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {brief(bases)}")
-    stored = bases == "stored"
-    expected = {p + LAMBDA_SUFFIX for p in layers} | {p + GAMMA_SUFFIX for p in layers}
-    expected |= {p + ".bias" for p in biases} | {f"{p}.{n}" for p, names in mts.items() for n in names}
+    _check_bias_setting(config, biases, layers, source)
+    stored = _bases_stored(bases, config, supported_basis_rules, source)
+    _check_key_set(tensors, layers, biases, mts, stored, source)
+    _check_shapes(config.r, layers, biases, tensors, source)
     if stored:
-        expected |= {BASIS_A_KEY, BASIS_B_KEY}
-    elif config.save_projection:
-        raise CheckpointError(f"{source}: bases are absent but the config says save_projection=True (file incomplete?)")
-    elif config.basis_rule not in set(supported_basis_rules):
-        raise BasisRuleError(
-            f"{source}: bases are absent and basis_rule {config.basis_rule!r} cannot be regenerated here "
-            f"(supported: {sorted(set(supported_basis_rules))}); refusing to substitute another rule"
-        )
-    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {_listing(missing)}")
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensors {_listing(extra)}")
-
-    for key, spec in tensors.items():
-        if spec.dtype not in FLOAT_CODES:
-            raise CheckpointError(f"{source}: tensor {brief(key)} has dtype {spec.dtype}; only floating point is allowed")
-    r = config.r
-    for path, rec in layers.items():
-        nb = num_bases(rec.m, r)
-        for key, want in ((path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))):
-            if tensors[key].shape != want:
-                raise CheckpointError(f"{source}: tensor {brief(key)} has shape {brief(tensors[key].shape)}, expected {want}")
-    for path in biases:
-        rec = layers.get(path)
-        bias = tensors[path + ".bias"].shape
-        if len(bias) != 1 or (rec is not None and bias[0] != rec.out_features):
-            want = f"({rec.out_features},)" if rec is not None else "1-D"
-            raise CheckpointError(f"{source}: tensor {brief(path + '.bias')} has shape {brief(bias)}, expected {want}")
-    if stored:
-        allowed = {"F32"} if config.basis_rule == PORTABLE_RULE else FLOAT_CODES
-        for key in (BASIS_A_KEY, BASIS_B_KEY):
-            if tensors[key].dtype not in allowed:
-                raise CheckpointError(
-                    f"{source}: basis {key!r} is {tensors[key].dtype}; rule {config.basis_rule!r} defines F32 values"
-                )
-        a, b = tensors[BASIS_A_KEY].shape, tensors[BASIS_B_KEY].shape
-        if a != shape.a_shape or b != shape.b_shape:
-            raise CheckpointError(
-                f"{source}: stored bases have shapes {brief(a)}, {brief(b)}; bases_shape says {shape.a_shape}, {shape.b_shape}"
-            )
+        _check_stored_bases(config, shape, tensors, source)
     return CheckpointHeader(config, adapter_name, layers, shape, stored, biases, mts, dict(tensors))
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from randlora_spec import checkpoint, reference
 from randlora_spec.bases import BasesShape, generate_bases
+from randlora_spec.geometry import LayerGeometry
 from randlora_spec.golden import GoldenCase
-from randlora_spec.reference import LayerGeometry
 
 ENTRY_POINT_GROUP = "randlora.conformance"
 
