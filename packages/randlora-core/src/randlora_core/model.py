@@ -17,13 +17,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
-from randlora_core.layer import RandLoraLinear
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
 from randlora_core.registry import is_randlora_layer
@@ -34,6 +33,9 @@ from randlora_spec.bases import basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, ConfigError, MergeError, ShapeError
 from randlora_spec.geometry import shape_of_bases
+
+if TYPE_CHECKING:
+    from randlora_core.registry import LayerModule
 
 
 def _logical_numel(param: torch.Tensor) -> int:
@@ -88,11 +90,11 @@ class RandLoraModel(nn.Module):
         """The wrapped model (with RandLoRA layers in it)."""
         return self.model
 
-    def named_randlora_layers(self) -> Iterator[tuple[str, RandLoraLinear]]:
+    def named_randlora_layers(self) -> Iterator[tuple[str, LayerModule]]:
         """``(path, wrapper)`` for every RandLoRA layer, with paths as in the base model."""
         for name, module in visible_modules(self.model, opaque):
             if is_randlora_layer(module):
-                yield name, module  # type: ignore[misc]
+                yield name, module
 
     def _modules_to_save(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         for name, module in visible_modules(self.model, opaque):
@@ -143,12 +145,14 @@ class RandLoraModel(nn.Module):
                 self.randlora_bases = RandLoraBases(a.to(device), b.to(device), config.projection_prng_key, kind, regenerable)
             else:
                 self.randlora_bases.replace(a, b, regenerable)
+        bases = self.randlora_bases
+        assert bases is not None, "a plan keeps the model's bases only when it has some"
         if not self.peft_config:
             self.model.requires_grad_(False)
         for path, layer, is_new in plan.layers:
             if is_new:
                 self._replace(path, layer)
-            layer.update_layer(adapter_name, config, self.randlora_bases)
+            layer.update_layer(adapter_name, config, bases)
         for path in plan.saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):

@@ -22,7 +22,7 @@ from torch import nn
 from randlora_core.bases import generate_bases
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.planning import AdapterPlan, adaptable, check_path, plan_adapter, resolve_saved
-from randlora_core.registry import is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
+from randlora_core.registry import build_wrapper, is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
@@ -31,6 +31,7 @@ from randlora_spec.geometry import BasesShape, bases_shape_for_layers, num_bases
 
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
+    from randlora_core.registry import RandLoraLayer
 
 _NUMPY_FOR = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
@@ -183,11 +184,15 @@ def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source:
     if module is None:
         raise CheckpointError(f"{source}: the model has no module {path!r} recorded in the checkpoint")
     top = root.get_submodule(path)
-    wrapper_cls = type(top) if is_randlora_layer(top) else wrapper_for(module)
-    if wrapper_cls is None:
-        raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
-    layer = top if is_randlora_layer(top) else wrapper_cls(module, rec.fan_in_fan_out)
-    layout = layer.fan_in_fan_out if is_randlora_layer(top) else layout_of(module)
+    layer: RandLoraLayer
+    layout: bool | None
+    if is_randlora_layer(top):
+        layer, layout = top, top.fan_in_fan_out
+    else:
+        wrapper_cls = wrapper_for(module)
+        if wrapper_cls is None:
+            raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
+        layer, layout = build_wrapper(wrapper_cls, module, rec.fan_in_fan_out), layout_of(module)
     if (layer.in_features, layer.out_features) != (rec.in_features, rec.out_features):
         raise CheckpointError(
             f"{source}: layer {path!r} is {layer.in_features}x{layer.out_features} (in x out) in the model, "
@@ -345,7 +350,7 @@ def _destination(root: nn.Module, adapter_name: str, slot: Slot) -> torch.Tensor
     """The parameter a checkpoint value goes to, once the adapter is committed."""
     kind, path, name = slot
     if kind == "layer":
-        return getattr(root.get_submodule(path), name)[adapter_name]
+        return root.get_parameter(f"{path}.{name}.{adapter_name}")
     if kind == "bias":
         return _base_param(root, path, "bias")
-    return dict(root.get_submodule(path).modules_to_save[adapter_name].named_parameters())[name]
+    return root.get_parameter(f"{path}.modules_to_save.{adapter_name}.{name}")
