@@ -10,7 +10,8 @@ distribution alone works. Sessions:
     nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
     nox -s bench         benchmark against PEFT (tools/bench/), writes bench/results/
     nox -s fuzz          long fuzzing budget
-    nox -s lint | golden | spec | core | peft | bnb
+    nox -s lint          ruff, import-linter's layering contracts, mypy --strict (mypy.ini)
+    nox -s golden | spec | core | peft | bnb
 
 On a machine whose only local torch is the CPU wheel, set PIP_CONSTRAINT=.ci/constraints.txt
 (``.ci/run`` does) so pip picks it instead of a multi-GB CUDA build. With RANDLORA_DROP_VENVS=1
@@ -46,6 +47,7 @@ PACKAGES: dict[str, list[str]] = {
 }
 PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
 IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
+EVERYTHING = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together
 
 
 def _session(func: Callable[..., None], name: str | None = None) -> Callable[..., None]:
@@ -71,13 +73,17 @@ def _install(session: nox.Session, paths: list[str], *extra: str) -> None:
 
 @_session
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check over the whole tree; import-linter's layering contracts (.importlinter)."""
+    """ruff check and format --check over the tree; import-linter's contracts (.importlinter); mypy --strict (mypy.ini)."""
     session.install("ruff==0.17.6", "import-linter==2.17")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     # grimp parses the source trees statically: they only need to be on the path, not installed.
     sources = [str(ROOT / paths[-1] / "src") for paths in PACKAGES.values()]
     session.run("lint-imports", env={"PYTHONPATH": os.pathsep.join([str(ROOT / "spec" / "src"), *sources, str(ROOT)])})
+    # mypy reads the sources through mypy_path; installing the packages brings the dependencies whose
+    # types it checks against (torch, numpy, pydantic, safetensors, peft, transformers, bitsandbytes).
+    _install(session, EVERYTHING, "mypy==2.4.1")
+    session.run("mypy")
 
 
 @_session
@@ -173,8 +179,7 @@ def example(session: nox.Session) -> None:
 @_session
 def readme(session: nox.Session) -> None:
     """Run every python example in README.md and the packages' READMEs, with all packages installed."""
-    everything = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together
-    _install(session, everything, "pytest>=8", "pytest-xdist>=3")
+    _install(session, EVERYTHING, "pytest>=8", "pytest-xdist>=3")
     session.run("pytest", "docs/tests", "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
