@@ -6,17 +6,26 @@ distribution alone works. Sessions:
 
     nox -s conformance   every implementation against the golden vectors, one venv each
     nox -s tests         everything CI runs: lint, golden, spec, each package, README examples,
-                         the fine-tuning example, conformance, a smoke run of the benchmark
+                         the wheels, the docs site, the fine-tuning example, conformance,
+                         crossframework, smoke runs of both benchmarks
+    nox -s build         sdists and wheels of every distribution, twine check, README examples
+                         against the installed wheels
+    nox -s docs          the documentation site (MkDocs, strict) into site/
     nox -s example       end-to-end fine-tune of a real pretrained encoder (examples/)
     nox -s bench         benchmark against PEFT (tools/bench/), writes bench/results/
+    nox -s bench_jax     randlora-jax's jit-compiled training step next to randlora-core's (tools/bench_jax.py)
+    nox -s crossframework  adapters cross between JAX and torch; the JAX example; bench_jax --smoke
     nox -s fuzz          long fuzzing budget
     nox -s lint          ruff, import-linter's layering contracts, mypy --strict (mypy.ini)
-    nox -s golden | spec | core | peft | bnb
+    nox -s golden | spec | core | peft | bnb | jax | readme
 
-On a machine whose only local torch is the CPU wheel, set PIP_CONSTRAINT=.ci/constraints.txt
-(``.ci/run`` does) so pip picks it instead of a multi-GB CUDA build. With RANDLORA_DROP_VENVS=1
-(``.ci/run`` sets it too) each session deletes its venv when it ends: a full ``nox -s tests`` holds
-about 11 GB of venvs otherwise, more than a CI machine's disk has been seen to have free.
+Virtualenvs are made and filled by uv (``pip install nox uv``, as README.md says): every session takes
+torch and the rest from uv's cache through hard links, so a session costs seconds and a few MB
+of disk instead of a fresh 1 GB torch. Which torch build gets installed is uv's choice: set
+UV_TORCH_BACKEND=cpu for the CPU build from PyTorch's index (see README.md); ``.ci/run`` instead
+points uv at CI's local CPU wheel (UV_FIND_LINKS, and the pin in .ci/constraints.txt through
+UV_CONSTRAINT). With RANDLORA_DROP_VENVS=1 each session deletes its venv when it ends: only
+worth it where uv must copy rather than hard-link (its cache on another file system).
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from pathlib import Path
 import nox
 
 ROOT = Path(__file__).resolve().parent
-nox.options.default_venv_backend = "venv"
+nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = False
 nox.options.error_on_missing_interpreters = True
 nox.options.sessions = ["lint", "golden", "spec", "conformance"]
@@ -44,10 +53,23 @@ PACKAGES: dict[str, list[str]] = {
     "core": [SPEC, "packages/randlora-core"],
     "peft": [SPEC, "packages/randlora-core", "packages/randlora-peft"],
     "bnb": [SPEC, "packages/randlora-core", "packages/randlora-bnb"],
+    "jax": [SPEC, "packages/randlora-jax"],
 }
+# Test dependencies a package's own tests need beyond TEST_DEPS.
+EXTRA_TEST_DEPS: dict[str, list[str]] = {"jax": ["optax>=0.2.4"]}
+CORE = "packages/randlora-core"
+NO_TORCH = "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
 IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
-EVERYTHING = list(dict.fromkeys(p for paths in PRESENT.values() for p in paths))  # one pip call resolves them together
+DISTRIBUTIONS = list(dict.fromkeys(p for paths in IMPLEMENTATIONS.values() for p in paths))  # dependencies first
+# The distributions mypy.ini checks (randlora-jax is not among them yet).
+TYPE_CHECKED = list(dict.fromkeys(p for name in ("core", "peft", "bnb") for p in PRESENT.get(name, [])))
+# Extras the README examples need: its Accelerate example runs on randlora-core[distributed].
+README_EXTRAS = {"randlora-core": "[distributed]"}
+# torch 2.13's deprecation notice for torch.jit.script_method (its own torch.utils.mkldnn, imported
+# when bitsandbytes compiles its ops): docs/tests/conftest.py filters it inside tests, but under xdist
+# it also reached the terminal a dozen times from outside them; only the environment silences those.
+README_ENV = {"PYTHONWARNINGS": "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"}
 
 
 def _session(func: Callable[..., None], name: str | None = None) -> Callable[..., None]:
@@ -82,7 +104,7 @@ def lint(session: nox.Session) -> None:
     session.run("lint-imports", env={"PYTHONPATH": os.pathsep.join([str(ROOT / "spec" / "src"), *sources, str(ROOT)])})
     # mypy reads the sources through mypy_path; installing the packages brings the dependencies whose
     # types it checks against (torch, numpy, pydantic, safetensors, peft, transformers, bitsandbytes).
-    _install(session, EVERYTHING, "mypy==2.4.1")
+    _install(session, TYPE_CHECKED, "mypy==2.4.1")
     session.run("mypy")
 
 
@@ -98,13 +120,15 @@ def golden(session: nox.Session) -> None:
 def spec(session: nox.Session) -> None:
     """Unit tests of randlora-spec (no torch in this venv)."""
     _install(session, [SPEC], *TEST_DEPS, "safetensors>=0.4")
-    session.run("python", "-c", "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)")
+    session.run("python", "-c", NO_TORCH)
     session.run("pytest", "spec/tests", "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
 
 
 def _package_session(name: str, paths: list[str]) -> None:
     def run(session: nox.Session) -> None:
-        _install(session, paths, *TEST_DEPS)
+        _install(session, paths, *TEST_DEPS, *EXTRA_TEST_DEPS.get(name, []))
+        if CORE not in paths:  # a torch-free distribution: prove torch did not come in as a dependency
+            session.run("python", "-c", NO_TORCH)
         session.run(
             "pytest",
             f"{paths[-1]}/tests",
@@ -136,6 +160,27 @@ def conformance(session: nox.Session, impl: str) -> None:
     session.run(
         "pytest", "conformance", "--distribution", distribution, "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs
     )
+
+
+@_session
+def crossframework(session: nox.Session) -> None:
+    """Everything that needs randlora-core and randlora-jax in one venv (spec + core + jax).
+
+    The round-trip tests (JAX-trained adapters load in randlora-core with equal outputs, and the
+    reverse), the JAX fine-tuning example (which reloads its adapter in torch) and a smoke run of
+    tools/bench_jax.py: one venv instead of three keeps the JAX sessions' share of CI small.
+    """
+    _install(session, [SPEC, CORE, "packages/randlora-jax"], "pytest>=8", "optax>=0.2.4")
+    session.run("pytest", "packages/randlora-jax/tests_crossframework", "-q", "-p", "no:cacheprovider", *session.posargs)
+    session.run("python", "examples/jax_finetune.py", "--steps", "150")
+    session.run("python", "tools/bench_jax.py", "--smoke")
+
+
+@_session
+def bench_jax(session: nox.Session) -> None:
+    """randlora-jax's jit-compiled training step vs randlora-core's, same shapes, one process (tools/bench_jax.py)."""
+    _install(session, [SPEC, CORE, "packages/randlora-jax"], "optax>=0.2.4")
+    session.run("python", "tools/bench_jax.py", *session.posargs)
 
 
 @_session
@@ -179,15 +224,66 @@ def example(session: nox.Session) -> None:
 @_session
 def readme(session: nox.Session) -> None:
     """Run every python example in README.md and the packages' READMEs, with all packages installed."""
-    _install(session, EVERYTHING, "pytest>=8", "pytest-xdist>=3")
-    session.run("pytest", "docs/tests", "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs)
+    # One uv call resolves them together.
+    _install(session, [p + README_EXTRAS.get(Path(p).name, "") for p in DISTRIBUTIONS], "pytest>=8", "pytest-xdist>=3")
+    # test_site.py checks the built documentation site: the docs session runs it.
+    skip_site = ["--ignore", "docs/tests/test_site.py"]
+    session.run(
+        "pytest", "docs/tests", *skip_site, "-n", "auto", "-q", "-p", "no:cacheprovider", *session.posargs, env=README_ENV
+    )
+
+
+# Fails unless every named module is imported from the venv's site-packages, not from a source tree.
+_FROM_SITE_PACKAGES = """
+import importlib, sys
+wrong = {m: f for m in sys.argv[1:] if "site-packages" not in (f := importlib.import_module(m).__file__)}
+sys.exit(f"imported from outside the venv: {wrong}" if wrong else 0)
+"""
+
+
+@_session
+def build(session: nox.Session) -> None:
+    """Build the sdist and wheel of every distribution, twine-check them, and run the README examples against the wheels.
+
+    Writes them to dist/ (emptied first). The wheels, not the source trees, go into this session's
+    otherwise empty venv; each wheel is built from its sdist, so a file missing from an sdist fails
+    here too.
+    """
+    dist = ROOT / "dist"
+    shutil.rmtree(dist, ignore_errors=True)
+    for path in DISTRIBUTIONS:
+        session.run("uv", "build", "--quiet", "--out-dir", str(dist), str(ROOT / path))
+    built = sorted([*dist.glob("*.whl"), *dist.glob("*.tar.gz")])  # uv also writes a .gitignore there
+    session.run("uvx", "--from", "twine>=6.1", "twine", "check", "--strict", *map(str, built))
+    wheels = {w.name.split("-")[0].replace("_", "-"): w for w in dist.glob("*.whl")}  # distribution name -> wheel
+    session.install(
+        *(f"{name}{README_EXTRAS.get(name, '')} @ {w.as_uri()}" for name, w in wheels.items()), "pytest>=8", "pytest-xdist>=3"
+    )
+    session.run("python", "-c", _FROM_SITE_PACKAGES, *(name.replace("-", "_") for name in wheels))
+    if "randlora-peft" in wheels:
+        session.run("randlora-peft", "--help", silent=True)  # the console script the wheel declares
+    session.run("pytest", "docs/tests/test_readme_examples.py", "-n", "auto", "-q", "-p", "no:cacheprovider", env=README_ENV)
+
+
+@_session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/ with ``mkdocs build --strict``, then check its API reference."""
+    # mkdocstrings reads the sources statically (griffe): no torch, nothing of ours installed.
+    tools = ["mkdocs>=1.6,<2", "mkdocs-material>=9.6,<10", "mkdocstrings>=1.0,<2", "mkdocstrings-python>=2.0,<3"]
+    session.install(*tools, "ruff==0.17.6", "pytest>=8")  # ruff formats the signatures
+    site = ROOT / "site"
+    # NO_MKDOCS_2_WARNING: Material's multi-line notice about MkDocs 2, printed on every build.
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site), env={"NO_MKDOCS_2_WARNING": "1"})
+    session.run("pytest", "docs/tests/test_site.py", "-q", "-p", "no:cacheprovider", env={"RANDLORA_SITE_DIR": str(site)})
+    session.log(f"site: {site / 'index.html'}")
 
 
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
     """The whole suite CI runs: queues every test session."""
     # notify() of a parametrized session queues one parametrization only, so name each.
-    queue = ["lint", "golden", "spec", *PRESENT, "readme", "example"]
-    for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS)]:
+    queue = ["lint", "golden", "spec", *PRESENT, "readme", "build", "docs", "example"]
+    for name in [*queue, *(f"conformance(impl='{impl}')" for impl in IMPLEMENTATIONS), "crossframework"]:
         session.notify(name)
     session.notify("bench", ["--smoke"])  # proves the benchmark runs; real numbers need a quiet machine
+    # crossframework also runs `bench_jax -- --smoke` (in its venv, which has what bench_jax needs).

@@ -8,7 +8,7 @@ variable ``RANDLORA_DRIVERS`` (comma-separated) restricts the run to some of the
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ class DriverTally:
     worst_ratio: float = 0.0  # max over cases of error / allowed bound
     worst_case: str = ""
     failures: list[str] = field(default_factory=list)
+    skip_reasons: Counter[str] = field(default_factory=Counter)
 
 
 RESULTS: dict[str, DriverTally] = defaultdict(DriverTally)
@@ -88,8 +89,16 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         setattr(tally, outcome, getattr(tally, outcome) + 1)
         if ratio > tally.worst_ratio:
             tally.worst_ratio, tally.worst_case = ratio, case_id
-        if detail:
+        if outcome == "skipped":
+            tally.skip_reasons[detail or "no reason given"] += 1
+        elif detail:
             tally.failures.append(f"{case_id}: {detail}")
+
+
+LEGEND = [
+    "legend: worst error/bound = the largest, over a driver's cases, of max|actual - expected| / (atol + rtol * max|expected|),",
+    "        the bound SPEC.md section 7 sets for its dtype: below 1 passes, 0 is exact; bases must be bit-identical (0 or inf)",
+]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
@@ -103,3 +112,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         tr.write_line(f"{name:<16}{t.passed:>8}{t.failed:>8}{t.skipped:>9}   {t.worst_ratio:.3g} ({t.worst_case or '-'})")
         for line in t.failures[:20]:
             tr.write_line(f"    FAILED {line}")
+        # Printed here rather than left to pytest's -rs so they show under -q too.
+        for reason, count in sorted(t.skip_reasons.items()):
+            tr.write_line(f"    skipped {count}: {reason}")
+    for line in LEGEND:
+        tr.write_line(line)

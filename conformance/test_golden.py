@@ -12,7 +12,7 @@ from randlora_spec.testing import compare_case
 def test_golden_case(driver: Driver, case: GoldenCase, record) -> None:
     result = driver.run(case)
     if isinstance(result, Unsupported):
-        record(driver.name, case, "skipped")
+        record(driver.name, case, "skipped", detail=result.reason)
         pytest.skip(f"{driver.name} does not support {case.id}: {result.reason}")
     comparison = compare_case(driver, case, result)
     record(driver.name, case, "passed" if comparison.ok else "failed", comparison.worst_ratio, comparison.detail)

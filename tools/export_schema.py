@@ -14,7 +14,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "spec" / "src"))
 
-from randlora_spec.config import json_schema  # noqa: E402
+try:
+    from randlora_spec.config import json_schema
+except ModuleNotFoundError as exc:  # a Python without randlora-spec's dependencies (numpy, pydantic)
+    print(
+        f"export_schema.py needs the Python module {exc.name!r}: run `nox -s golden`, or `pip install ./spec` first",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 SCHEMA_PATH = ROOT / "spec" / "schema" / "randlora-config.schema.json"
 

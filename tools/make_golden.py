@@ -17,20 +17,27 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "spec" / "src"))  # run from a checkout without installing anything
 
-from randlora_spec import checkpoint  # noqa: E402
-from randlora_spec.bases import generate_bases  # noqa: E402
-from randlora_spec.config import RandLoraConfig  # noqa: E402
-from randlora_spec.driver import ReferenceDriver  # noqa: E402
-from randlora_spec.geometry import BasesShape, bases_shape_for_layers  # noqa: E402
-from randlora_spec.golden import GOLDEN_FORMAT, MANIFEST_NAME, GoldenCase  # noqa: E402
-from randlora_spec.safetensors_io import encode  # noqa: E402
-from randlora_spec.testing.cases import LAYER_KINDS, LayerSpec, checkpoint_inputs, layer_case  # noqa: E402
-from randlora_spec.tolerances import tolerance  # noqa: E402
+try:
+    import numpy as np
+
+    from randlora_spec import checkpoint
+    from randlora_spec.bases import generate_bases
+    from randlora_spec.config import RandLoraConfig
+    from randlora_spec.driver import ReferenceDriver
+    from randlora_spec.geometry import BasesShape, bases_shape_for_layers
+    from randlora_spec.golden import GOLDEN_FORMAT, MANIFEST_NAME, GoldenCase
+    from randlora_spec.safetensors_io import encode
+    from randlora_spec.testing.cases import LAYER_KINDS, LayerSpec, checkpoint_inputs, layer_case
+    from randlora_spec.tolerances import tolerance
+except ModuleNotFoundError as exc:  # a Python without randlora-spec's dependencies (numpy, pydantic)
+    print(
+        f"make_golden.py needs the Python module {exc.name!r}: run `nox -s golden`, or `pip install ./spec` first",
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 DTYPES = ("float64", "float32")
 

@@ -1,9 +1,11 @@
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from randlora_spec.config import json_schema
 from randlora_spec.golden import load_cases
@@ -67,3 +69,16 @@ def test_schema_expresses_the_numeric_rules():
     assert props["randlora_alpha"]["exclusiveMinimum"] == 0
     assert props["randlora_dropout"]["exclusiveMaximum"] == 1
     assert props["projection_prng_key"]["exclusiveMaximum"] == 2**64
+
+
+@pytest.mark.parametrize("tool", ["make_golden", "export_schema"])
+def test_tool_run_without_its_dependencies_exits_2_with_one_line_naming_the_module(tool):
+    # -S keeps site-packages off sys.path, so this interpreter lacks numpy and pydantic exactly as a
+    # bare Python outside the golden session's venv does; exit 2 keeps it apart from "fixtures differ" (1).
+    command = [sys.executable, "-I", "-S", str(ROOT / "tools" / f"{tool}.py"), "--check"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "'numpy'" in result.stderr
+    assert "nox -s golden" in result.stderr

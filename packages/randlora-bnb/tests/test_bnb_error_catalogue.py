@@ -17,7 +17,7 @@ from conftest import MLP, adapt, quantized, seeded_linear
 from torch import nn
 
 from randlora_core import load_adapter
-from randlora_core.testing import SingleLayer
+from randlora_core.testing import SingleLayer, model_state
 from randlora_spec.testing import catalogue
 
 ROWS = catalogue.Setups()
@@ -96,4 +96,4 @@ def _load_into_different(tmp: Path):
 @pytest.mark.parametrize("row_id", sorted(ROWS))
 def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
     model, call = ROWS[row_id](tmp_path)
-    catalogue.check_row(row_id, call, model, tmp_path)
+    catalogue.check_row(row_id, call, model, tmp_path, state=model_state)

@@ -29,6 +29,7 @@ from randlora_core import (
     save_adapter,
 )
 from randlora_core.compute import compute_override
+from randlora_core.testing import model_state
 from randlora_spec.safetensors_io import decode, encode
 from randlora_spec.testing import catalogue
 
@@ -675,7 +676,7 @@ def _load_bad_name(tmp: Path):
 @pytest.mark.parametrize("row_id", sorted(ROWS))
 def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
     model, call = ROWS[row_id](tmp_path)
-    catalogue.check_row(row_id, call, model, tmp_path)
+    catalogue.check_row(row_id, call, model, tmp_path, state=model_state)
 
 
 def test_float_inputs_of_another_dtype_are_autocast() -> None:

@@ -220,7 +220,7 @@ class TinyTransformer(nn.Module):
         return self.head(x)
 
 
-TRANSFORMER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up", "down"]
+TRANSFORMER_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up", "down", "head"]  # head: the root returns our output
 
 
 def transformer_base() -> TinyTransformer:
@@ -266,13 +266,16 @@ def fsdp_worker(rank: int, out: Path) -> None:
     assert isinstance(lam, DTensor), type(lam)
     x, y = sequence_batch()
     per = x.shape[0] // WORLD
-    train(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per])
     ckpt = build_checkpoint(model)  # a collective: gathers every sharded lambda/gamma (DTensor.full_tensor)
     with torch.no_grad():
         y_sharded = model(x)  # the full batch through the sharded model, on every rank
     if rank == 0:
         spec_ckpt.save(out / "fsdp_adapter.safetensors", ckpt)
         save_file({"y": y_sharded.contiguous()}, out / "fsdp_outputs.safetensors")
+        (out / "fsdp_warnings.json").write_text(json.dumps([str(w.message) for w in caught]))
 
 
 @pytest.mark.skipif(fsdp_supported() is not None, reason=str(fsdp_supported()))
@@ -288,3 +291,12 @@ def test_fsdp2_sharded_training_saves_a_full_adapter(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), reference(x), rtol=2e-5, atol=1e-5)
         assert not torch.allclose(reference(x), transformer_model()(x))  # training changed the outputs
+    # the same parameters as single-process training on the global batch, as the DDP test checks
+    sharded = spec_ckpt.load(tmp_path / "fsdp_adapter.safetensors")
+    want = {k.removeprefix("model."): v for k, v in adapter_state(reference).items()}
+    for path in sharded.layers:
+        for suffix, key in ((".randlora_lambda", "randlora_lambda.default"), (".randlora_gamma", "randlora_gamma.default")):
+            got = torch.from_numpy(sharded.tensors[path + suffix])
+            torch.testing.assert_close(got, want[f"{path}.{key}"], rtol=2e-5, atol=1e-6)
+    # no warning from our modules during sharded training (FSDP2 warned about a view-returning forward)
+    assert [w for w in json.loads((tmp_path / "fsdp_warnings.json").read_text()) if "view" in w] == []

@@ -24,6 +24,7 @@ from torch import nn
 
 from randlora_core import RandLoraConfig, RandLoraModel, apply_checkpoint, build_checkpoint, get_randlora_model, load_adapter
 from randlora_core.compute import compute_override
+from randlora_core.testing import model_state
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.checkpoint import metadata_for
 from randlora_spec.geometry import BasesShape
@@ -330,12 +331,12 @@ def _bases_not_tensors(tmp: Path):
 def test_refused_without_a_trace(name: str, tmp_path: Path) -> None:
     row_id, setup = CASES[name]
     models, call = setup(tmp_path)
-    before = [catalogue.model_state(m) for m in models]
+    before = [model_state(m) for m in models]
     files = catalogue.tree_state(tmp_path)
     with pytest.raises(Exception) as info:
         call()
     catalogue.check(row_id, info.value)
-    assert [catalogue.model_state(m) for m in models] == before, f"{name}: a model changed"
+    assert [model_state(m) for m in models] == before, f"{name}: a model changed"
     assert catalogue.tree_state(tmp_path) == files, f"{name}: files changed"
 
 

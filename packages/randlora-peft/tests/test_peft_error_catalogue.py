@@ -20,6 +20,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from randlora_core import RandLoraConfig, get_randlora_model
+from randlora_core.testing import model_state
 from randlora_peft import accelerate, load_peft_adapter, read_peft_adapter, save_peft_adapter
 from randlora_spec.testing import catalogue
 
@@ -203,4 +204,4 @@ def _read_without_shapes(tmp: Path, good: Path, pm: nn.Module):
 def test_catalogue_row(row_id: str, tmp_path: Path, peft_dir: tuple[Path, nn.Module]) -> None:
     good, pm = peft_dir
     model, call = ROWS[row_id](tmp_path, good, pm)
-    catalogue.check_row(row_id, call, model, tmp_path)
+    catalogue.check_row(row_id, call, model, tmp_path, state=model_state)

@@ -28,6 +28,7 @@ from randlora_spec.bases import PORTABLE_RULE, BasesShape, basis_kind, generate_
 from randlora_spec.checkpoint_header import (
     BASIS_A_KEY,
     BASIS_B_KEY,
+    BOOKKEEPING_KEY,
     FLOAT_CODES,
     FORMAT_ID,
     FORMAT_VERSION,
@@ -118,7 +119,8 @@ def metadata_for(ckpt: AdapterCheckpoint) -> dict[str, str]:
     """The safetensors ``__metadata__`` map that describes ``ckpt``."""
     fields = _fields_of(ckpt)
     extra = fields["extra"]
-    return {
+    bookkeeping = ckpt.config.bookkeeping()
+    return ({BOOKKEEPING_KEY: _compact(bookkeeping)} if bookkeeping else {}) | {
         "format": FORMAT_ID,
         "format_version": FORMAT_VERSION,
         "spec_version": SPEC_VERSION,

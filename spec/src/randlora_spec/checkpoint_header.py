@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from randlora_spec.bases import PORTABLE_RULE, BasesShape, num_bases
-from randlora_spec.config import SPEC_VERSION, RandLoraConfig
+from randlora_spec.config import BOOKKEEPING_FIELDS, SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
 from randlora_spec.safetensors_io import TensorSpec
 from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief, parse_json
@@ -28,6 +28,8 @@ GAMMA_SUFFIX = ".randlora_gamma"
 MAX_METADATA_VALUE_BYTES = 4 * 1024 * 1024
 """A single metadata value larger than this is rejected before JSON parsing."""
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+BOOKKEEPING_KEY = "bookkeeping"
+"""Optional metadata entry: the config's bookkeeping fields that are set (SPEC 6.2), as a JSON object."""
 REQUIRED_METADATA = (
     "format",
     "format_version",
@@ -268,6 +270,22 @@ def _json_field(meta: Mapping[str, str], key: str, source: str) -> Any:
         raise CheckpointError(f"{source}: metadata {key!r} is not valid JSON ({exc})") from None
 
 
+def _config(metadata: Mapping[str, str], source: str) -> RandLoraConfig:
+    """The embedded config, with the bookkeeping entry's fields when the file has one."""
+    raw = _json_field(metadata, "config", source)
+    if BOOKKEEPING_KEY in metadata:
+        bookkeeping = _json_field(metadata, BOOKKEEPING_KEY, source)
+        if not isinstance(bookkeeping, dict) or not set(bookkeeping) <= set(BOOKKEEPING_FIELDS):
+            raise CheckpointError(f"{source}: metadata {BOOKKEEPING_KEY!r} must be an object of {list(BOOKKEEPING_FIELDS)}")
+        if isinstance(raw, dict) and set(bookkeeping) & set(raw):
+            raise CheckpointError(f"{source}: bookkeeping fields belong in metadata {BOOKKEEPING_KEY!r}, not in the config")
+        raw = {**raw, **bookkeeping} if isinstance(raw, dict) else raw
+    try:
+        return RandLoraConfig.parse(raw)
+    except ConfigError as exc:
+        raise CheckpointError(f"{source}: embedded config is invalid: {exc}") from None
+
+
 def header_from_metadata(
     metadata: Mapping[str, str],
     tensors: Mapping[str, TensorSpec],
@@ -301,10 +319,7 @@ def header_from_metadata(
         raise CheckpointError(
             f"{source}: spec_version {brief(metadata['spec_version'])} is not supported (this reader: {SPEC_VERSION})"
         )
-    try:
-        config = RandLoraConfig.parse(_json_field(metadata, "config", source))
-    except ConfigError as exc:
-        raise CheckpointError(f"{source}: embedded config is invalid: {exc}") from None
+    config = _config(metadata, source)
     if metadata["basis_rule"] != config.basis_rule:
         raise CheckpointError(
             f"{source}: basis_rule {brief(metadata['basis_rule'])} disagrees with the config's {config.basis_rule!r}"

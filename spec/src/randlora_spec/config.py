@@ -19,18 +19,13 @@ from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief
 SPEC_VERSION = "1.0"
 """Version of SPEC.md this package implements (major.minor; a new major breaks compatibility)."""
 
-PEFT_BOOKKEEPING_KEYS = frozenset(
-    {
-        "peft_type",
-        "task_type",
-        "auto_mapping",
-        "peft_version",
-        "base_model_name_or_path",
-        "revision",
-        "inference_mode",
-    }
-)
-"""Keys of PEFT's adapter_config.json that carry no meaning for RandLoRA's math or layout."""
+BOOKKEEPING_FIELDS = ("task_type", "base_model_name_or_path", "revision", "auto_mapping")
+"""PEFT's bookkeeping fields, kept as config fields with PEFT's meaning (SPEC 2.1): they say what the
+adapter is for and where its base model comes from, never what it computes. Not part of the
+canonical JSON; checkpoints carry them in their own metadata entry (SPEC 6.2)."""
+
+PEFT_BOOKKEEPING_KEYS = frozenset({"peft_type", "peft_version", "inference_mode"})
+"""Keys of PEFT's adapter_config.json that are dropped on conversion: PEFT's own bookkeeping."""
 
 Name = Annotated[str, Field(min_length=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -38,6 +33,7 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 BASIS_RULE_PATTERN = r"^[a-z0-9][a-z0-9.\-]*-v[0-9]+$"
 
 RUNTIME_FIELDS = ("compute",)
+NON_CANONICAL_FIELDS = (*RUNTIME_FIELDS, *BOOKKEEPING_FIELDS)
 """Config fields that select how an implementation runs, not what it computes (SPEC 2.1): accepted
 when parsing, but not part of the canonical JSON, checkpoints or the PEFT conversion."""
 
@@ -95,6 +91,13 @@ class RandLoraConfig(BaseModel):
             "(delta_W folded into the base matmul) or 'auto' (chosen per call by a cost model). Results agree "
             "within the tolerances; a runtime preference, not serialised in canonical JSON or checkpoints."
         ),
+    )
+
+    task_type: Name | None = Field(None, description="PEFT bookkeeping: the task (e.g. 'CAUSAL_LM'), for PEFT's auto classes.")
+    base_model_name_or_path: Name | None = Field(None, description="PEFT bookkeeping: where the base model comes from.")
+    revision: Name | None = Field(None, description="PEFT bookkeeping: the base model's revision.")
+    auto_mapping: dict[Name, str | None] | None = Field(
+        None, description="PEFT bookkeeping: PEFT's auto_mapping (base model class and library), carried, never executed."
     )
 
     def __init__(self, **data: Any) -> None:
@@ -175,10 +178,15 @@ class RandLoraConfig(BaseModel):
     def to_json(self) -> str:
         """Canonical JSON: sorted keys, no whitespace, so identical configs give identical bytes.
 
-        Runtime-only fields (:data:`RUNTIME_FIELDS`, i.e. ``compute``) are left out: they do not change
-        what an adapter computes, so files stay byte-identical and readable by any 1.x reader.
+        Runtime-only (``compute``) and bookkeeping fields (:data:`BOOKKEEPING_FIELDS`) are left out:
+        they do not change what an adapter computes, so files stay byte-identical and readable by any
+        1.x reader (checkpoints carry bookkeeping separately, :meth:`bookkeeping`).
         """
-        return json.dumps(self.model_dump(mode="json", exclude=set(RUNTIME_FIELDS)), sort_keys=True, separators=(",", ":"))
+        return json.dumps(self.model_dump(mode="json", exclude=set(NON_CANONICAL_FIELDS)), sort_keys=True, separators=(",", ":"))
+
+    def bookkeeping(self) -> dict[str, Any]:
+        """The bookkeeping fields that are set (not ``None``), by name."""
+        return {k: v for k, v in self.model_dump(mode="json", include=set(BOOKKEEPING_FIELDS)).items() if v is not None}
 
     def to_peft_dict(self) -> dict[str, Any]:
         """PEFT ``adapter_config.json`` content for this config (``peft_type: RANDLORA``).
@@ -189,16 +197,16 @@ class RandLoraConfig(BaseModel):
         must express the final set of adapted modules in ``target_modules`` (e.g. explicit paths).
         """
         data = self.model_dump(mode="json", exclude={"basis_rule", "spec_version", "exclude_modules", *RUNTIME_FIELDS})
-        data.update({"peft_type": "RANDLORA", "task_type": None, "base_model_name_or_path": None})
-        data.update({"revision": None, "inference_mode": True, "auto_mapping": None})
+        data.update({"peft_type": "RANDLORA", "inference_mode": True})
         return data
 
     @classmethod
     def from_peft_dict(cls, data: dict[str, Any]) -> RandLoraConfig:
         """Build from PEFT's ``adapter_config.json`` content.
 
-        PEFT bookkeeping keys are dropped; any other unknown key is an error. The basis rule becomes
-        PEFT's rule, since that is how PEFT made the bases.
+        PEFT's own keys (``peft_type``, ``peft_version``, ``inference_mode``) are dropped, its
+        bookkeeping kept (:data:`BOOKKEEPING_FIELDS`); any other unknown key is an error. The basis
+        rule becomes PEFT's rule, since that is how PEFT made the bases.
         """
         if not isinstance(data, dict):
             raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")

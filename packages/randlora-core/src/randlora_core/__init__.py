@@ -12,6 +12,7 @@ protocol, :mod:`randlora_core.state` for the in-memory checkpoint seam and
 
 from randlora_core.bases import RandLoraBases, generate_bases
 from randlora_core.checkpoint import apply_checkpoint, load_adapter, save_adapter
+from randlora_core.hotswap import hotswap_adapter
 from randlora_core.layer import RandLoraLinear
 from randlora_core.model import RandLoraModel, get_randlora_model
 from randlora_core.modules_to_save import ModulesToSaveWrapper
@@ -51,6 +52,7 @@ __all__ = [
     "build_checkpoint",
     "generate_bases",
     "get_randlora_model",
+    "hotswap_adapter",
     "is_conv1d_like",
     "load_adapter",
     "register_layer_wrapper",

@@ -203,10 +203,13 @@ def choose_path(
 ) -> Path:
     """The cheapest path under :func:`path_costs` (ties go to ``factored``, the path with least memory).
 
-    Memoised: a training loop asks the same few questions every step.
+    Memoised: a training loop asks the same few questions every step (not while ``torch.compile``
+    traces: the compiled graph holds the path chosen for the shapes it was traced with).
     """
     device_type = device.type if device is not None else "cpu"
-    return _choose(tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params, fused_base)
+    args = (tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params, fused_base)
+    # A compiled graph fixes the path at trace time, so the cache would only cost a tracing warning.
+    return _choose.__wrapped__(*args) if torch.compiler.is_compiling() else _choose(*args)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -26,15 +26,17 @@ layer that trains, ``h = x @ b_flat`` (tokens x r*nb, as PEFT keeps) are saved f
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.autograd.function import once_differentiable
 
 from randlora_core.compute import Compute, choose_path, resolve_compute
+from randlora_core.inference_cache import cached_forward
+from randlora_core.kernels import basis_grads, combined_scaled_basis, delta_sum, grad_times, own_copy, times, times_into
 from randlora_core.operands import AdapterCall, BaseCall
 
 
@@ -143,17 +145,27 @@ def layer_forward(
     in_features: int,
     out_features: int,
     compute: Compute = "auto",
+    shared_base: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The layer output ``base(x) + sum_a dropout_a(x) @ delta_W_a^T``, in ``x``'s dtype.
 
     ``adapters`` hold every active adapter's operands in one compute dtype on ``x``'s device;
     ``compute`` is the layers' preference (an active :func:`~randlora_core.compute.compute_override`
-    beats it).
+    beats it). ``shared_base`` is the base layer's output for this very ``x`` when several calls
+    share it (mixed-adapter batches): a fused factored plan then adds to it instead of running the
+    base matmul again, with the same arithmetic (the base layer's own matmul is the fused one).
     """
     if not adapters:
         return base.forward().to(x.dtype)
     groups = group_adapters(adapters)
     plan = plan_call(x, base, groups, in_features, out_features, resolve_compute(compute))
+    if shared_base is not None and plan.fused_base and not plan.dense_forward:
+        plan = dataclasses.replace(plan, fused_base=False, weight_in_out=not plan.in_le_out)
+        base = dataclasses.replace(base, forward=lambda: shared_base, weight=None, bias=None)
+    if base.cache is not None and _cacheable(x, plan):
+        out = cached_forward(x, base, groups, plan.in_le_out, plan.fused_base)
+        if out is not None:
+            return out
     dtype = groups[0][0].a_s.dtype
     # The base layer runs before any dropout draws, as in PEFT, so random streams line up.
     base_out = None if plan.fused_base else base.forward()
@@ -166,12 +178,19 @@ def layer_forward(
         ops += [members[0].a_s, members[0].b_flat]
         for adapter in members:
             ops += [adapter.lam, adapter.gamma]
-    out: torch.Tensor  # torch types Function.apply as returning Any
+    result: torch.Tensor  # torch types Function.apply as returning Any
     if plan.fused_base:
-        out = RandLoraFunction.apply(plan, x, base.weight, base.bias, None, *ops)
+        result = RandLoraFunction.apply(plan, x, base.weight, base.bias, None, *ops)
     else:
-        out = RandLoraFunction.apply(plan, x, None, None, base_out, *ops)
-    return out
+        result = RandLoraFunction.apply(plan, x, None, None, base_out, *ops)
+    return result
+
+
+def _cacheable(x: torch.Tensor, plan: Plan) -> bool:
+    """Whether a call may use the inference cache: no gradient, every adapter reading ``x``, not traced, no autocast."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return not any(g.own_input for g in plan.groups)
 
 
 # -- the autograd node ------------------------------------------------------------------------
@@ -204,70 +223,8 @@ def _unflatten(plan: Plan, ops: Sequence[torch.Tensor]) -> list[_Group]:
     return out
 
 
-def combined_scaled_basis(a_s: torch.Tensor, adapters: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
-    """``sum_a s_a * S_flat(lambda_a, gamma_a)`` (r*nb, m): one window's adapters at once.
-
-    The scaling is folded into lambda (an (r, nb) tensor) rather than applied to the (tokens, out)
-    output: two elementwise passes, one allocation.
-    """
-    total: torch.Tensor | None = None
-    for lam, gamma, s in adapters:
-        term = (lam * s)[:, :, None] * a_s[:, None, :]
-        total = term.mul_(gamma) if total is None else total.addcmul_(term, gamma)
-    assert total is not None
-    return total.reshape(-1, a_s.shape[1])
-
-
-def _basis_grads(
-    grad_s: torch.Tensor,
-    a_s: torch.Tensor,
-    lam: torch.Tensor,
-    gamma: torch.Tensor,
-    s: float,
-    need: tuple[bool, bool],
-    in_place: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """SPEC 3.6 reductions from ``grad_s`` = dL/d(combined S_flat) for one adapter of scaling ``s``.
-
-    ``u[k, b, j] = s * grad_S[k, b, j] * A[k, j]`` is formed once (over ``grad_s`` itself when
-    ``in_place``, i.e. no other adapter needs it); both reductions are batched matmuls over ``b``
-    reading it in place instead of two more full-size products.
-    """
-    r, m = a_s.shape
-    nb = lam.shape[1]
-    weight = (a_s * s)[:, None, :]
-    u = grad_s.view(r, nb, m).mul_(weight) if in_place else grad_s.view(r, nb, m) * weight
-    u_b = u.transpose(0, 1)  # (nb, r, m), a view
-    grad_lam = torch.bmm(u_b, gamma[:, :, None]).squeeze(2).T.to(lam.dtype) if need[0] else None
-    grad_gamma = torch.bmm(lam.T[:, None, :], u_b).squeeze(1).to(gamma.dtype) if need[1] else None
-    return grad_lam, grad_gamma
-
-
-def _delta_sum(weight: torch.Tensor | None, plan: Plan, groups: list[_Group], bases: list[torch.Tensor]) -> torch.Tensor:
-    """``W + sum_g b_flat_g @ S_g`` (or the sum alone) in the plan's layout, as fused ``addmm`` calls.
-
-    ``P = b_flat @ S`` is (M, m), i.e. (O, I) when ``in_le_out``; in the other layout it is formed
-    transposed, ``S^T @ b_flat^T``, which costs the same.
-    """
-    same = plan.in_le_out != plan.weight_in_out
-    total = weight
-    for group, s in zip(groups, bases, strict=True):
-        m1, m2 = (group.b_flat, s) if same else (s.T, group.b_flat.T)
-        total = m1 @ m2 if total is None else (torch.addmm(total, m1, m2) if total is weight else total.addmm_(m1, m2))
-    assert total is not None
-    return total
-
-
-def _times(x2: torch.Tensor, w: torch.Tensor, weight_in_out: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x2 @ W^T (+ bias)`` for a weight in ``(O, I)`` layout, ``x2 @ W (+ bias)`` in ``(I, O)`` layout."""
-    if weight_in_out:
-        return torch.addmm(bias, x2, w) if bias is not None else x2 @ w
-    return nn.functional.linear(x2, w, bias)
-
-
-def _grad_times(g2: torch.Tensor, w: torch.Tensor, weight_in_out: bool) -> torch.Tensor:
-    """The input gradient of :func:`_times`."""
-    return g2 @ w.T if weight_in_out else g2 @ w
+def _pairs(groups: list[_Group], bases: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(g.b_flat, b) for g, b in zip(groups, bases, strict=True)]
 
 
 class RandLoraFunction(torch.autograd.Function):
@@ -296,18 +253,21 @@ class RandLoraFunction(torch.autograd.Function):
         reads_x = plan.fused_base or any(g.x is None for g in groups)
         x2 = x.reshape(-1, n_in).to(dtype) if reads_x else x
         bases = [combined_scaled_basis(g.a_s, g.adapters) for g in groups]
+        # y is built with x's leading axes and written through the 2-D view y2, so the node returns
+        # no view (FSDP2 warns that a module returning a view can break backward).
         if plan.fused_base:
             assert weight is not None
             w = weight.to(dtype)
-            w = _delta_sum(w, plan, groups, bases) if plan.dense_forward else w
-            y2 = _times(x2, w, plan.weight_in_out, bias.to(dtype) if bias is not None else None)
+            w = delta_sum(w, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases)) if plan.dense_forward else w
+            y, y2 = times_into(x.to(dtype), w, plan.weight_in_out, bias.to(dtype) if bias is not None else None, dtype)
             del w
         else:
             assert base_out is not None
-            sum_dtype = torch.promote_types(base_out.dtype, dtype)
-            y2 = base_out.reshape(-1, base_out.shape[-1]).to(sum_dtype, copy=True)
-            if plan.dense_forward:
-                y2 += _times(x2, _delta_sum(None, plan, groups, bases), plan.weight_in_out).to(sum_dtype)
+            y = own_copy(base_out, torch.promote_types(base_out.dtype, dtype))
+            y2 = y.view(-1, y.shape[-1])
+        if not plan.fused_base and plan.dense_forward:
+            delta = delta_sum(None, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases))
+            y2 += times(x2, delta, plan.weight_in_out).to(y2.dtype)
         hs: list[torch.Tensor] = []
         keep_h = not plan.dense_backward and not plan.in_le_out and any(ctx.needs_input_grad[5:])  # h feeds grad_S
         if not plan.dense_forward:
@@ -326,7 +286,7 @@ class RandLoraFunction(torch.autograd.Function):
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.base_dtype = base_out.dtype if base_out is not None else None
         ctx.save_for_backward(x, weight, *ops, *hs)
-        return y2.reshape(*x.shape[:-1], y2.shape[-1]).to(x.dtype)
+        return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -380,7 +340,7 @@ class _Backward:
         j = self._first_param(group)
         for n, (lam, gamma, s) in enumerate(group.adapters):
             last = n == len(group.adapters) - 1
-            self.grads[j], self.grads[j + 1] = _basis_grads(
+            self.grads[j], self.grads[j + 1] = basis_grads(
                 grad_s, group.a_s, lam, gamma, s, (self.need[j], self.need[j + 1]), last
             )
             j += 2
@@ -398,13 +358,13 @@ class _Backward:
             return None
         bases = [combined_scaled_basis(g.a_s, g.adapters) for g in self.groups]
         w = self.weight.to(self.dtype) if plan.fused_base else None
-        return _grad_times(g2, _delta_sum(w, plan, self.groups, bases), plan.weight_in_out)
+        return grad_times(g2, delta_sum(w, plan.in_le_out, plan.weight_in_out, _pairs(self.groups, bases)), plan.weight_in_out)
 
     def factored(self) -> torch.Tensor | None:
         """Per group, its lambda/gamma gradients and its input's gradient through the two thin matmuls."""
         grad_x = None
         if self.plan.fused_base and self.need_x:
-            grad_x = _grad_times(self.g2, self.weight.to(self.dtype), self.plan.weight_in_out)
+            grad_x = grad_times(self.g2, self.weight.to(self.dtype), self.plan.weight_in_out)
         for index, group in enumerate(self.groups):
             if group.x is None:
                 grad_x = self.factored_group(index, group, grad_x if self.need_x else None, self.need_x)

@@ -30,6 +30,8 @@ from torch import nn
 from randlora_core.bases import RandLoraBases
 from randlora_core.compute import Compute
 from randlora_core.engine import layer_forward
+from randlora_core.inference_cache import InferenceCache, tensor_key
+from randlora_core.mixed import mixed_groups, scatter_rows
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
@@ -68,6 +70,10 @@ class RandLoraLinear(nn.Module):
         self.disable_adapters = False
         self.layer_name = ""
         """Dotted path of this layer in the model, for messages (set by the model)."""
+        self.inference_cache: InferenceCache | None = None
+        """The model's inference cache, when enabled (:meth:`RandLoraModel.enable_inference_cache`)."""
+        self.mixed_adapters: list[str] | None = None
+        """One adapter name per batch row during a mixed-adapter call (set by the model), else ``None``."""
         object.__setattr__(self, "_bases", None)  # a reference, deliberately not a registered submodule
 
     # -- hooks for subclasses -------------------------------------------------------------------
@@ -113,12 +119,14 @@ class RandLoraLinear(nn.Module):
     def _merge_delta(self, delta: torch.Tensor) -> None:
         """Add ``delta`` (storage layout) to the base weight, cast to the weight dtype first (SPEC 5.4)."""
         weight = self._base_weight()
-        weight.data += delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():  # in place on the parameter, so its version counter (caches) sees the change
+            weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def _unmerge_delta(self, delta: torch.Tensor) -> None:
         """Subtract ``delta`` (storage layout) from the base weight."""
         weight = self._base_weight()
-        weight.data -= delta.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            weight.sub_(delta.to(device=weight.device, dtype=weight.dtype))
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -205,6 +213,7 @@ class RandLoraLinear(nn.Module):
         r, m, big_m, nb = self.geometry(adapter_name)
         a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
         lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
+        bases = self.bases
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,
@@ -213,6 +222,7 @@ class RandLoraLinear(nn.Module):
             scaling=self.scaling[adapter_name],
             window=r,  # equal rank on one layer: the same windows of the one shared pair
             dropout=self.randlora_dropout[adapter_name],
+            key=(adapter_name, tensor_key(lam), tensor_key(gamma), tensor_key(bases.randlora_A), tensor_key(bases.randlora_B)),
         )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -242,14 +252,56 @@ class RandLoraLinear(nn.Module):
         if self.disable_adapters and self.merged:
             warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
             self.unmerge()
+        if self.mixed_adapters is not None and not self.disable_adapters:
+            return self._mixed_forward(x, self.mixed_adapters, args, kwargs)
         names = [] if self.disable_adapters else self._active_unmerged()
+        return self._adapted(x, names, args, kwargs)
+
+    def _adapted(
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        shared_base: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``base(x)`` plus the adapters ``names`` (held here, unmerged) through the layer engine."""
         if not names:
             return self._base_forward(x, *args, **kwargs).to(x.dtype)
         dtype = self._compute_dtype(names, x.device)
         weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
-        base = BaseCall(lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out)
+        base = BaseCall(
+            lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out, self.inference_cache, id(self)
+        )
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
-        return layer_forward(x, base, adapters, self.in_features, self.out_features, self._requested_compute(names))
+        compute = self._requested_compute(names)
+        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, shared_base)
+
+    def _mixed_forward(
+        self, x: torch.Tensor, per_row: list[str], args: tuple[object, ...], kwargs: dict[str, object]
+    ) -> torch.Tensor:
+        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`~randlora_core.mixed.BASE` for none).
+
+        Each adapter runs on the whole batch and its rows are taken: matmul results depend on the
+        number of rows (BLAS kernels), so only that makes a row exactly what a single-adapter call
+        of the batch gives. The base output is computed once and shared: ``k`` adapters cost one
+        base pass and ``k`` adapter passes (``k`` layer passes where the dense path is chosen).
+        """
+        if x.dim() < 2 or x.shape[0] != len(per_row):
+            raise ShapeError(
+                f"layer {self.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
+                f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
+            )
+        base_out = self._base_forward(x, *args, **kwargs)
+        parts, order = [], []
+        for name, rows in mixed_groups(per_row, x.device).items():
+            if name in self.randlora_lambda and name not in self.merged_adapters:
+                out = self._adapted(x, [name], args, kwargs, shared_base=base_out)
+            else:
+                out = base_out.to(x.dtype)
+            parts.append(out.index_select(0, rows))
+            order.append(rows)
+        return scatter_rows(parts, order, x.shape[0])
 
     def _active_unmerged(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.randlora_lambda and n not in self.merged_adapters]

@@ -23,6 +23,9 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
+from randlora_core.hotswap import hotswap_adapter
+from randlora_core.inference_cache import InferenceCache
+from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
 from randlora_core.registry import is_randlora_layer
@@ -74,9 +77,37 @@ class RandLoraModel(nn.Module):
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the wrapped model."""
-        return self.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Call the wrapped model; with ``adapter_names`` (one per sample) each row uses its own adapter.
+
+        ``adapter_names[i]`` names the adapter for batch row ``i``, or ``"__base__"`` for the base
+        model alone (PEFT's mixed-adapter batches). Rows are grouped by adapter, so ``k`` adapters
+        cost about ``k`` adapter passes; row ``i`` equals a call with adapter ``adapter_names[i]``
+        active. Not while adapters are merged.
+        """
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        wrappers = self._mixed_wrappers(adapter_names)
+        for wrapper in wrappers:
+            wrapper.mixed_adapters = list(adapter_names)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            for wrapper in wrappers:
+                wrapper.mixed_adapters = None
+
+    def _mixed_wrappers(self, adapter_names: list[str]) -> list[LayerModule | ModulesToSaveWrapper]:
+        """The layers and saved-module wrappers a mixed-adapter call reaches, after checking the names."""
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise ConfigError(
+                f"adapter_names must be a list of adapter names (one per sample), got {type(adapter_names).__name__}"
+            )
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise AdapterNotFoundError(f"adapter_names: {unknown} not found; the model has {list(self.peft_config)} and {BASE!r}")
+        if self.merged_adapters:
+            raise MergeError(f"adapter_names cannot be used while adapters {self.merged_adapters} are merged; unmerge them first")
+        return [layer for _, layer in self.named_randlora_layers()] + [w for _, w in self._modules_to_save()]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -353,6 +384,31 @@ class RandLoraModel(nn.Module):
         return self._unload(keep_saved_copy=False)
 
     # -- checkpoints ----------------------------------------------------------------------------
+
+    def enable_inference_cache(self, max_bytes: int | None = None, weights: bool = True) -> InferenceCache:
+        """Reuse, in calls without gradients, what each layer rebuilds per call (:mod:`randlora_core.inference_cache`).
+
+        ``weights=True`` keeps ``W + delta_W`` per layer (about one more copy of the adapted
+        weights: unmerged inference then costs what merged inference does); ``weights=False``
+        keeps the scaled bases. ``max_bytes`` bounds the memory (least recently used layers go
+        first). Returns the cache (``nbytes``, ``hits``, ``misses``).
+        """
+        cache = InferenceCache(max_bytes, weights)
+        for _, layer in self.named_randlora_layers():
+            layer.inference_cache = cache
+        return cache
+
+    def disable_inference_cache(self) -> None:
+        """Stop caching and free what the cache holds."""
+        for _, layer in self.named_randlora_layers():
+            cache = getattr(layer, "inference_cache", None)
+            if cache is not None:
+                cache.clear()
+                layer.inference_cache = None
+
+    def hotswap_adapter(self, checkpoint: str | Path | spec_ckpt.AdapterCheckpoint, adapter_name: str = "default") -> None:
+        """Replace the loaded adapter's values in place (see :func:`randlora_core.hotswap.hotswap_adapter`)."""
+        hotswap_adapter(self, checkpoint, adapter_name)
 
     def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter (default: the active one) to ``path`` in checkpoint format v1, atomically."""

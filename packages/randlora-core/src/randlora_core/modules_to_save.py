@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from randlora_core.mixed import mixed_groups, scatter_rows
+
 
 class ModulesToSaveWrapper(nn.Module):
     """Holds ``original_module`` and ``modules_to_save[adapter_name]`` copies."""
@@ -22,6 +24,8 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.mixed_adapters: list[str] | None = None
+        """One adapter name per batch row during a mixed-adapter call (set by the model), else ``None``."""
 
     def add_adapter(self, adapter_name: str) -> None:
         """Add a trainable copy of the original module for ``adapter_name``."""
@@ -49,5 +53,16 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Forward of :meth:`active_module`."""
-        return self.active_module()(*args, **kwargs)
+        """Forward of :meth:`active_module`; in a mixed-adapter call each row comes from its adapter's copy.
+
+        Each copy present runs on the whole batch (its rows are then exactly a single-adapter call's).
+        """
+        if self.mixed_adapters is None or self.disabled:
+            return self.active_module()(*args, **kwargs)
+        x = args[0]
+        parts, order = [], []
+        for name, rows in mixed_groups(self.mixed_adapters, x.device).items():
+            module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+            parts.append(module(*args, **kwargs).index_select(0, rows))
+            order.append(rows)
+        return scatter_rows(parts, order, x.shape[0])

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from randlora_core.inference_cache import InferenceCache
+
 
 @dataclass(frozen=True)
 class AdapterCall:
@@ -26,6 +28,8 @@ class AdapterCall:
         scaling: ``alpha / r``.
         window: adapters with equal ``window`` read the same ``a_s`` / ``b_flat``.
         dropout: the adapter's dropout module (``None`` for none).
+        key: identifies the adapter's current values (parameters and bases, with their version
+            counters) for the inference cache; ``None`` keeps the call out of the cache.
 
     """
 
@@ -36,6 +40,7 @@ class AdapterCall:
     scaling: float
     window: Hashable
     dropout: nn.Module | None = None
+    key: Hashable | None = None
 
     @property
     def own_input(self) -> bool:
@@ -61,3 +66,7 @@ class BaseCall:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     weight_in_out: bool = False
+    cache: InferenceCache | None = None
+    """The model's inference cache, used for calls without gradients (:mod:`randlora_core.inference_cache`)."""
+    owner: int = 0
+    """The layer's identity in ``cache``."""

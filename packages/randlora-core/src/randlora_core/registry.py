@@ -22,6 +22,9 @@ Wrapper protocol (what :class:`~randlora_core.model.RandLoraModel` relies on); s
 - ``set_adapter(names)``, ``delete_adapter(name)``, ``merged_adapters`` (list), ``merged`` (bool),
   ``disable_adapters`` (bool), ``r`` (dict), ``randlora_lambda`` / ``randlora_gamma``
   (``nn.ParameterDict`` by adapter name);
+- writable ``mixed_adapters`` (``None``, or a mixed-adapter call's adapter name per batch row) and
+  ``inference_cache`` (``None``, or the model's :class:`~randlora_core.inference_cache.InferenceCache`),
+  both set by the model;
 - ``_param_dtype()`` and ``_param_device()``: dtype and device of a new adapter's lambda/gamma
   (loading a checkpoint converts its values to them before the model changes).
 
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from typing_extensions import TypeIs
 
     from randlora_core.bases import RandLoraBases
+    from randlora_core.inference_cache import InferenceCache
     from randlora_spec.config import RandLoraConfig
 
 ENTRY_POINT_GROUP = "randlora.layers"
@@ -68,6 +72,8 @@ class RandLoraLayer(Protocol):
     disable_adapters: bool
     randlora_lambda: nn.ParameterDict
     randlora_gamma: nn.ParameterDict
+    mixed_adapters: list[str] | None
+    inference_cache: InferenceCache | None
 
     @property
     def merged(self) -> bool:

@@ -13,6 +13,7 @@ model's allocation), trainable biases and ``modules_to_save`` copies.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -21,7 +22,7 @@ from torch import nn
 
 from randlora_core.bases import generate_bases
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.planning import AdapterPlan, adaptable, check_path, plan_adapter, resolve_saved
+from randlora_core.planning import adaptable, check_path, plan_adapter, resolve_saved
 from randlora_core.registry import build_wrapper, is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
@@ -299,24 +300,24 @@ def apply_checkpoint_to(
         raise CheckpointError(f"{source}: modules_to_save tensors for {unsaved} do not match the config's modules_to_save")
     layer_paths = sorted(ckpt.layers)
     plan = plan_adapter(model, adapter_name, ckpt.config, layer_paths, checkpoint_bases(ckpt), warn=False)
-    values = _values_for(model.model, plan, ckpt, source)
+    values = values_for(model.model, {path: layer for path, layer, _ in plan.layers}, ckpt, source)
     model._commit(plan)
-    with torch.no_grad():
-        for slot, value in values.items():
-            _destination(model.model, adapter_name, slot).copy_(value)
+    write_values(model.model, adapter_name, values)
 
 
 Slot = tuple[str, str, str]
 """``(kind, module path, name)``: kind ``layer`` (name ``randlora_lambda``/``randlora_gamma``), ``bias`` or ``saved``."""
 
 
-def _values_for(root: nn.Module, plan: AdapterPlan, ckpt: spec_ckpt.AdapterCheckpoint, source: str) -> dict[Slot, torch.Tensor]:
+def values_for(
+    root: nn.Module, wrappers: Mapping[str, RandLoraLayer], ckpt: spec_ckpt.AdapterCheckpoint, source: str
+) -> dict[Slot, torch.Tensor]:
     """Every value the checkpoint sets, already in its parameter's dtype and device and checked finite there.
 
-    A value finite on disk can overflow in a narrower parameter dtype (float64 1e300 into float32);
-    that is found before the model changes.
+    ``wrappers`` are the RandLoRA layers (by path) that receive lambda/gamma. A value finite on
+    disk can overflow in a narrower parameter dtype (float64 1e300 into float32); that is found
+    before the model changes.
     """
-    wrappers = {path: layer for path, layer, _ in plan.layers}
     values: dict[Slot, torch.Tensor] = {}
 
     def put(slot: Slot, array: np.ndarray, like: tuple[torch.dtype, torch.device]) -> None:
@@ -344,6 +345,13 @@ def _base_param(root: nn.Module, path: str, name: str) -> torch.Tensor:
     module = base_module(root, path)
     assert module is not None
     return dict(module.named_parameters())[name]
+
+
+def write_values(root: nn.Module, adapter_name: str, values: dict[Slot, torch.Tensor]) -> None:
+    """Copy prepared :func:`values_for` into the adapter's parameters, in place (the parameters stay the same objects)."""
+    with torch.no_grad():
+        for slot, value in values.items():
+            _destination(root, adapter_name, slot).copy_(value)
 
 
 def _destination(root: nn.Module, adapter_name: str, slot: Slot) -> torch.Tensor:

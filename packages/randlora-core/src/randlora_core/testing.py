@@ -78,3 +78,28 @@ def build_model(
     ``make`` builds each layer from those four values and ``dtype`` (default :func:`make_layer`).
     """
     return tree_of({path: make(*spec, dtype) for path, spec in layers.items()})
+
+
+def model_state(model: nn.Module) -> dict[str, object]:
+    """Everything observable about a torch model, bit for bit.
+
+    Parameters and buffers (non-persistent ones too) as raw bytes with dtype, shape and
+    ``requires_grad``; the module tree (names and types); for a RandLoraModel or PEFT model its
+    adapters, their configs, the active and the merged ones.
+    """
+
+    def raw(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        return str(t.dtype), tuple(t.shape), flat.view(torch.uint8).numpy().tobytes()
+
+    state: dict[str, object] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        state[f"param:{name}"] = (*raw(param), param.requires_grad)
+    for name, buf in model.named_buffers(remove_duplicate=False):
+        state[f"buffer:{name}"] = raw(buf)
+    state["modules"] = [(n, type(m).__qualname__) for n, m in model.named_modules(remove_duplicate=False)]
+    if hasattr(model, "peft_config") and isinstance(model.peft_config, dict):
+        state["configs"] = {k: getattr(v, "to_json", lambda v=v: repr(v))() for k, v in model.peft_config.items()}
+        state["active"] = list(getattr(model, "active_adapters", []))
+        state["merged"] = list(getattr(model, "merged_adapters", []))
+    return state

@@ -112,39 +112,22 @@ def tree_state(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def model_state(model: Any) -> dict[str, object]:
-    """Everything observable about a torch model, bit for bit.
-
-    Parameters and buffers (non-persistent ones too) as raw bytes with dtype, shape and
-    ``requires_grad``; the module tree (names and types); for a RandLoraModel or PEFT model its
-    adapters, their configs, the active and the merged ones.
-    """
-    import torch  # only tests of the torch packages inspect models; randlora-spec itself has no torch
-
-    def raw(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
-        flat = t.detach().cpu().contiguous().reshape(-1)
-        return str(t.dtype), tuple(t.shape), flat.view(torch.uint8).numpy().tobytes()
-
-    state: dict[str, object] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        state[f"param:{name}"] = (*raw(param), param.requires_grad)
-    for name, buf in model.named_buffers(remove_duplicate=False):
-        state[f"buffer:{name}"] = raw(buf)
-    state["modules"] = [(n, type(m).__qualname__) for n, m in model.named_modules(remove_duplicate=False)]
-    if hasattr(model, "peft_config") and isinstance(model.peft_config, dict):
-        state["configs"] = {k: getattr(v, "to_json", lambda v=v: repr(v))() for k, v in model.peft_config.items()}
-        state["active"] = list(getattr(model, "active_adapters", []))
-        state["merged"] = list(getattr(model, "merged_adapters", []))
-    return state
-
-
-def check_row(row_id: str, call: Callable[[], object], model: Any | None, directory: Path) -> None:
+def check_row(
+    row_id: str,
+    call: Callable[[], object],
+    model: Any | None,
+    directory: Path,
+    state: Callable[[Any], object] | None = None,
+) -> None:
     """Run ``call``: it must raise what row ``row_id`` documents and leave ``model`` and ``directory`` as they were.
 
-    ``model`` (a torch module, or ``None`` when the call involves none) is compared with
-    :func:`model_state`, every file under ``directory`` with :func:`tree_state`. Warnings the call
-    emits on its way to the error are ignored: the error is the result.
+    ``model`` (or ``None`` when the call involves none) is compared through ``state``, a snapshot
+    of everything observable about it (``randlora_core.testing.model_state`` for torch models:
+    this package knows no framework); every file under ``directory`` with :func:`tree_state`.
+    Warnings the call emits on its way to the error are ignored: the error is the result.
     """
+    assert model is None or state is not None, "check_row: pass state= to compare a model"
+    model_state = state or (lambda _model: None)
     before_model = model_state(model) if model is not None else None
     before_files = tree_state(directory)
     raised: BaseException | None = None

@@ -1,0 +1,167 @@
+"""The inference cache: reuse, across calls without gradients, what an adapter's call rebuilds each time.
+
+Each call of a RandLoRA layer rebuilds its scaled bases ``S`` from lambda, gamma and the shared
+bases (and on the dense path ``W + delta_W``), although in inference none of them changes between
+calls. With the cache enabled (:meth:`RandLoraModel.enable_inference_cache
+<randlora_core.model.RandLoraModel.enable_inference_cache>`), a layer called with gradients
+disabled keeps, per layer:
+
+- ``weights=True``: the effective weight ``W + delta_W`` (a plain linear base; one matmul per
+  call, as a merged model) or ``delta_W`` beside a base whose own forward must run (quantized
+  layers); unmerged decode then costs about what merged decode does;
+- ``weights=False``: the scaled bases of each group of adapters (the factored path without the
+  rebuild).
+
+An entry is valid while the tensors it was built from are: its key holds the identity and
+version counter of every parameter, base weight and basis it read (in-place updates by an
+optimizer, ``hotswap_adapter``, ``set_shared_bases`` or merging bump them), the active adapters,
+their scalings, the dtype and the device. Entries weigh what they hold; past ``max_bytes`` the
+least recently used layers' entries go first. Not used while ``torch.compile`` traces.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import torch
+
+from randlora_core.kernels import combined_scaled_basis, delta_sum, own_copy, times, times_into
+
+if TYPE_CHECKING:
+    from randlora_core.operands import AdapterCall, BaseCall
+
+
+def tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
+    """Identity and version of a tensor: any in-place change or replacement gives another key."""
+    return (id(t), t._version, t.data_ptr())
+
+
+class InferenceCache:
+    """Per-model store of one reusable entry per layer, bounded in bytes, least recently used first out.
+
+    Args:
+        max_bytes: the bound (``None``: unbounded).
+        weights: cache ``W + delta_W`` (or ``delta_W``) instead of the scaled bases.
+
+    """
+
+    def __init__(self, max_bytes: int | None = None, weights: bool = True) -> None:
+        self.max_bytes, self.weights = max_bytes, weights
+        self._entries: OrderedDict[int, tuple[Hashable, list[torch.Tensor], int]] = OrderedDict()
+        self.nbytes = 0
+        """Bytes held now."""
+        self.hits = self.misses = 0
+
+    def get(self, owner: int, key: Hashable) -> list[torch.Tensor] | None:
+        """The tensors stored for layer ``owner`` under ``key``, or ``None``."""
+        entry = self._entries.get(owner)
+        if entry is None or entry[0] != key:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(owner)
+        self.hits += 1
+        return entry[1]
+
+    def put(self, owner: int, key: Hashable, tensors: list[torch.Tensor]) -> None:
+        """Store ``tensors`` for layer ``owner`` (replacing its entry), evicting others past the bound."""
+        self.drop(owner)
+        size = sum(t.nbytes for t in tensors)
+        if self.max_bytes is not None and size > self.max_bytes:
+            return
+        while self.max_bytes is not None and self._entries and self.nbytes + size > self.max_bytes:
+            self.drop(next(iter(self._entries)))
+        self._entries[owner] = (key, tensors, size)
+        self.nbytes += size
+
+    def drop(self, owner: int) -> None:
+        """Forget layer ``owner``'s entry."""
+        entry = self._entries.pop(owner, None)
+        if entry is not None:
+            self.nbytes -= entry[2]
+
+    def clear(self) -> None:
+        """Forget everything."""
+        self._entries.clear()
+        self.nbytes = 0
+
+
+def cached_forward(
+    x: torch.Tensor, base: BaseCall, groups: list[list[AdapterCall]], in_le_out: bool, fused: bool
+) -> torch.Tensor | None:
+    """The layer output from the cache (filling it on a miss), or ``None`` when the call cannot use it.
+
+    ``groups`` are the call's adapter groups (all reading ``x``); ``fused`` says whether the base
+    matmul may run here (a plain linear base). Without gradients, a row of ``x`` holding a
+    non-finite value is NaN throughout, as on the engine's other paths.
+    """
+    cache = base.cache
+    keys = tuple((a.key, a.scaling) for members in groups for a in members)
+    if cache is None or any(k is None for k, _ in keys):
+        return None
+    dtype = groups[0][0].a_s.dtype
+    if cache.weights:
+        weight_in_out = base.weight_in_out if fused else not in_le_out
+        y = _weights(cache, base, groups, keys, dtype, in_le_out, fused, weight_in_out, x.to(dtype))
+    else:
+        y = _scaled_bases(cache, base, groups, keys, dtype, in_le_out, x.reshape(-1, x.shape[-1]).to(dtype))
+    y.view(-1, y.shape[-1]).add_(x.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True).mul_(0).to(y.dtype))
+    return y.to(x.dtype)
+
+
+def _bases_of(groups: list[list[AdapterCall]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(m[0].b_flat, combined_scaled_basis(m[0].a_s, [(a.lam, a.gamma, a.scaling) for a in m])) for m in groups]
+
+
+def _weights(
+    cache: InferenceCache,
+    base: BaseCall,
+    groups: list[list[AdapterCall]],
+    keys: tuple[Hashable, ...],
+    dtype: torch.dtype,
+    in_le_out: bool,
+    fused: bool,
+    weight_in_out: bool,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """``x @ (W + delta_W)^T + b`` (a plain base), or ``base(x) + x @ delta_W^T``, with the matrix cached."""
+    weight = base.weight if fused else None
+    key = ("weights", keys, dtype, weight_in_out, tensor_key(weight) if weight is not None else None)
+    hit = cache.get(base.owner, key)
+    if hit is None:
+        w = weight.to(dtype) if weight is not None else None
+        hit = [delta_sum(w, in_le_out, weight_in_out, _bases_of(groups))]
+        cache.put(base.owner, key, hit)
+    if fused:
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        return times_into(x, hit[0], weight_in_out, bias, dtype)[0]
+    out = base.forward()
+    y = own_copy(out, torch.promote_types(out.dtype, dtype))
+    y.view(-1, y.shape[-1]).add_(times(x.reshape(-1, x.shape[-1]), hit[0], weight_in_out).to(y.dtype))
+    return y
+
+
+def _scaled_bases(
+    cache: InferenceCache,
+    base: BaseCall,
+    groups: list[list[AdapterCall]],
+    keys: tuple[Hashable, ...],
+    dtype: torch.dtype,
+    in_le_out: bool,
+    x2: torch.Tensor,
+) -> torch.Tensor:
+    """``base(x)`` plus each group's factored output, the scaled bases cached."""
+    key = ("scaled_bases", keys, dtype)
+    hit = cache.get(base.owner, key)
+    if hit is None:
+        hit = [s for _, s in _bases_of(groups)]
+        cache.put(base.owner, key, hit)
+    out = base.forward()
+    y = own_copy(out, torch.promote_types(out.dtype, dtype))
+    y2 = y.view(-1, y.shape[-1])
+    for members, s in zip(groups, hit, strict=True):
+        b_flat = members[0].b_flat
+        h = x2 @ (s.T if in_le_out else b_flat)
+        y2.addmm_(h.to(y2.dtype), (b_flat.T if in_le_out else s).to(y2.dtype))
+    return y

@@ -1,0 +1,105 @@
+"""The tensor kernels of the layer engine (SPEC 3.2-3.6 with memory in mind), shared by its node and its cache.
+
+Notation as in :mod:`randlora_core.plain`: ``a_s`` (r, m), ``b_flat`` (M, nb*r), lambda (r, nb),
+gamma (nb, m), scaled bases ``S`` (r*nb, m), ``P = b_flat @ S`` (M, m).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def combined_scaled_basis(a_s: torch.Tensor, adapters: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+    """``sum_a s_a * S_flat(lambda_a, gamma_a)`` (r*nb, m): one window's adapters at once.
+
+    The scaling is folded into lambda (an (r, nb) tensor) rather than applied to the (tokens, out)
+    output: two elementwise passes, one allocation.
+    """
+    total: torch.Tensor | None = None
+    for lam, gamma, s in adapters:
+        term = (lam * s)[:, :, None] * a_s[:, None, :]
+        total = term.mul_(gamma) if total is None else total.addcmul_(term, gamma)
+    assert total is not None
+    return total.reshape(-1, a_s.shape[1])
+
+
+def basis_grads(
+    grad_s: torch.Tensor,
+    a_s: torch.Tensor,
+    lam: torch.Tensor,
+    gamma: torch.Tensor,
+    s: float,
+    need: tuple[bool, bool],
+    in_place: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """SPEC 3.6 reductions from ``grad_s`` = dL/d(combined S_flat) for one adapter of scaling ``s``.
+
+    ``u[k, b, j] = s * grad_S[k, b, j] * A[k, j]`` is formed once (over ``grad_s`` itself when
+    ``in_place``, i.e. no other adapter needs it); both reductions are batched matmuls over ``b``
+    reading it in place instead of two more full-size products.
+    """
+    r, m = a_s.shape
+    nb = lam.shape[1]
+    weight = (a_s * s)[:, None, :]
+    u = grad_s.view(r, nb, m).mul_(weight) if in_place else grad_s.view(r, nb, m) * weight
+    u_b = u.transpose(0, 1)  # (nb, r, m), a view
+    grad_lam = torch.bmm(u_b, gamma[:, :, None]).squeeze(2).T.to(lam.dtype) if need[0] else None
+    grad_gamma = torch.bmm(lam.T[:, None, :], u_b).squeeze(1).to(gamma.dtype) if need[1] else None
+    return grad_lam, grad_gamma
+
+
+def delta_sum(
+    weight: torch.Tensor | None, in_le_out: bool, weight_in_out: bool, pairs: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """``W + sum_g b_flat_g @ S_g`` (or the sum alone) for ``pairs = [(b_flat_g, S_g)]``, as fused ``addmm`` calls.
+
+    ``P = b_flat @ S`` is (M, m), i.e. (O, I) when ``in_le_out``; in the ``weight_in_out`` layout
+    the other orientation is formed directly, ``S^T @ b_flat^T``, which costs the same.
+    """
+    same = in_le_out != weight_in_out
+    total = weight
+    for b_flat, s in pairs:
+        m1, m2 = (b_flat, s) if same else (s.T, b_flat.T)
+        total = m1 @ m2 if total is None else (torch.addmm(total, m1, m2) if total is weight else total.addmm_(m1, m2))
+    assert total is not None
+    return total
+
+
+def times(x: torch.Tensor, w: torch.Tensor, weight_in_out: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` for a weight in ``(O, I)`` layout, ``x @ W (+ bias)`` in ``(I, O)`` layout; any leading axes."""
+    if weight_in_out:
+        y = x @ w
+        return y.add_(bias) if bias is not None else y
+    return nn.functional.linear(x, w, bias)
+
+
+def times_into(
+    x: torch.Tensor, w: torch.Tensor, weight_in_out: bool, bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`times` written into a fresh tensor with ``x``'s leading axes: ``(y, y2)``, ``y2`` its 2-D view.
+
+    ``y`` is nobody's view (a module output that is a view breaks FSDP2's backward hooks; torch's
+    own ``linear`` returns one for inputs of more than two axes), and ``y2`` is where later terms
+    accumulate in place.
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    out_features = w.shape[1] if weight_in_out else w.shape[0]
+    y = torch.empty((*x.shape[:-1], out_features), dtype=dtype, device=x.device)
+    y2 = y.view(-1, out_features)
+    mat = w if weight_in_out else w.T
+    if bias is not None:
+        torch.addmm(bias, x2, mat, out=y2)
+    else:
+        torch.mm(x2, mat, out=y2)
+    return y, y2
+
+
+def own_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of ``t`` in ``dtype`` that shares nothing with it (to accumulate into in place)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+def grad_times(g2: torch.Tensor, w: torch.Tensor, weight_in_out: bool) -> torch.Tensor:
+    """The input gradient of :func:`times`."""
+    return g2 @ w.T if weight_in_out else g2 @ w

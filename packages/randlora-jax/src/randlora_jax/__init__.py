@@ -1,0 +1,60 @@
+"""randlora-jax: RandLoRA for JAX and Flax NNX, written from the RandLoRA specification v1.0.
+
+Quick start::
+
+    from randlora_jax import RandLoraConfig, get_randlora_model, trainable
+    model = get_randlora_model(my_nnx_module, RandLoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=trainable)
+
+Bases are bit-identical to every other implementation of the portable rule; checkpoints are the
+spec's format v1, so adapters move between JAX and PyTorch (randlora-core). Depends on jax, flax
+and randlora-spec only, never on torch.
+"""
+
+from randlora_jax.bases import generate_bases, generate_basis
+from randlora_jax.checkpoint import build_checkpoint, load_adapter, save_adapter
+from randlora_jax.layer import RandLoraLinear
+from randlora_jax.model import RandLoraModel, get_randlora_model
+from randlora_jax.modules_to_save import ModulesToSaveWrapper
+from randlora_jax.shared import RandLoraBases
+from randlora_jax.variables import RandLoraBasis, RandLoraParam, trainable
+from randlora_spec.config import RandLoraConfig
+from randlora_spec.errors import (
+    AdapterNotFoundError,
+    BasisRuleError,
+    CheckpointError,
+    ConfigError,
+    DtypeError,
+    MergeError,
+    RandLoraError,
+    ShapeError,
+    TargetModuleError,
+)
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "AdapterNotFoundError",
+    "BasisRuleError",
+    "CheckpointError",
+    "ConfigError",
+    "DtypeError",
+    "MergeError",
+    "ModulesToSaveWrapper",
+    "RandLoraBases",
+    "RandLoraBasis",
+    "RandLoraConfig",
+    "RandLoraError",
+    "RandLoraLinear",
+    "RandLoraModel",
+    "RandLoraParam",
+    "ShapeError",
+    "TargetModuleError",
+    "build_checkpoint",
+    "generate_bases",
+    "generate_basis",
+    "get_randlora_model",
+    "load_adapter",
+    "save_adapter",
+    "trainable",
+]
