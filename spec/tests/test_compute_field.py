@@ -33,4 +33,4 @@ def test_schema_lists_it() -> None:
     from randlora_spec.config import json_schema
 
     prop = json_schema()["properties"]["compute"]
-    assert prop["default"] == "auto" and set(prop["enum"]) == {"auto", "factored", "dense"}
+    assert prop["default"] == "auto" and set(prop["enum"]) == {"auto", "factored", "dense", "sparse"}

@@ -14,6 +14,7 @@ if not __package__:
 
 import bench
 from bench.calibration import calibrate
+from bench.features import run_features
 from bench.machine import machine_name
 from bench.memory import memory_server
 from bench.report import report_from
@@ -42,6 +43,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=None, help="re-timings per case at most (2; smoke 0)")
     p.add_argument("--only", default=None, help="run only cases whose label contains this text")
     p.add_argument("--calibrate", action="store_true", help="fit/check the cost model of randlora_core.compute")
+    p.add_argument(
+        "--features",
+        action="store_true",
+        help="only the round-2 and beyond-PEFT suites (sparse bases, decode, mixed batches, compile, loading);"
+        " a --smoke run includes them at tiny sizes",
+    )
     p.add_argument("--memory-server", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--report-from", type=Path, default=None, help="rewrite the report of an earlier run from its JSON (no measuring)"
@@ -63,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate:
         print(f"[bench] wrote {calibrate(out, machine, args.smoke)}")
         return 0
+    if args.features:
+        print(f"[bench] wrote {run_features(out, machine, args.smoke)}")
+        return 0
     settings = Settings(
         smoke=args.smoke,
         repeats=tuple(args.repeats) if args.repeats else ((1, 2) if args.smoke else (3, 15)),
@@ -73,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         retries=args.retries if args.retries is not None else (0 if args.smoke else 2),
     )
     run(settings, out, machine, args.only, not args.no_memory)
+    if args.smoke:
+        print(f"[bench] wrote {run_features(out, machine, smoke=True)}")
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2ish, TinyLM, assert_same, randomize_adapters, snapshot
+from conftest import GPT2ish, TinyLM, assert_same, np64, randomize_adapters, snapshot
 from safetensors.numpy import load_file
 from torch import nn
 
@@ -25,6 +25,7 @@ from randlora_core import (
 )
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape, generate_bases
+from randlora_spec.tolerances import check_close
 
 TESTS = Path(__file__).resolve().parent
 
@@ -122,12 +123,17 @@ def test_bf16_parameters_stored_as_bf16(tmp_path: Path) -> None:
     header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
     assert header["layers.0.q_proj.randlora_lambda"]["dtype"] == "BF16"
     assert header["randlora_A"]["dtype"] == "F32"
+    x = torch.randn(2, 16).to(torch.bfloat16)
     torch.manual_seed(0)
-    restored = load_adapter(TinyLM().to(torch.bfloat16), path)
+    restored = load_adapter(TinyLM().to(torch.bfloat16), path, autocast_adapter_dtype=False)
     lam = restored.model.layers[2].q_proj.randlora_lambda["default"]
     assert lam.dtype == torch.bfloat16 and torch.equal(lam, model.model.layers[2].q_proj.randlora_lambda["default"])
-    x = torch.randn(2, 16).to(torch.bfloat16)
     assert torch.equal(restored(x), model(x))
+    torch.manual_seed(0)
+    upcast = load_adapter(TinyLM().to(torch.bfloat16), path)  # PEFT's default: float32 lambda/gamma, same values
+    lam = upcast.model.layers[2].q_proj.randlora_lambda["default"]
+    assert lam.dtype == torch.float32 and torch.equal(lam, model.model.layers[2].q_proj.randlora_lambda["default"].float())
+    assert check_close(np64(upcast(x)), np64(model(x)), "bfloat16")[0]
 
 
 def test_size_acceptance(tmp_path: Path) -> None:

@@ -116,8 +116,8 @@ def _very_sparse_m_max(tmp: Path):
 
 @case("file-rank-above-every-layer", "ERR-301")
 def _file_rank(tmp: Path):
-    # Block's q_proj is 16x24: a rank of 64 adds no rank, only 64 x 24 basis values per base
-    r = 64
+    # Block's q_proj is 16x24: a rank above both 24 and the ceiling adds no rank, only basis values
+    r = 2**16
     ckpt = build_checkpoint(adapted(save_projection=False))
     meta = metadata_for(ckpt)
     meta["config"] = ckpt.config.model_copy(update={"r": r}).to_json()
@@ -277,7 +277,7 @@ def _lambda_overflow(tmp: Path):
 def _gamma_overflow_half(tmp: Path):
     path = checkpoint_file(tmp, _scaled(".randlora_gamma", 1e6, np.dtype(np.float32)), dtype=torch.float16)
     model = plain(torch.float16)
-    return [model], lambda: load_adapter(model, path)
+    return [model], lambda: load_adapter(model, path, autocast_adapter_dtype=False)  # float16 lambda/gamma
 
 
 @case("float64-bias-overflows-float32", "ERR-305")

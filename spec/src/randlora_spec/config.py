@@ -84,12 +84,13 @@ class RandLoraConfig(BaseModel):
         description=f"Versioned id of the basis-generation rule; '{PORTABLE_RULE}' is portable, '{PEFT_RULE}' is PEFT's.",
     )
     spec_version: str = Field(SPEC_VERSION, pattern=r"^1\.[0-9]+$", description="Version of SPEC.md the config follows (1.x).")
-    compute: Literal["auto", "factored", "dense"] = Field(
+    compute: Literal["auto", "factored", "dense", "sparse"] = Field(
         "auto",
         description=(
             "How an implementation evaluates the adapter: 'factored' (two thin matmuls per layer), 'dense' "
-            "(delta_W folded into the base matmul) or 'auto' (chosen per call by a cost model). Results agree "
-            "within the tolerances; a runtime preference, not serialised in canonical JSON or checkpoints."
+            "(delta_W folded into the base matmul), 'sparse' (the factored path on the nonzeros of ternary "
+            "bases) or 'auto' (chosen per call by a cost model). Results agree within the tolerances; a runtime "
+            "preference, not serialised in canonical JSON or checkpoints."
         ),
     )
 

@@ -17,6 +17,19 @@ from dataclasses import dataclass
 
 from randlora_spec.errors import ShapeError
 
+RANK_CEILING = 4096
+"""The largest ``r`` accepted above every adapted layer's larger side.
+
+Such a rank adds no rank to the update; PEFT accepts it and small test models use it. Each unit of
+``r`` still costs ``in + out`` basis values per layer, so an unbounded ``r`` in a config or a file
+would ask for memory that no model needs.
+"""
+
+
+def rank_is_bounded(r: int, largest_side: int) -> bool:
+    """Whether rank ``r`` is within :data:`RANK_CEILING` or the largest adapted side, whichever is larger."""
+    return r <= max(largest_side, RANK_CEILING)
+
 
 def num_bases(m: int, r: int) -> int:
     """Number of rank-r bases needed for full rank on the smaller side: ``ceil(m / r)``."""

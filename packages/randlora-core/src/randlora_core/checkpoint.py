@@ -11,6 +11,7 @@ from pathlib import Path
 from torch import nn
 
 from randlora_core.model import RandLoraModel
+from randlora_core.pretrained import set_trainable
 from randlora_core.registry import load_plugins
 from randlora_core.state import apply_checkpoint_to, build_checkpoint, check_fits
 from randlora_spec import checkpoint as spec_ckpt
@@ -27,25 +28,49 @@ def save_adapter(model: RandLoraModel, path: str | Path, adapter_name: str | Non
 
 
 def apply_checkpoint(
-    model: nn.Module, ckpt: spec_ckpt.AdapterCheckpoint, adapter_name: str = "default", source: str = "<checkpoint>"
+    model: nn.Module,
+    ckpt: spec_ckpt.AdapterCheckpoint,
+    adapter_name: str = "default",
+    source: str = "<checkpoint>",
+    *,
+    is_trainable: bool = True,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> RandLoraModel:
     """Add the adapter held by ``ckpt`` (an in-memory checkpoint) to ``model``; returns the :class:`RandLoraModel`.
 
     ``model`` is a plain module (a new RandLoraModel is built around it, the adapter active) or a
     RandLoraModel (the adapter is added, not activated, as PEFT's ``load_adapter``). Everything is
     validated first; on any error the model is unchanged.
+
+    Unlike PEFT's loaders (and ``RandLoraModel.from_pretrained`` / ``load_adapter``), whose default
+    is inference, this function's adapter is trainable unless ``is_trainable=False`` (it predates
+    them and resumes training as it always has). ``autocast_adapter_dtype``: float32 lambda/gamma
+    on float16/bfloat16 layers; ``low_cpu_mem_usage``: lambda/gamma created from the values directly.
     """
     wrapped = model if isinstance(model, RandLoraModel) else RandLoraModel(model)  # no adapter yet: unchanged
-    apply_checkpoint_to(wrapped, ckpt, adapter_name, source)
+    options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}
+    apply_checkpoint_to(wrapped, ckpt, adapter_name, source, **options)
+    if not is_trainable:
+        set_trainable(wrapped, adapter_name, False)
     return wrapped
 
 
-def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> RandLoraModel:
+def load_adapter(
+    model: nn.Module,
+    path: str | Path,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = True,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
+) -> RandLoraModel:
     """Load the adapter stored at ``path`` into ``model`` and return the :class:`RandLoraModel`.
 
-    As :func:`apply_checkpoint`, for a checkpoint file. The file's header is validated and checked
-    against the model before any tensor data is read (a file that does not fit costs no more than
-    its header), then each tensor is read once; on any error the model is unchanged.
+    As :func:`apply_checkpoint` (same keyword options), for a checkpoint file. The file's header is
+    validated and checked against the model before any tensor data is read (a file that does not
+    fit costs no more than its header), then each tensor is read once; on any error the model is
+    unchanged.
 
     Raises:
         CheckpointError: malformed file, or it does not fit the model.
@@ -57,4 +82,5 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     with spec_ckpt.open_checkpoint(path, source=source) as reader:
         check_fits(model.model if isinstance(model, RandLoraModel) else model, reader.header, source)
         ckpt = reader.load()
-    return apply_checkpoint(model, ckpt, adapter_name, source)
+    options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}
+    return apply_checkpoint(model, ckpt, adapter_name, source, is_trainable=is_trainable, **options)

@@ -42,10 +42,10 @@ import torch
 
 from randlora_spec.errors import ConfigError
 
-Compute = Literal["auto", "factored", "dense"]
-Path = Literal["factored", "dense", "hybrid"]
-COMPUTE_VALUES: tuple[str, ...] = ("auto", "factored", "dense")
-PATHS: tuple[Path, ...] = ("factored", "dense", "hybrid")
+Compute = Literal["auto", "factored", "dense", "sparse"]
+Path = Literal["factored", "dense", "hybrid", "sparse"]
+COMPUTE_VALUES: tuple[str, ...] = ("auto", "factored", "dense", "sparse")
+PATHS: tuple[Path, ...] = ("factored", "dense", "hybrid", "sparse")
 
 _OVERRIDES: list[str | None] = [None]
 """The stack of active :func:`compute_override` values, innermost last.
@@ -96,12 +96,14 @@ class CostProfile:
     gemm_ramp: float
     bandwidth: float
     op_seconds: float
+    sparse_flops: float = 12e9
+    """Throughput of a CSR x dense product (``torch.sparse.mm``), counted as 2 flops per nonzero and column."""
 
 
-CPU_PROFILE = CostProfile(gemm_flops=180e9, gemm_ramp=24.0, bandwidth=10e9, op_seconds=15e-6)
+CPU_PROFILE = CostProfile(gemm_flops=180e9, gemm_ramp=24.0, bandwidth=10e9, op_seconds=15e-6, sparse_flops=12e9)
 """Calibrated on cpu-2core (AMD EPYC, 2 threads, torch 2.13 + MKL, float32): ``tools/bench --calibrate``."""
 
-DEFAULT_PROFILE = CostProfile(gemm_flops=1.0e12, gemm_ramp=64.0, bandwidth=1.0e12, op_seconds=10e-6)
+DEFAULT_PROFILE = CostProfile(gemm_flops=1.0e12, gemm_ramp=64.0, bandwidth=1.0e12, op_seconds=10e-6, sparse_flops=1.0e11)
 """Other devices: the flop model with round numbers (GPUs want larger tiles, hence the larger ramp)."""
 
 
@@ -121,6 +123,28 @@ def _pass(p: CostProfile, elements: int, itemsize: int, touches: int = 3) -> flo
     return touches * elements * itemsize / p.bandwidth + p.op_seconds
 
 
+def _spmm(p: CostProfile, nnz: int, columns: int) -> float:
+    """A CSR matrix of ``nnz`` nonzeros times a dense one of ``columns`` columns."""
+    return 2.0 * nnz * columns / p.sparse_flops + p.op_seconds
+
+
+def _sparse_cost(
+    p: CostProfile, n: int, nnz: tuple[tuple[int, int], ...], item: int, grad_x: bool, grad_params: bool, in_le_out: bool
+) -> float:
+    """The factored path on the nonzeros (:mod:`randlora_core.sparse`).
+
+    Per group: two CSR products each way, the sampled product for dL/dS and the value gathers.
+    """
+    total = 0.0
+    for nnz_b, nnz_s in nnz:
+        total += _spmm(p, nnz_s, n) + _spmm(p, nnz_b, n) + _pass(p, nnz_s, item, 4)
+        if grad_x or grad_params:
+            total += _spmm(p, nnz_b, n) if (in_le_out or grad_x) else 0.0
+            total += _spmm(p, nnz_s, n) if grad_x else 0.0
+            total += (_spmm(p, nnz_s, n) + _pass(p, nnz_s, item, 6)) if grad_params else 0.0
+    return total
+
+
 def path_costs(
     tokens: int,
     in_features: int,
@@ -131,6 +155,7 @@ def path_costs(
     grad_x: bool = True,
     grad_params: bool = True,
     fused_base: bool = True,
+    sparse_nnz: tuple[tuple[int, int], ...] | None = None,
 ) -> dict[str, float]:
     """Estimated seconds of each path for one layer call (forward, plus backward if any grad is needed).
 
@@ -146,10 +171,13 @@ def path_costs(
         grad_params: lambda/gamma gradients are needed.
         fused_base: the base matmul runs in the same node, so a dense ``delta_W`` folds into it;
             otherwise applying ``delta_W`` is one more (tokens x in x out) matmul each way.
+        sparse_nnz: per group, the nonzeros of ``b_flat`` and of ``S_flat`` when its bases are
+            ternary and a sparse structure exists; adds the ``sparse`` path.
 
     Returns:
-        ``{"factored": s, "dense": s, "hybrid": s}``; only differences between paths matter (the
-        frozen base's own matmuls, common to all, are left out where they are identical).
+        ``{"factored": s, "dense": s, "hybrid": s}`` (and ``"sparse": s`` given ``sparse_nnz``);
+        only differences between paths matter (the frozen base's own matmuls, common to all, are
+        left out where they are identical).
 
     """
     p = _profile(device or torch.device("cpu"))
@@ -183,11 +211,14 @@ def path_costs(
     if not fused_base:
         dense_fwd += _gemm(p, n, i, o)
         dense_bwd += _gemm(p, n, o, i) if grad_x else 0.0
-    return {
+    costs = {
         "factored": fact_fwd + fact_bwd,
         "dense": dense_fwd + dense_bwd,
         "hybrid": dense_fwd + fact_bwd + recompute_h,
     }
+    if sparse_nnz is not None:
+        costs["sparse"] = _sparse_cost(p, n, sparse_nnz, item, grad_x, grad_params, i <= o)
+    return costs
 
 
 def choose_path(
@@ -200,6 +231,7 @@ def choose_path(
     grad_x: bool = True,
     grad_params: bool = True,
     fused_base: bool = True,
+    sparse_nnz: tuple[tuple[int, int], ...] | None = None,
 ) -> Path:
     """The cheapest path under :func:`path_costs` (ties go to ``factored``, the path with least memory).
 
@@ -207,7 +239,7 @@ def choose_path(
     traces: the compiled graph holds the path chosen for the shapes it was traced with).
     """
     device_type = device.type if device is not None else "cpu"
-    args = (tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params, fused_base)
+    args = (tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params, fused_base, sparse_nnz)
     # A compiled graph fixes the path at trace time, so the cache would only cost a tracing warning.
     return _choose.__wrapped__(*args) if torch.compiler.is_compiling() else _choose(*args)
 
@@ -223,13 +255,13 @@ def _choose(
     grad_x: bool,
     grad_params: bool,
     fused_base: bool,
+    sparse_nnz: tuple[tuple[int, int], ...] | None,
 ) -> Path:
-    costs = path_costs(
-        tokens, in_features, out_features, list(ks), dtype, torch.device(device_type), grad_x, grad_params, fused_base
-    )
+    device = torch.device(device_type)
+    costs = path_costs(tokens, in_features, out_features, list(ks), dtype, device, grad_x, grad_params, fused_base, sparse_nnz)
     best: Path = "factored"
     for path in PATHS[1:]:
-        if costs[path] < costs[best]:
+        if path in costs and costs[path] < costs[best]:
             best = path
     return best
 

@@ -190,3 +190,10 @@ class CoreDenseDriver(CoreDriver):
 
     name = "core-dense"
     compute = "dense"
+
+
+class CoreSparseDriver(CoreDriver):
+    """randlora-core with ternary bases on the sparse kernels (dense bases take the factored path)."""
+
+    name = "core-sparse"
+    compute = "sparse"

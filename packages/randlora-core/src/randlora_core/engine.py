@@ -34,10 +34,12 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from randlora_core import sparse
 from randlora_core.compute import Compute, choose_path, resolve_compute
 from randlora_core.inference_cache import cached_forward
 from randlora_core.kernels import basis_grads, combined_scaled_basis, delta_sum, grad_times, own_copy, times, times_into
 from randlora_core.operands import AdapterCall, BaseCall
+from randlora_core.sparse import SparseWindow
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class Plan:
         groups: the adapter groups, in operand order.
         dense_forward: build ``delta_W`` in forward (folded into ``W`` when fused).
         dense_backward: gradients through ``delta_W`` and ``G = g^T x`` (else factored).
+        sparse: per group, on the ``sparse`` path, its window's structure (the factored path on
+            the nonzeros); empty otherwise.
 
     """
 
@@ -68,6 +72,7 @@ class Plan:
     groups: tuple[GroupPlan, ...]
     dense_forward: bool
     dense_backward: bool
+    sparse: tuple[SparseWindow | None, ...] = ()
 
 
 def group_adapters(adapters: Sequence[AdapterCall]) -> list[list[AdapterCall]]:
@@ -113,19 +118,22 @@ def plan_call(
     dtype = groups[0][0].a_s.dtype
     fused = fusable(x, base, dtype, compute)
     own = [members[0].own_input for members in groups]
+    windows = tuple(members[0].sparse for members in groups)
+    sparse_nnz = tuple(w.nnz for w in windows if w is not None) if all(windows) else None
     if any(own) or torch.is_autocast_enabled(x.device.type):
         path = "factored"  # dense needs every adapter to read x itself, and a dtype fixed by us
     elif compute in ("factored", "dense"):
         path = compute
+    elif compute == "sparse":
+        path = "sparse" if sparse_nnz is not None else "factored"
     else:
         grad = torch.is_grad_enabled()
         need_params = grad and any(a.lam.requires_grad or a.gamma.requires_grad for g in groups for a in g)
         need_params = need_params or (fused and grad and base.bias is not None and base.bias.requires_grad)
         ks = [members[0].b_flat.shape[1] for members in groups]
         tokens = x.numel() // in_features if in_features else 0
-        path = choose_path(
-            tokens, in_features, out_features, ks, dtype, x.device, grad and x.requires_grad, need_params, fused_base=fused
-        )
+        need_x = grad and x.requires_grad
+        path = choose_path(tokens, in_features, out_features, ks, dtype, x.device, need_x, need_params, fused, sparse_nnz)
     in_le_out = in_features <= out_features
     return Plan(
         in_le_out=in_le_out,
@@ -133,8 +141,9 @@ def plan_call(
         weight_in_out=base.weight_in_out if fused else not in_le_out,
         fused_base=fused,
         groups=tuple(GroupPlan(tuple(a.scaling for a in members), o) for members, o in zip(groups, own, strict=True)),
-        dense_forward=path != "factored",
+        dense_forward=path in ("dense", "hybrid"),
         dense_backward=path == "dense",
+        sparse=windows if path == "sparse" else (),
     )
 
 
@@ -252,7 +261,8 @@ class RandLoraFunction(torch.autograd.Function):
         n_in = x.shape[-1]
         reads_x = plan.fused_base or any(g.x is None for g in groups)
         x2 = x.reshape(-1, n_in).to(dtype) if reads_x else x
-        bases = [combined_scaled_basis(g.a_s, g.adapters) for g in groups]
+        # the sparse path forms S's nonzeros itself
+        bases = [combined_scaled_basis(g.a_s, g.adapters) if not plan.sparse else g.a_s for g in groups]
         # y is built with x's leading axes and written through the 2-D view y2, so the node returns
         # no view (FSDP2 warns that a module returning a view can break backward).
         if plan.fused_base:
@@ -271,10 +281,14 @@ class RandLoraFunction(torch.autograd.Function):
         hs: list[torch.Tensor] = []
         keep_h = not plan.dense_backward and not plan.in_le_out and any(ctx.needs_input_grad[5:])  # h feeds grad_S
         if not plan.dense_forward:
-            for group, s in zip(groups, bases, strict=True):
+            for index, (group, s) in enumerate(zip(groups, bases, strict=True)):
                 xg = x2 if group.x is None else group.x.reshape(-1, n_in)
-                h = xg @ (s.T if plan.in_le_out else group.b_flat)
-                y2.addmm_(h.to(y2.dtype), (group.b_flat.T if plan.in_le_out else s).to(y2.dtype))
+                window = plan.sparse[index] if plan.sparse else None
+                if window is not None:
+                    h = sparse.forward_into(y2, xg, window, group.adapters, plan.in_le_out)
+                else:
+                    h = xg @ (s.T if plan.in_le_out else group.b_flat)
+                    y2.addmm_(h.to(y2.dtype), (group.b_flat.T if plan.in_le_out else s).to(y2.dtype))
                 if keep_h:
                     hs.append(h)
         del bases
@@ -378,6 +392,8 @@ class _Backward:
         """One group's lambda/gamma gradients; returns its input gradient (accumulated into ``into`` when given)."""
         g2, b_flat = self.g2, group.b_flat
         xg = self.x2 if group.x is None else group.x.reshape(-1, self.x.shape[-1])
+        if self.plan.sparse and self.plan.sparse[index] is not None:
+            return self.sparse_group(index, group, xg, into, need_in)
         if self.plan.in_le_out:  # h = x S^T, y = h B^T: gh = g B feeds both gradients
             gh = g2 @ b_flat
             if self.wanted(group):
@@ -394,3 +410,21 @@ class _Backward:
             return into
         gs = g2 @ combined_scaled_basis(group.a_s, group.adapters).T
         return into.addmm_(gs, b_flat.T) if into is not None else gs @ b_flat.T
+
+    def sparse_group(
+        self, index: int, group: _Group, xg: torch.Tensor, into: torch.Tensor | None, need_in: bool
+    ) -> torch.Tensor | None:
+        """:meth:`factored_group` on the nonzeros of a ternary window (:mod:`randlora_core.sparse`)."""
+        window = self.plan.sparse[index]
+        assert window is not None
+        h_t = self.hs[index] if self.hs else None
+        grad_in, grad_s = sparse.backward(self.g2, xg, window, group.adapters, self.plan.in_le_out, h_t, need_in)
+        j = self._first_param(group)
+        for lam, gamma, s in group.adapters:
+            self.grads[j], self.grads[j + 1] = sparse.parameter_grads(
+                window, grad_s, lam, gamma, s, (self.need[j], self.need[j + 1])
+            )
+            j += 2
+        if grad_in is None:
+            return into
+        return into.add_(grad_in) if into is not None else grad_in

@@ -89,7 +89,7 @@ def hotswap_adapter(
     _check_bases(model, ckpt, source)
     layers = dict(model.named_randlora_layers())
     wrappers = {path: layers[path] for path in ckpt.layers}  # the adapter's own layers (checked above)
-    values = values_for(model.model, wrappers, ckpt, source)
+    values = values_for(model.model, wrappers, ckpt, source, adapter_name)  # in the adapter's own dtypes
     ratio = ckpt.config.randlora_alpha / model.peft_config[adapter_name].randlora_alpha
     if ratio != 1.0:
         for slot in [s for s in values if s[2] == "randlora_lambda"]:

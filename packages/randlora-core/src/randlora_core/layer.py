@@ -6,9 +6,13 @@ are not owned here: the layer keeps a plain reference to the model's
 :class:`~randlora_core.bases.RandLoraBases` (not a submodule, so it is neither duplicated in
 ``state_dict`` nor moved once per layer) and slices its windows on use.
 
-Dtypes (SPEC.md section 5): lambda and gamma are created in the base weight's dtype; the adapter is
-computed in that dtype, except on CPU where float16/bfloat16 adapter math runs in float32 (as
-PEFT). The output is cast to the input's dtype.
+Dtypes (SPEC.md section 5): lambda and gamma are created in the base weight's dtype, except that
+float16/bfloat16 bases get float32 lambda/gamma unless ``autocast_adapter_dtype=False`` (PEFT's
+default, for stable training); the adapter is computed in their dtype, except on CPU where
+float16/bfloat16 adapter math runs in float32 (as PEFT). The output is cast to the input's dtype.
+
+Like PEFT's layers, the wrapper exposes its base layer's ``weight`` and ``bias`` (transformers code
+reads them, e.g. T5's feed-forward reads ``self.wo.weight.dtype``).
 
 Subclasses for other base layers (e.g. bitsandbytes) override the small hooks
 ``_features``, ``_base_forward``, ``_param_dtype``, ``_dense_weight``, ``_merge_delta`` and
@@ -28,16 +32,17 @@ import torch
 from torch import nn
 
 from randlora_core.bases import RandLoraBases
-from randlora_core.compute import Compute
+from randlora_core.compute import Compute, resolve_compute
 from randlora_core.engine import layer_forward
 from randlora_core.inference_cache import InferenceCache, tensor_key
 from randlora_core.mixed import mixed_groups, scatter_rows
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
+from randlora_core.sparse import MAX_DENSITY, sparse_density, window_structure
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import DtypeError, MergeError, ShapeError
+from randlora_spec.errors import CheckpointError, DtypeError, MergeError, ShapeError
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -94,9 +99,14 @@ class RandLoraLinear(nn.Module):
         return out
 
     def _param_dtype(self) -> torch.dtype:
-        """Dtype for new lambda/gamma: the base weight's if it is floating point, else float32."""
+        """The base weight's dtype if it is floating point, else float32 (before ``autocast_adapter_dtype``)."""
         weight = getattr(self.get_base_layer(), "weight", None)
         return weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
+
+    def adapter_dtype(self, autocast_adapter_dtype: bool = True) -> torch.dtype:
+        """Dtype of new lambda/gamma: :meth:`_param_dtype`, upcast from float16/bfloat16 to float32 when autocasting."""
+        dtype = self._param_dtype()
+        return torch.float32 if autocast_adapter_dtype and dtype in HALF_DTYPES else dtype
 
     def _param_device(self) -> torch.device:
         weight = getattr(self.get_base_layer(), "weight", None)
@@ -135,6 +145,16 @@ class RandLoraLinear(nn.Module):
         return self.base_layer
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (as PEFT's layers: transformers code reads ``layer.weight``)."""
+        return self._base_weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (``None`` without one)."""
+        return getattr(self.get_base_layer(), "bias", None)
+
+    @property
     def bases(self) -> RandLoraBases:
         """The model's shared bases this layer reads from."""
         if self._bases is None:
@@ -152,10 +172,19 @@ class RandLoraLinear(nn.Module):
         m, big_m = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
         return r, m, big_m, num_bases(m, r)
 
-    def update_layer(self, adapter_name: str, config: RandLoraConfig, bases_module: RandLoraBases) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: RandLoraConfig,
+        bases_module: RandLoraBases,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         """Add adapter ``adapter_name`` with ``config``, reading windows of ``bases_module``.
 
-        lambda/gamma start per SPEC 3.8 (``init_weights``), in the base weight's dtype and device.
+        lambda/gamma start per SPEC 3.8 (``init_weights``) on the base weight's device, in
+        :meth:`adapter_dtype`; with ``low_cpu_mem_usage`` they are created empty on the meta device
+        (a checkpoint load materialises them).
         """
         r = config.r
         m, big_m = min(self.in_features, self.out_features), max(self.in_features, self.out_features)
@@ -166,15 +195,15 @@ class RandLoraLinear(nn.Module):
                 f"layer {self.layer_name!r} ({self.in_features}x{self.out_features}, r={r}) needs bases windows "
                 f"A[:{r}, 0, :{m}] and B[:{big_m}, :{nb}, :{r}], but the shared bases are {have}"
             )
-        if config.init_weights:
-            lam = torch.zeros(r, nb)
-            gamma = torch.full((nb, m), 1.0 / max(nb, m))
+        dtype = self.adapter_dtype(autocast_adapter_dtype)
+        if low_cpu_mem_usage:
+            lam = torch.empty(r, nb, dtype=dtype, device="meta")
+            gamma = torch.empty(nb, m, dtype=dtype, device="meta")
         else:
-            lam = torch.randn(r, nb)
-            gamma = torch.full((nb, m), 1.0 / big_m)
-        dtype, device = self._param_dtype(), self._param_device()
-        self.randlora_lambda[adapter_name] = nn.Parameter(lam.to(device=device, dtype=dtype))
-        self.randlora_gamma[adapter_name] = nn.Parameter(gamma.to(device=device, dtype=dtype))
+            lam, gamma = _initial_values(r, m, big_m, nb, config.init_weights)
+            lam, gamma = (t.to(device=self._param_device(), dtype=dtype) for t in (lam, gamma))
+        self.randlora_lambda[adapter_name] = nn.Parameter(lam)
+        self.randlora_gamma[adapter_name] = nn.Parameter(gamma)
         p = config.randlora_dropout
         self.randlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
         self.r[adapter_name] = r
@@ -209,11 +238,27 @@ class RandLoraLinear(nn.Module):
         return torch.float32 if device.type == "cpu" and dtype in HALF_DTYPES else dtype
 
     def adapter_call(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> AdapterCall:
-        """The operands of ``adapter_name`` for one call, in ``dtype`` on ``device``."""
+        """The operands of ``adapter_name`` for one call, in ``dtype`` on ``device``.
+
+        Raises:
+            CheckpointError: the adapter's lambda/gamma are still empty (meta device, ``low_cpu_mem_usage``).
+
+        """
+        lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
+        if lam.is_meta or gamma.is_meta:
+            raise CheckpointError(
+                f"adapter {adapter_name!r} on layer {self.layer_name!r} has no weights yet: it was created with "
+                "low_cpu_mem_usage=True (on the meta device); load its weights with load_adapter(path, adapter_name) first"
+            )
         r, m, big_m, nb = self.geometry(adapter_name)
         a_s, b_flat = self.bases.window(r, m, big_m, nb, dtype, device)
-        lam, gamma = self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name]
         bases = self.bases
+        structure = None
+        if bases.kind != "dense" and (
+            sparse_density(bases) <= MAX_DENSITY or resolve_compute(self._requested_compute([adapter_name])) == "sparse"
+        ):
+            key = (r, m, big_m, nb, dtype, device, tensor_key(bases.randlora_A), tensor_key(bases.randlora_B))
+            structure = window_structure(bases, key, a_s, b_flat, nb)
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,
@@ -223,6 +268,7 @@ class RandLoraLinear(nn.Module):
             window=r,  # equal rank on one layer: the same windows of the one shared pair
             dropout=self.randlora_dropout[adapter_name],
             key=(adapter_name, tensor_key(lam), tensor_key(gamma), tensor_key(bases.randlora_A), tensor_key(bases.randlora_B)),
+            sparse=structure,
         )
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -230,7 +276,8 @@ class RandLoraLinear(nn.Module):
 
         Differentiable with respect to lambda and gamma.
         """
-        device = self.randlora_lambda[adapter_name].device
+        lam = self.randlora_lambda[adapter_name]
+        device = self._param_device() if lam.is_meta else lam.device
         op = self.adapter_call(adapter_name, self._compute_dtype([adapter_name], device), device)
         delta = delta_weight(op.a_s, op.b_flat, op.lam, op.gamma, op.scaling, self.in_features <= self.out_features)
         return delta.T if self.fan_in_fan_out else delta
@@ -367,6 +414,13 @@ class RandLoraLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"fan_in_fan_out={self.fan_in_fan_out}, adapters={list(self.r)}"
         )
+
+
+def _initial_values(r: int, m: int, big_m: int, nb: int, init_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial lambda (r, nb) and gamma (nb, m) (SPEC 3.8), float32 on CPU."""
+    if init_weights:
+        return torch.zeros(r, nb), torch.full((nb, m), 1.0 / max(nb, m))
+    return torch.randn(r, nb), torch.full((nb, m), 1.0 / big_m)
 
 
 _register_builtin(nn.Linear, RandLoraLinear)

@@ -13,9 +13,7 @@ deleting or disabling while merged, and non-finite safe merges :class:`MergeErro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +25,7 @@ from randlora_core.hotswap import hotswap_adapter
 from randlora_core.inference_cache import InferenceCache
 from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
+from randlora_core.peft_api import PeftApiMixin
 from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
 from randlora_core.registry import is_randlora_layer
 from randlora_core.state import build_checkpoint
@@ -41,16 +40,7 @@ if TYPE_CHECKING:
     from randlora_core.registry import LayerModule
 
 
-def _logical_numel(param: torch.Tensor) -> int:
-    """Number of values ``param`` represents, which for packed quantized storage is not its ``numel()``.
-
-    bitsandbytes' 4-bit weights keep two values per byte; their ``quant_state.shape`` is the real shape.
-    """
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return math.prod(shape) if shape is not None else param.numel()
-
-
-class RandLoraModel(nn.Module):
+class RandLoraModel(PeftApiMixin, nn.Module):
     """A model with RandLoRA adapters. Calls and unknown attributes go to the wrapped ``model``.
 
     Args:
@@ -58,10 +48,23 @@ class RandLoraModel(nn.Module):
             its parameters frozen), unless this constructor raises.
         config: the first adapter's config; ``None`` creates a wrapper without adapters.
         adapter_name: name of the first adapter.
+        autocast_adapter_dtype: lambda/gamma of float16/bfloat16 layers are float32 (PEFT's default).
+        low_cpu_mem_usage: create the adapter's lambda/gamma empty on the meta device; load them
+            with :meth:`load_adapter` before use (PEFT's meaning).
 
+    The PEFT model API (``save_pretrained``, ``from_pretrained``, ``load_adapter``, status, ...)
+    comes from :class:`~randlora_core.peft_api.PeftApiMixin`.
     """
 
-    def __init__(self, model: nn.Module, config: RandLoraConfig | None = None, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: RandLoraConfig | None = None,
+        adapter_name: str = "default",
+        *,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         if isinstance(model, RandLoraModel):
             raise ConfigError("model is already a RandLoraModel; call its add_adapter() instead")
         check_unadapted(model)
@@ -72,8 +75,13 @@ class RandLoraModel(nn.Module):
         self._active: list[str] = []
         self._targets: dict[str, list[str]] = {}
         self._saved: dict[str, list[str]] = {}
+        self._trainable: set[str] = set()
+        """Adapters whose parameters train (PEFT: the active ones, unless changed by ``set_requires_grad``)."""
+        self._enabled = True
         if config is not None:
-            self._add_adapter(adapter_name, config)
+            self._add_adapter(
+                adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+            )
 
     # -- plumbing -------------------------------------------------------------------------------
 
@@ -143,28 +151,33 @@ class RandLoraModel(nn.Module):
 
     # -- adding adapters ------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, config: RandLoraConfig) -> None:
-        """Add a new adapter (not made active; use :meth:`set_adapter`).
+    def add_adapter(
+        self, adapter_name: str, config: RandLoraConfig, *, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False
+    ) -> None:
+        """Add a new adapter (not made active nor trainable; use :meth:`set_adapter`).
+
+        ``autocast_adapter_dtype`` and ``low_cpu_mem_usage`` as for the constructor.
 
         Raises:
-            ConfigError: the name is taken or invalid, or the config disagrees with the model's
+            ConfigError: the name is taken or invalid, the config disagrees with the model's
                 other adapters on a shared field (``projection_prng_key``, ``save_projection``,
-                ``sparse``, ``very_sparse``, ``basis_rule``).
+                ``sparse``, ``very_sparse``, ``basis_rule``), or it trains biases (``bias`` not
+                ``"none"``) while another adapter does.
             TargetModuleError: the targets match nothing or something unadaptable.
             ShapeError: the shared bases cannot grow to cover the new adapter (see module docstring).
 
         """
-        self._add_adapter(adapter_name, config)
+        self._add_adapter(
+            adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+        )
 
     def _add_adapter(
-        self,
-        adapter_name: str,
-        config: RandLoraConfig,
-        paths: list[str] | None = None,
-        stored_bases: tuple[torch.Tensor, torch.Tensor] | None = None,
-        warn: bool = True,
+        self, adapter_name: str, config: RandLoraConfig, *, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False
     ) -> None:
-        self._commit(plan_adapter(self, adapter_name, config, paths, stored_bases, warn))
+        plan = plan_adapter(
+            self, adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+        )
+        self._commit(plan)
 
     def _commit(self, plan: AdapterPlan) -> None:
         """Apply a validated :class:`~randlora_core.planning.AdapterPlan` (the only place adding an adapter mutates)."""
@@ -183,7 +196,7 @@ class RandLoraModel(nn.Module):
         for path, layer, is_new in plan.layers:
             if is_new:
                 self._replace(path, layer)
-            layer.update_layer(adapter_name, config, bases)
+            layer.update_layer(adapter_name, config, bases, plan.autocast_adapter_dtype, plan.low_cpu_mem_usage)
         for path in plan.saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -195,9 +208,8 @@ class RandLoraModel(nn.Module):
         self._saved[adapter_name] = list(plan.saved)
         if not self._active:
             self._active = [adapter_name]
+            self._trainable = {adapter_name}
         self._apply_active()
-        for param in self._bias_params(adapter_name).values():
-            param.requires_grad_(True)
 
     def set_shared_bases(self, randlora_A: torch.Tensor, randlora_B: torch.Tensor, regenerable: bool = False) -> None:
         """Replace the shared bases (float32, any allocation covering every layer's windows).
@@ -234,21 +246,56 @@ class RandLoraModel(nn.Module):
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     def _apply_active(self) -> None:
+        """Push the active adapters, the enabled state and trainability to every layer and wrapper."""
         for _, layer in self.named_randlora_layers():
             layer.set_adapter(self._active)
-            for name in layer.randlora_lambda:
-                layer.randlora_lambda[name].requires_grad_(name in self._active)
-                layer.randlora_gamma[name].requires_grad_(name in self._active)
+            layer.disable_adapters = not self._enabled
         for _, wrapper in self._modules_to_save():
             wrapper.set_adapter(self._active)
+            wrapper.disabled = not self._enabled
+        self._apply_trainable()
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter or a list (applied in list order); only active adapters are trainable."""
+    def _apply_trainable(self) -> None:
+        """``requires_grad`` of every adapter parameter: its adapter is in ``_trainable`` and adapters are enabled.
+
+        That covers lambda/gamma, ``modules_to_save`` copies and the biases of the (one) adapter that trains them.
+        """
+        wanted = self._trainable if self._enabled else set()
+        for _, layer in self.named_randlora_layers():
+            for name in layer.randlora_lambda:
+                layer.randlora_lambda[name].requires_grad_(name in wanted)
+                layer.randlora_gamma[name].requires_grad_(name in wanted)
+        for _, wrapper in self._modules_to_save():
+            for name, copy in wrapper.modules_to_save.items():
+                copy.requires_grad_(name in wanted)
+        for name in self.peft_config:
+            for param in self._bias_params(name).values():
+                param.requires_grad_(name in wanted)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or a list (applied in list order); they, and only they, become trainable.
+
+        With ``inference_mode`` no adapter is trainable afterwards (PEFT's meaning).
+
+        Raises:
+            AdapterNotFoundError: an unknown name.
+            ConfigError: two of the adapters hold a ``modules_to_save`` copy of the same module (only
+                one copy of a module can run; PEFT refuses the same).
+
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         missing = [n for n in names if n not in self.peft_config]
         if missing:
             raise AdapterNotFoundError(f"adapter(s) {missing} not found; the model has {list(self.peft_config)}")
+        for path, wrapper in self._modules_to_save():
+            holders = [n for n in names if n in wrapper.modules_to_save]
+            if len(holders) > 1:
+                raise ConfigError(
+                    f"adapters {holders} each hold a modules_to_save copy of {path!r}; only one copy of a module can be "
+                    "active, so these adapters cannot be active together"
+                )
         self._active = names
+        self._trainable = set() if inference_mode else set(names)
         self._apply_active()
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -257,33 +304,18 @@ class RandLoraModel(nn.Module):
             raise AdapterNotFoundError(f"adapter {adapter_name!r} not found; the model has {list(self.peft_config)}")
         if adapter_name in self.merged_adapters:
             raise MergeError(f"adapter {adapter_name!r} is merged; call unmerge_adapter() before deleting it")
+        for param in self._bias_params(adapter_name).values():
+            param.requires_grad_(False)  # the base model's own biases stay, frozen again
         for _, layer in self.named_randlora_layers():
             layer.delete_adapter(adapter_name)
         for _, wrapper in self._modules_to_save():
             wrapper.delete_adapter(adapter_name)
         del self.peft_config[adapter_name], self._targets[adapter_name], self._saved[adapter_name]
+        self._trainable.discard(adapter_name)
         if adapter_name in self._active:
             self._active = [n for n in self._active if n != adapter_name] or list(self.peft_config)[:1]
+            self._trainable |= set(self._active)
         self._apply_active()
-
-    @contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Context in which the model runs as the base model (adapters and modules_to_save copies off)."""
-        if self.merged_adapters:
-            raise MergeError(f"adapters {self.merged_adapters} are merged into the base weights; call unmerge_adapter() first")
-        layers = [layer for _, layer in self.named_randlora_layers()]
-        saved = [w for _, w in self._modules_to_save()]
-        for module in layers:
-            module.disable_adapters = True
-        for wrapper in saved:
-            wrapper.disabled = True
-        try:
-            yield
-        finally:
-            for module in layers:
-                module.disable_adapters = False
-            for wrapper in saved:
-                wrapper.disabled = False
 
     # -- trainable parameters -------------------------------------------------------------------
 
@@ -302,18 +334,6 @@ class RandLoraModel(nn.Module):
             if isinstance(bias, nn.Parameter) and (mode == "all" or is_randlora_layer(module)):
                 out[path] = bias
         return out
-
-    def trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts of the whole model, adapters included."""
-        params = list(self.parameters())
-        return sum(_logical_numel(p) for p in params if p.requires_grad), sum(_logical_numel(p) for p in params)
-
-    get_nb_trainable_parameters = trainable_parameters
-
-    def print_trainable_parameters(self) -> None:
-        """Print the counts in PEFT's format."""
-        trainable, total = self.trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # -- merging --------------------------------------------------------------------------------
 
@@ -415,10 +435,20 @@ class RandLoraModel(nn.Module):
         spec_ckpt.save(path, build_checkpoint(self, adapter_name))
 
 
-def get_randlora_model(model: nn.Module, config: RandLoraConfig, adapter_name: str = "default") -> RandLoraModel:
-    """Inject RandLoRA layers for ``config`` into ``model`` and wrap it.
+def get_randlora_model(
+    model: nn.Module,
+    config: RandLoraConfig,
+    adapter_name: str = "default",
+    *,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
+) -> RandLoraModel:
+    """Inject RandLoRA layers for ``config`` into ``model`` and wrap it (PEFT's ``get_peft_model``).
 
     ``model`` is modified in place (targeted layers replaced, parameters frozen) only if this
-    returns; on any error it is left unchanged.
+    returns; on any error it is left unchanged. ``autocast_adapter_dtype`` and
+    ``low_cpu_mem_usage`` as for :class:`RandLoraModel`.
     """
-    return RandLoraModel(model, config, adapter_name)
+    return RandLoraModel(
+        model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
+    )

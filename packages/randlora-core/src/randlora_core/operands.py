@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from randlora_core.inference_cache import InferenceCache
+from randlora_core.sparse import SparseWindow
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class AdapterCall:
         dropout: the adapter's dropout module (``None`` for none).
         key: identifies the adapter's current values (parameters and bases, with their version
             counters) for the inference cache; ``None`` keeps the call out of the cache.
+        sparse: the window's compressed structure when the bases are ternary and sparse enough
+            (:mod:`randlora_core.sparse`); offers the engine the ``sparse`` path.
 
     """
 
@@ -41,6 +44,7 @@ class AdapterCall:
     window: Hashable
     dropout: nn.Module | None = None
     key: Hashable | None = None
+    sparse: SparseWindow | None = None
 
     @property
     def own_input(self) -> bool:

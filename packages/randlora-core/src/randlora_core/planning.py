@@ -23,13 +23,14 @@ import torch
 from torch import nn
 
 from randlora_core.bases import generate_bases
+from randlora_core.defaults import with_default_targets
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.registry import build_wrapper, is_randlora_layer, layout_of, load_plugins, wrapper_for
 from randlora_core.targeting import name_matches, select_targets, visible_modules
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import CheckpointError, ConfigError, ShapeError, TargetModuleError
-from randlora_spec.geometry import BasesShape, LayerGeometry, allocation, shape_of_bases
+from randlora_spec.geometry import RANK_CEILING, BasesShape, LayerGeometry, allocation, rank_is_bounded, shape_of_bases
 
 if TYPE_CHECKING:
     from randlora_core.bases import RandLoraBases
@@ -54,6 +55,8 @@ class AdapterPlan:
         saved: paths of its ``modules_to_save`` modules.
         bases: the shared pair to install ``(A, B, regenerable)``, or ``None`` to keep the model's.
         device: where new bases go (the first target's weight device).
+        autocast_adapter_dtype: lambda/gamma of float16/bfloat16 layers are float32 (PEFT's default).
+        low_cpu_mem_usage: lambda/gamma are created empty on the meta device (a load fills them).
 
     """
 
@@ -63,6 +66,8 @@ class AdapterPlan:
     saved: list[str]
     bases: tuple[torch.Tensor, torch.Tensor, bool] | None
     device: torch.device
+    autocast_adapter_dtype: bool = True
+    low_cpu_mem_usage: bool = False
 
 
 def opaque(module: nn.Module) -> bool:
@@ -124,7 +129,11 @@ def same_on_overlap(x: Bases, y: Bases) -> bool:
 
 
 def check_new(model: RandLoraModel, name: str, config: RandLoraConfig) -> None:
-    """The name is free and valid, and the config agrees with the model's adapters on the shared fields."""
+    """The name is free, the config agrees with the other adapters on the shared fields, at most one trains biases.
+
+    Biases are the base layers' own parameters, shared by every adapter: two adapters training them
+    would each change the other's output and saved file (PEFT refuses the same).
+    """
     if not isinstance(config, RandLoraConfig):
         raise ConfigError(f"config must be a randlora RandLoraConfig, got {type(config).__name__}")
     if not isinstance(name, str) or not name or "." in name:
@@ -138,6 +147,12 @@ def check_new(model: RandLoraModel, name: str, config: RandLoraConfig) -> None:
                     f"{field}: all adapters on one model share the bases and must agree on {field}; "
                     f"adapter {other_name!r} has {getattr(other, field)!r}, the new one {getattr(config, field)!r}"
                 )
+    with_bias = [(n, c.bias) for n, c in model.peft_config.items() if c.bias != "none"]
+    if config.bias != "none" and with_bias:
+        raise ConfigError(
+            f"bias: only one adapter per model may train biases (they are the base layers' own, shared by all "
+            f"adapters); adapter {with_bias[0][0]!r} has bias={with_bias[0][1]!r}, so the new one needs bias='none'"
+        )
 
 
 def resolve_saved(root: nn.Module, config: RandLoraConfig) -> list[str]:
@@ -210,10 +225,10 @@ def plan_bases(
     """New ``(A, B, regenerable)`` for the shared bases, or ``None`` to keep the current pair."""
     kind = basis_kind(config.sparse, config.very_sparse)
     needed = allocation(dims, ranks)
-    if config.r > needed.M_max:
+    if not rank_is_bounded(config.r, needed.M_max):
         raise ShapeError(
-            f"r={config.r} is larger than every adapted layer's larger side (at most {needed.M_max}): such a rank adds "
-            "bases but no rank to the update, at a cost of r x M values"
+            f"r={config.r} is larger than every adapted layer's larger side (at most {needed.M_max}) and than "
+            f"{RANK_CEILING}: such a rank adds bases but no rank to the update, at a cost of r x M values"
         )
     current = model.randlora_bases
     if current is None:
@@ -242,20 +257,28 @@ def plan_adapter(
     paths: list[str] | None = None,
     stored_bases: Bases | None = None,
     warn: bool = True,
+    *,
+    autocast_adapter_dtype: bool = True,
+    low_cpu_mem_usage: bool = False,
 ) -> AdapterPlan:
     """Validate adding adapter ``name`` to ``model`` and return what the addition changes (nothing is changed).
 
     Args:
         model: the model receiving the adapter.
         name: the adapter's name.
-        config: its config.
+        config: its config; ``target_modules=None`` takes the architecture's defaults
+            (:mod:`randlora_core.defaults`), recorded in the plan's config.
         paths: the layers to adapt (a checkpoint's), instead of selecting them by ``config``.
         stored_bases: bases a checkpoint brings; they must agree with the model's on the overlap.
         warn: warn when a target's layout overrides ``config.fan_in_fan_out``.
+        autocast_adapter_dtype: see :class:`AdapterPlan`.
+        low_cpu_mem_usage: see :class:`AdapterPlan`.
 
     """
     load_plugins()
     check_new(model, name, config)
+    if paths is None:
+        config = with_default_targets(model.model, config)
     saved = resolve_saved(model.model, config)
     if paths is None:
         paths = select_targets(model.model, config, adaptable, opaque)
@@ -266,4 +289,4 @@ def plan_adapter(
     ranks = [c.r for c in model.peft_config.values()] + [config.r]
     device = next((layer._param_device() for _, layer, _ in layers if hasattr(layer, "_param_device")), torch.device("cpu"))
     bases = plan_bases(model, config, dims, ranks, device, stored_bases)
-    return AdapterPlan(name, config, layers, saved, bases, device)
+    return AdapterPlan(name, config, layers, saved, bases, device, autocast_adapter_dtype, low_cpu_mem_usage)

@@ -14,19 +14,20 @@ Wrapper protocol (what :class:`~randlora_core.model.RandLoraModel` relies on); s
   (it may raise :class:`~randlora_spec.errors.ShapeError` if it cannot read the layer's sizes);
 - attributes ``in_features`` and ``out_features`` (logical sizes), ``fan_in_fan_out``, and a
   writable ``layer_name`` (the module path, set by the model, used in messages);
-- ``update_layer(adapter_name, config, bases_module)`` adds an adapter (bases_module is the model's
-  :class:`~randlora_core.bases.RandLoraBases`);
+- ``update_layer(adapter_name, config, bases_module, autocast_adapter_dtype=True, low_cpu_mem_usage=False)``
+  adds an adapter (bases_module is the model's :class:`~randlora_core.bases.RandLoraBases`);
 - ``forward(x, *args, **kwargs)``; ``merge(adapter_names, safe_merge)``; ``unmerge()``;
   ``check_merge(adapter_names)`` (raise ``MergeError`` if merging would give non-finite weights,
   changing nothing); ``get_delta_weight(name)`` (storage layout); ``get_base_layer()``;
-- ``set_adapter(names)``, ``delete_adapter(name)``, ``merged_adapters`` (list), ``merged`` (bool),
+- ``set_adapter(names)``, ``active_adapters`` (list), ``delete_adapter(name)``, ``merged_adapters`` (list), ``merged`` (bool),
   ``disable_adapters`` (bool), ``r`` (dict), ``randlora_lambda`` / ``randlora_gamma``
   (``nn.ParameterDict`` by adapter name);
 - writable ``mixed_adapters`` (``None``, or a mixed-adapter call's adapter name per batch row) and
   ``inference_cache`` (``None``, or the model's :class:`~randlora_core.inference_cache.InferenceCache`),
   both set by the model;
 - ``_param_dtype()`` and ``_param_device()``: dtype and device of a new adapter's lambda/gamma
-  (loading a checkpoint converts its values to them before the model changes).
+  (loading a checkpoint converts its values to them before the model changes), and
+  ``adapter_dtype(autocast_adapter_dtype)``, that dtype after ``autocast_adapter_dtype``.
 
 :class:`RandLoraLayer` states this protocol for the type checker.
 
@@ -68,6 +69,7 @@ class RandLoraLayer(Protocol):
     fan_in_fan_out: bool
     layer_name: str
     r: dict[str, int]
+    active_adapters: list[str]
     merged_adapters: list[str]
     disable_adapters: bool
     randlora_lambda: nn.ParameterDict
@@ -80,7 +82,14 @@ class RandLoraLayer(Protocol):
         """True while any adapter is merged into the base weight."""
         ...
 
-    def update_layer(self, adapter_name: str, config: RandLoraConfig, bases_module: RandLoraBases) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: RandLoraConfig,
+        bases_module: RandLoraBases,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         """Add an adapter."""
         ...
 
@@ -115,6 +124,10 @@ class RandLoraLayer(Protocol):
     def _param_dtype(self) -> torch.dtype: ...
 
     def _param_device(self) -> torch.device: ...
+
+    def adapter_dtype(self, autocast_adapter_dtype: bool = True) -> torch.dtype:
+        """Dtype of a new adapter's lambda/gamma."""
+        ...
 
 
 if TYPE_CHECKING:

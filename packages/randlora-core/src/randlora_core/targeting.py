@@ -119,7 +119,8 @@ def select_targets(
     """Names of the modules ``config`` targets in ``model``, in model order; validates without modifying.
 
     Raises:
-        ConfigError: ``target_modules`` is not set (core has no per-architecture defaults), or a
+        ConfigError: ``target_modules`` is not set (planning resolves ``None`` to the model's
+            defaults first, :mod:`randlora_core.defaults`), or a
             ``target_modules`` / ``exclude_modules`` string is not a valid regular expression.
         TargetModuleError: nothing matches, or a match cannot be adapted (the message lists names).
 
@@ -127,7 +128,7 @@ def select_targets(
     targets = config.target_modules
     if targets is None:
         raise ConfigError(
-            "target_modules: must be set (names, a regex, or 'all-linear'); randlora-core has no per-architecture defaults"
+            "target_modules: must be set (names, a regex, or 'all-linear'); resolve None with randlora_core.defaults first"
         )
     _check_patterns(config)
     modules = visible_modules(model, opaque)

@@ -89,6 +89,8 @@ def model_state(model: nn.Module) -> dict[str, object]:
     """
 
     def raw(t: torch.Tensor) -> tuple[str, tuple[int, ...], bytes]:
+        if t.is_meta:  # no data (low_cpu_mem_usage): dtype and shape are all there is
+            return str(t.dtype), tuple(t.shape), b"meta"
         flat = t.detach().cpu().contiguous().reshape(-1)
         return str(t.dtype), tuple(t.shape), flat.view(torch.uint8).numpy().tobytes()
 

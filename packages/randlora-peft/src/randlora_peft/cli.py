@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from randlora_peft import lora_command
 from randlora_peft.convert import (
     PEFT_CONFIG_NAME,
     LayerShape,
@@ -86,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
         help="to randlora: store PEFT's bases in their file dtype (float32) even when bfloat16 holds them exactly",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    lora_command.add_parser(sub)
     return parser
 
 
@@ -223,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "convert":
             return convert(args)
+        if args.command == lora_command.COMMAND:
+            return lora_command.run(args)
     except RandLoraError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
