@@ -62,8 +62,6 @@ NO_TORCH = "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is no
 PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
 IMPLEMENTATIONS = {"reference": [SPEC], **PRESENT}
 DISTRIBUTIONS = list(dict.fromkeys(p for paths in IMPLEMENTATIONS.values() for p in paths))  # dependencies first
-# The distributions mypy.ini checks (randlora-jax is not among them yet).
-TYPE_CHECKED = list(dict.fromkeys(p for name in ("core", "peft", "bnb") for p in PRESENT.get(name, [])))
 # Extras the README examples need: its Accelerate example runs on randlora-core[distributed].
 README_EXTRAS = {"randlora-core": "[distributed]"}
 # torch 2.13's deprecation notice for torch.jit.script_method (its own torch.utils.mkldnn, imported
@@ -103,8 +101,8 @@ def lint(session: nox.Session) -> None:
     sources = [str(ROOT / paths[-1] / "src") for paths in PACKAGES.values()]
     session.run("lint-imports", env={"PYTHONPATH": os.pathsep.join([str(ROOT / "spec" / "src"), *sources, str(ROOT)])})
     # mypy reads the sources through mypy_path; installing the packages brings the dependencies whose
-    # types it checks against (torch, numpy, pydantic, safetensors, peft, transformers, bitsandbytes).
-    _install(session, TYPE_CHECKED, "mypy==2.4.1")
+    # types it checks against (torch, numpy, pydantic, safetensors, peft, transformers, bitsandbytes, jax, flax).
+    _install(session, DISTRIBUTIONS, "mypy==2.4.1")
     session.run("mypy")
 
 
