@@ -82,10 +82,14 @@ def _build(a_s: torch.Tensor, b_flat: torch.Tensor, nb: int) -> SparseWindow:
     entry = starts[row_k] + offsets
     col = j_idx[entry]
     crow = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-    pattern = torch.sparse_csr_tensor(crow, col, torch.zeros(col.numel(), dtype=a_s.dtype, device=a_s.device), (r * nb, m))
+    pattern = torch.sparse_csr_tensor(
+        crow, col, torch.zeros(col.numel(), dtype=a_s.dtype, device=a_s.device), (r * nb, m), check_invariants=False
+    )
     order = torch.argsort(col * (r * nb) + row, stable=True)
     crow_t = torch.cat([counts.new_zeros(1), torch.cumsum(torch.bincount(col, minlength=m), 0)])
-    pattern_t = torch.sparse_csr_tensor(crow_t, row[order], torch.zeros_like(pattern.values()), (m, r * nb))
+    pattern_t = torch.sparse_csr_tensor(
+        crow_t, row[order], torch.zeros_like(pattern.values()), (m, r * nb), check_invariants=False
+    )
     return SparseWindow(
         b=b_flat.to_sparse_csr(),
         bt=b_flat.T.contiguous().to_sparse_csr(),
@@ -130,12 +134,17 @@ def _values(win: SparseWindow, adapters: Adapters) -> torch.Tensor:
 
 def _csr(pattern: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     with _quiet():
-        return torch.sparse_csr_tensor(pattern.crow_indices(), pattern.col_indices(), values, pattern.shape)
+        return torch.sparse_csr_tensor(
+            pattern.crow_indices(), pattern.col_indices(), values, pattern.shape, check_invariants=False
+        )
 
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """Silence torch's notice that sparse CSR support is in beta: these kernels are tested against the dense ones."""
+    """Silence torch's notice that sparse CSR support is in beta: these kernels are tested against the dense ones.
+
+    Invariant checks are off (``check_invariants=False``): the structures are built here, valid by construction.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
         yield
