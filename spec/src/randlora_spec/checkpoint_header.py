@@ -16,6 +16,7 @@ from typing import Any
 from randlora_spec.bases import PORTABLE_RULE, BasesShape, num_bases
 from randlora_spec.config import BOOKKEEPING_FIELDS, SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
+from randlora_spec.geometry import Sides
 from randlora_spec.safetensors_io import TensorSpec
 from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief, parse_json
 
@@ -45,22 +46,12 @@ REQUIRED_METADATA = (
 
 
 @dataclass(frozen=True)
-class LayerRecord:
+class LayerRecord(Sides):
     """The base layer an adapter was trained on: its sizes and weight layout."""
 
     in_features: int
     out_features: int
     fan_in_fan_out: bool = False
-
-    @property
-    def m(self) -> int:
-        """Smaller side of the layer."""
-        return min(self.in_features, self.out_features)
-
-    @property
-    def M(self) -> int:  # noqa: N802 - the spec's symbol
-        """Larger side of the layer."""
-        return max(self.in_features, self.out_features)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ adapter_config.json files convert both ways.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -18,6 +19,9 @@ from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief
 
 SPEC_VERSION = "1.0"
 """Version of SPEC.md this package implements (major.minor; a new major breaks compatibility)."""
+
+ALL_LINEAR = "all-linear"
+"""The ``target_modules`` value that selects every linear layer but the output head (SPEC 2.3)."""
 
 BOOKKEEPING_FIELDS = ("task_type", "base_model_name_or_path", "revision", "auto_mapping")
 """PEFT's bookkeeping fields, kept as config fields with PEFT's meaning (SPEC 2.1): they say what the
@@ -155,6 +159,20 @@ class RandLoraConfig(BaseModel):
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise PydanticCustomError("combination", "layers_pattern: only meaningful together with layers_to_transform")
         return self
+
+    def check_patterns(self) -> None:
+        """Raise :class:`ConfigError` unless every ``target_modules`` / ``exclude_modules`` string is a valid regex.
+
+        Checked when the config is applied to a model rather than at construction, so that a config
+        naming a pattern stays constructible and serialisable as PEFT's is (SPEC 2.3).
+        """
+        for field in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, field)
+            if isinstance(pattern, str) and pattern.lower() != ALL_LINEAR:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({exc})") from None
 
     @property
     def scaling(self) -> float:

@@ -38,13 +38,11 @@ def num_bases(m: int, r: int) -> int:
     return -(-m // r)
 
 
-@dataclass(frozen=True)
-class LayerGeometry:
-    """Sizes derived from a layer's (in_features, out_features) and the adapter rank r (SPEC 3.1)."""
+class Sides:
+    """A layer's two sides, ``in_features`` and ``out_features``, and the spec's names for them (SPEC 3.1)."""
 
     in_features: int
     out_features: int
-    r: int
 
     @property
     def m(self) -> int:
@@ -55,6 +53,15 @@ class LayerGeometry:
     def M(self) -> int:  # noqa: N802 - the spec's symbol
         """The larger side."""
         return max(self.in_features, self.out_features)
+
+
+@dataclass(frozen=True)
+class LayerGeometry(Sides):
+    """Sizes derived from a layer's (in_features, out_features) and the adapter rank r (SPEC 3.1)."""
+
+    in_features: int
+    out_features: int
+    r: int
 
     @property
     def nb(self) -> int:

@@ -23,10 +23,9 @@ from collections.abc import Callable
 
 from torch import nn
 
-from randlora_spec.config import RandLoraConfig
+from randlora_spec.config import ALL_LINEAR, RandLoraConfig
 from randlora_spec.errors import ConfigError, TargetModuleError
 
-ALL_LINEAR = "all-linear"
 MAX_LISTED = 10
 
 
@@ -78,17 +77,6 @@ def output_head_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) ->
     return {name for name, _ in modules if name == "lm_head" or name.endswith(".lm_head")}
 
 
-def _check_patterns(config: RandLoraConfig) -> None:
-    """``target_modules`` / ``exclude_modules`` strings must be valid regular expressions."""
-    for field in ("target_modules", "exclude_modules"):
-        pattern = getattr(config, field)
-        if isinstance(pattern, str) and pattern.lower() != ALL_LINEAR:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"{field}: {pattern!r} is not a valid regular expression ({exc})") from None
-
-
 Named = list[tuple[str, nn.Module]]
 
 
@@ -130,7 +118,7 @@ def select_targets(
         raise ConfigError(
             "target_modules: must be set (names, a regex, or 'all-linear'); resolve None with randlora_core.defaults first"
         )
-    _check_patterns(config)
+    config.check_patterns()
     modules = visible_modules(model, opaque)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, modules)

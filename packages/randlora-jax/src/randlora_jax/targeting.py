@@ -13,10 +13,9 @@ from typing import Any
 
 from flax import nnx
 
-from randlora_spec.config import RandLoraConfig
+from randlora_spec.config import ALL_LINEAR, RandLoraConfig
 from randlora_spec.errors import ConfigError, TargetModuleError
 
-ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"
 LISTED = 10
 
@@ -74,16 +73,6 @@ def saved_or_inside(name: str, modules_to_save: list[str] | None) -> bool:
     )
 
 
-def _check_regexes(config: RandLoraConfig) -> None:
-    for field in ("target_modules", "exclude_modules"):
-        value = getattr(config, field)
-        if isinstance(value, str) and value.lower() != ALL_LINEAR:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ConfigError(f"{field}: {value!r} is not a valid regular expression ({exc})") from None
-
-
 def select(
     root: nnx.Module, config: RandLoraConfig, adaptable: Callable[[Any], bool], opaque: Callable[[Any], bool]
 ) -> list[str]:
@@ -96,7 +85,7 @@ def select(
     """
     if config.target_modules is None:
         raise ConfigError("target_modules: must be set (names, a regex, or 'all-linear'); randlora-jax has no defaults")
-    _check_regexes(config)
+    config.check_patterns()
     found = list(modules(root, opaque))
     target = config.target_modules
     what = f"target_modules={target!r}"
