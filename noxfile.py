@@ -56,7 +56,7 @@ PACKAGES: dict[str, list[str]] = {
     "jax": [SPEC, "packages/randlora-jax"],
 }
 # Test dependencies a package's own tests need beyond TEST_DEPS.
-EXTRA_TEST_DEPS: dict[str, list[str]] = {"jax": ["optax>=0.2.4"]}
+EXTRA_TEST_DEPS: dict[str, list[str]] = {"jax": ["optax>=0.2.4"], "peft": ["ruff==0.17.6"]}  # peft: test_structure runs ruff
 CORE = "packages/randlora-core"
 NO_TORCH = "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 PRESENT = {name: paths for name, paths in PACKAGES.items() if (ROOT / paths[-1] / "pyproject.toml").is_file()}
@@ -183,19 +183,19 @@ def bench_jax(session: nox.Session) -> None:
 
 @_session
 def fuzz(session: nox.Session) -> None:
-    """Long fuzzing budget for the parsers of untrusted input (spec) and core's load_adapter; prints how many cases ran."""
-    _install(session, PACKAGES["core"], *TEST_DEPS)
+    """Long fuzzing of untrusted input: spec's parsers, core's load_adapter, randlora-peft's directory reader and sidecar."""
+    _install(session, PACKAGES["peft"], *TEST_DEPS)  # spec and core come with it
     examples = session.posargs[0] if session.posargs else "20000"
+    options = ["-q", "-p", "no:cacheprovider", "--hypothesis-show-statistics"]
     session.run(
         "pytest",
         "spec/tests/test_fuzz.py",
         "packages/randlora-core/tests/test_fuzz_load.py",
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "--hypothesis-show-statistics",
+        *options,
         env={"RANDLORA_FUZZ_EXAMPLES": examples},
     )
+    # A run of its own: the two packages' tests each have a conftest.py, imported under one module name.
+    session.run("pytest", "packages/randlora-peft/tests/test_fuzz_peft.py", *options, env={"RANDLORA_FUZZ_EXAMPLES": examples})
 
 
 @_session

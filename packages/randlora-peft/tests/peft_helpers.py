@@ -92,3 +92,26 @@ def same_module_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def np_equal(a: np.ndarray, b: np.ndarray) -> bool:
     """Exact equality of values (dtype-independent)."""
     return a.shape == b.shape and bool(np.array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64)))
+
+
+def portable_checkpoint(save_projection: bool = True, seed: int = 0, scale: float = 1.0, alpha: float = 8.0) -> object:
+    """A small randlora checkpoint under the portable rule: layers ``blk.q`` (16x16) and ``blk.v`` (16 -> 24), r = 4.
+
+    ``seed`` and ``scale`` vary lambda and gamma, ``alpha`` the config, so two checkpoints can differ in every file.
+    """
+    from randlora_spec.bases import BasesShape, generate_bases
+    from randlora_spec.checkpoint import AdapterCheckpoint, LayerRecord
+    from randlora_spec.config import RandLoraConfig
+
+    cfg = RandLoraConfig(
+        r=4, randlora_alpha=alpha, target_modules=["q", "v"], save_projection=save_projection, projection_prng_key=3
+    )
+    layers = {"blk.q": LayerRecord(16, 16), "blk.v": LayerRecord(16, 24)}
+    shape = BasesShape(r=4, m_max=16, M_max=24, nb_max=4)
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for path in layers:
+        tensors[path + ".randlora_lambda"] = (scale * rng.standard_normal((4, 4))).astype(np.float32)
+        tensors[path + ".randlora_gamma"] = (scale * rng.standard_normal((4, 16))).astype(np.float32)
+    bases = generate_bases(3, shape) if save_projection else None
+    return AdapterCheckpoint(config=cfg, adapter_name="default", layers=layers, bases_shape=shape, tensors=tensors, bases=bases)

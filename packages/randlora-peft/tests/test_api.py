@@ -7,9 +7,46 @@ import inspect
 import pytest
 
 import randlora_peft
-from randlora_peft import _accelerated, accelerate, cli, convert, driver, interop
+from randlora_peft import (
+    _accelerated,
+    accelerate,
+    cli,
+    commands,
+    convert,
+    directory,
+    driver,
+    hints,
+    interop,
+    layout,
+    limits,
+    peft_bases,
+    publish,
+    reader,
+    shapes,
+    sidecar,
+    writer,
+)
 
-MODULES = [randlora_peft, _accelerated, accelerate, cli, convert, driver, interop]
+MODULES = [
+    randlora_peft,
+    _accelerated,
+    accelerate,
+    cli,
+    commands,
+    convert,
+    directory,
+    driver,
+    hints,
+    interop,
+    layout,
+    limits,
+    peft_bases,
+    publish,
+    reader,
+    shapes,
+    sidecar,
+    writer,
+]
 
 
 def _public(module):

@@ -299,3 +299,32 @@ def test_peft_loads_what_we_write_for_gpt2_layers(tmp_path):
     layer = pm.base_model.model.transformer.h[0].attn.c_attn
     assert np_equal(layer.randlora_A["default"].numpy(), ckpt.bases[0])
     assert np_equal(layer.randlora_lambda["default"].detach().numpy(), tensors["transformer.h.0.attn.c_attn.randlora_lambda"])
+
+
+@pytest.mark.parametrize("very_sparse", [False, True])
+def test_larger_allocation_without_stored_bases_comes_back_loadable(tmp_path, very_sparse):
+    """A core adapter saved without bases from a model whose allocation is larger than its own layers need."""
+    from randlora_core import load_adapter
+
+    layers = {"blk.q": LayerRecord(16, 16), "blk.v": LayerRecord(16, 24)}
+    cfg = RandLoraConfig(r=4, target_modules=["q", "v"], save_projection=False, projection_prng_key=3, very_sparse=very_sparse)
+    union = BasesShape(r=4, m_max=20, M_max=40, nb_max=5)  # another adapter of the model had larger layers
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for path in layers:
+        tensors[path + ".randlora_lambda"] = rng.standard_normal((4, 4)).astype(np.float32)
+        tensors[path + ".randlora_gamma"] = rng.standard_normal((4, 16)).astype(np.float32)
+    ckpt = AdapterCheckpoint(config=cfg, adapter_name="default", layers=layers, bases_shape=union, tensors=tensors)
+    back = read_peft_adapter(write_peft_adapter(ckpt, tmp_path / "peft"))
+    assert back.config.basis_rule == PORTABLE_RULE and back.bases is None
+    assert back.bases_shape == (union if very_sparse else BasesShape(r=4, m_max=16, M_max=24, nb_max=4))
+    if very_sparse:
+        return
+    a_union, b_union = generate_bases(3, union)  # what the layers read from the larger allocation ...
+    a_own, b_own = generate_bases(3, back.bases_shape)  # ... is what a reader of the converted file regenerates
+    assert np.array_equal(a_union[:, :, :16], a_own) and np.array_equal(b_union[:24, :4, :], b_own)
+    spec_ckpt.save(tmp_path / "back.safetensors", back)
+    model = torch.nn.Module()
+    model.blk = torch.nn.Module()
+    model.blk.q, model.blk.v = torch.nn.Linear(16, 16), torch.nn.Linear(16, 24)
+    load_adapter(model, tmp_path / "back.safetensors")  # randlora-core refuses the larger allocation without bases

@@ -4,44 +4,50 @@
 randlora checkpoint file (format v1), in the direction SRC implies (a directory holding
 ``adapter_config.json`` -> a ``.safetensors`` file of ours; a ``.safetensors`` file of ours -> a
 PEFT directory), or as ``--to-randlora`` / ``--to-peft`` say. It prints both sizes in bytes and
-their ratio. Exit status: 0 on success, 1 when the input is rejected, 2 for usage errors.
+their ratio. ``randlora-peft to-lora SRC DST --rank R`` exports a RandLoRA adapter as a PEFT LoRA
+directory (:mod:`randlora_peft.lora_command`). Both commands take ``--json`` (one JSON object on
+stdout, the result or the error) and ``--quiet`` (nothing on success). Exit status: 0 on success, 1 when
+the command fails (rejected input, or an operating-system error such as a full disk), 2 for
+usage errors. Every failure prints one line, ``randlora-peft: error: ...``, never a traceback
+(set ``RANDLORA_PEFT_TRACEBACK=1`` to get one when debugging); a usage error's line names the
+command (``randlora-peft convert: error: ...``) and points to its ``--help``.
+
+This module imports only the standard library at import time, so ``--help`` and ``--version`` are
+fast; the conversion's modules (torch, PEFT) are imported when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import sys
-import warnings
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-import torch
-from torch import nn
+from randlora_peft import __version__, lora_command
 
-from randlora_peft import lora_command
-from randlora_peft.convert import (
-    PEFT_CONFIG_NAME,
-    LayerShape,
-    MachineDependentBasesWarning,
-    directory_bytes,
-    read_peft_adapter,
-    read_peft_config,
-    size_ratio,
-    write_peft_adapter,
-)
-from randlora_spec import checkpoint as spec_ckpt
-from randlora_spec.bases import PORTABLE_RULE
-from randlora_spec.errors import CheckpointError, RandLoraError
-from randlora_spec.safetensors_io import atomic_write_bytes
+if TYPE_CHECKING:
+    from randlora_peft.commands import Outcome
 
 PROG = "randlora-peft"
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line too (the usage itself is under ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``PROG [command]: error: message (see ... --help)`` and exit with :data:`EXIT_USAGE`."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Bridge between PEFT's RandLoRA and randlora checkpoints.")
+    parser = _Parser(prog=PROG, description="Bridge between PEFT's RandLoRA and randlora checkpoints.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser(
         "convert",
@@ -74,8 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--per-layer-bases", action="store_true", help="to PEFT: also write PEFT's redundant per-layer copies of the bases"
     )
-    conv.add_argument("--task-type", help="to PEFT: task_type for adapter_config.json (e.g. CAUSAL_LM)")
-    conv.add_argument("--base-model-name-or-path", help="to PEFT: base_model_name_or_path for adapter_config.json")
+    conv.add_argument(
+        "--task-type", help="to PEFT: task_type for adapter_config.json (e.g. CAUSAL_LM; default: the one SRC carries)"
+    )
+    conv.add_argument(
+        "--base-model-name-or-path", help="to PEFT: base_model_name_or_path for adapter_config.json (default: SRC's)"
+    )
     conv.add_argument(
         "--no-regenerate",
         action="store_true",
@@ -87,62 +97,49 @@ def _parser() -> argparse.ArgumentParser:
         help="to randlora: store PEFT's bases in their file dtype (float32) even when bfloat16 holds them exactly",
     )
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    lora_command.add_parser(sub)
+    add_output_flags(conv)
+    conv.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress lines on stderr (auto: when stderr is a terminal and neither --quiet nor --json is given)",
+    )
+    add_output_flags(lora_command.add_parser(sub))
     return parser
 
 
-def _load_layer_shapes(path: Path) -> dict[str, LayerShape]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read layer shapes ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: layer shapes must be a JSON object of module path -> shape")
-    shapes: dict[str, LayerShape] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            value = [value.get("in_features"), value.get("out_features"), bool(value.get("fan_in_fan_out", False))]
-        if not isinstance(value, list) or len(value) not in (2, 3) or not all(isinstance(v, (int, bool)) for v in value):
-            raise CheckpointError(f"{path}: shape of {key!r} must be [in_features, out_features(, fan_in_fan_out)]")
-        shapes[key] = (int(value[0]), int(value[1]), bool(value[2])) if len(value) == 3 else (int(value[0]), int(value[1]))
-    return shapes
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` and ``--json``, which every command takes (they exclude each other)."""
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--quiet", "-q", action="store_true", help="print nothing on success (errors still go to stderr)")
+    output.add_argument("--json", action="store_true", help="print one JSON object (the result, or the error) on stdout")
 
 
-def model_from_config(location: Path, adapter_config: dict[str, Any]) -> nn.Module:
-    """The base model built from a local transformers config on the meta device (no weights, no network).
+class Progress:
+    """Stage lines (``[  1.2s] reading ...``) on stderr, or nothing when disabled."""
 
-    The class is the adapter config's ``auto_mapping.base_model_class`` when it names a transformers
-    class, else ``AutoModelForCausalLM``, else ``AutoModel``.
-    """
-    import transformers
+    def __init__(self, enabled: bool, stream: TextIO | None = None) -> None:
+        """``enabled``: print at all; ``stream``: where (default stderr)."""
+        self.enabled = enabled
+        self.stream = stream
+        self.start = time.monotonic()
 
-    directory = location.parent if location.is_file() else location
-    if not directory.is_dir():
-        raise CheckpointError(f"--base-model {location}: not a local directory or config.json file")
-    try:
-        config = transformers.AutoConfig.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"--base-model {location}: cannot read a transformers config ({exc})") from None
-    auto = adapter_config.get("auto_mapping") or {}
-    cls = None
-    library, name = auto.get("parent_library"), auto.get("base_model_class")
-    if isinstance(library, str) and isinstance(name, str) and library.startswith("transformers."):
-        try:
-            cls = getattr(importlib.import_module(library), name, None)
-        except ImportError:
-            cls = None
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if cls is not None:
-            return cls(config)
-        try:
-            return transformers.AutoModelForCausalLM.from_config(config)
-        except ValueError:
-            return transformers.AutoModel.from_config(config)
+    def __call__(self, message: str) -> None:
+        """Report that the stage ``message`` begins."""
+        if self.enabled:
+            print(f"[{time.monotonic() - self.start:6.1f}s] {message}", file=self.stream or sys.stderr, flush=True)
+
+
+def _progress_for(args: argparse.Namespace) -> Progress:
+    if args.progress == "always":
+        return Progress(True)
+    if args.progress == "never" or args.quiet or args.json:
+        return Progress(False)
+    return Progress(sys.stderr.isatty())
 
 
 def _format_sizes(before: int, after: int, src_desc: str, dst_desc: str) -> list[str]:
-    ratio = size_ratio(before, after)
+    ratio = after / before if before else float("inf")
     factor = f"{1 / ratio:.2f}x smaller" if 0 < ratio <= 1 else f"{ratio:.2f}x larger"
     return [
         f"before: {before:>14,d} bytes  {src_desc}",
@@ -151,86 +148,83 @@ def _format_sizes(before: int, after: int, src_desc: str, dst_desc: str) -> list
     ]
 
 
-def _direction(args: argparse.Namespace) -> str:
-    src: Path = args.src
-    if args.to_peft or args.to_randlora:
-        return "to-peft" if args.to_peft else "to-randlora"
-    if src.is_dir():
-        if (src / PEFT_CONFIG_NAME).is_file():
-            return "to-randlora"
-        raise CheckpointError(f"{src}: a directory without {PEFT_CONFIG_NAME}; not a PEFT adapter directory")
-    if src.is_file():
-        return "to-peft"
-    raise CheckpointError(f"{src}: no such file or directory")
+def _text_report(outcome: Outcome) -> list[str]:
+    peft_desc, ours_desc = "(PEFT adapter directory)", "(randlora checkpoint)"
+    if outcome.direction == "to-randlora":
+        head = f"converted PEFT adapter {outcome.src} -> randlora checkpoint {outcome.dst}"
+        return [head, *_format_sizes(outcome.before, outcome.after, peft_desc, ours_desc)]
+    head = f"converted randlora checkpoint {outcome.src} -> PEFT adapter {outcome.dst}"
+    return [head, *_format_sizes(outcome.before, outcome.after, ours_desc, peft_desc)]
+
+
+def _json_report(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "direction": outcome.direction,
+        "src": str(outcome.src),
+        "dst": str(outcome.dst),
+        "before_bytes": outcome.before,
+        "after_bytes": outcome.after,
+        "ratio": outcome.after / outcome.before if outcome.before else None,
+        "bookkeeping": outcome.bookkeeping,
+        "warnings": outcome.warnings,
+    }
 
 
 def convert(args: argparse.Namespace, out: Any = None) -> int:
-    """Run ``convert`` for parsed arguments, reporting to ``out`` (default: stdout); returns the exit status."""
+    """Run ``convert`` for parsed arguments, reporting to ``out`` (default: stdout); returns the exit status.
+
+    Raises the conversion's errors (:class:`~randlora_spec.errors.RandLoraError`, ``OSError``);
+    :func:`main` turns them into one line and a non-zero status.
+    """
+    from randlora_peft.commands import run_convert
+
     out = sys.stdout if out is None else out
-    direction = _direction(args)
-    src: Path = args.src
-    dst: Path = args.dst
-    if dst.exists() and not args.overwrite:
-        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
-    if direction == "to-randlora":
-        if not src.is_dir():
-            raise CheckpointError(f"{src}: --to-randlora needs a PEFT adapter directory")
-        model = None
-        shapes = None
-        if args.base_model is not None:
-            model = model_from_config(args.base_model, read_peft_config(src))
-        if args.layer_shapes is not None:
-            shapes = _load_layer_shapes(args.layer_shapes)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", MachineDependentBasesWarning)
-            ckpt = read_peft_adapter(
-                src,
-                model=model,
-                layer_shapes=shapes,
-                adapter_name=args.adapter_name,
-                regenerate_missing_bases=not args.no_regenerate,
-                compact_bases=not args.no_compact_bases,
-            )
-        for w in caught:
-            if issubclass(w.category, MachineDependentBasesWarning):
-                print(f"warning: {w.message}", file=sys.stderr)
-        blob = spec_ckpt.to_bytes(ckpt)
-        if dst.is_dir():
-            raise CheckpointError(f"{dst} is a directory; --to-randlora writes a .safetensors file")
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dst, blob)
-        before, after = directory_bytes(src), dst.stat().st_size
-        print(f"converted PEFT adapter {src} -> randlora checkpoint {dst}", file=out)
-        lines = _format_sizes(before, after, "(PEFT adapter directory)", "(randlora checkpoint)")
-    else:
-        if not src.is_file():
-            raise CheckpointError(f"{src}: --to-peft needs a randlora checkpoint file")
-        ckpt = spec_ckpt.load(src, supported_basis_rules=(PORTABLE_RULE,))
-        if dst.exists() and not dst.is_dir():
-            raise CheckpointError(f"{dst} exists and is not a directory; --to-peft writes a directory")
-        info = {"task_type": args.task_type, "base_model_name_or_path": args.base_model_name_or_path}
-        info = {k: v for k, v in info.items() if v is not None}
-        write_peft_adapter(ckpt, dst, per_layer_bases=args.per_layer_bases, peft_info=info)
-        before, after = src.stat().st_size, directory_bytes(dst)
-        print(f"converted randlora checkpoint {src} -> PEFT adapter {dst}", file=out)
-        lines = _format_sizes(before, after, "(randlora checkpoint)", "(PEFT adapter directory)")
-    for line in lines:
-        print(line, file=out)
+    outcome = run_convert(args, _progress_for(args))
+    if args.json:
+        print(json.dumps(_json_report(outcome)), file=out)
+        return 0
+    for note in outcome.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if not args.quiet:
+        print("\n".join(_text_report(outcome)), file=out)
     return 0
+
+
+def model_from_config(location: Path, adapter_config: dict[str, Any]) -> Any:
+    """The base model built from a local transformers config on the meta device (see :mod:`randlora_peft.commands`)."""
+    from randlora_peft.commands import model_from_config as build
+
+    return build(location, adapter_config)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming what failed: the error's message, with the path and reason for an OS error."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    from randlora_spec.errors import RandLoraError
+
+    return text if isinstance(exc, RandLoraError) else f"{type(exc).__name__}: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``randlora-peft`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
     try:
-        if args.command == "convert":
-            return convert(args)
-        if args.command == lora_command.COMMAND:
-            return lora_command.run(args)
-    except RandLoraError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    return 2  # pragma: no cover - argparse enforces a command
+        return lora_command.run(args) if args.command == lora_command.COMMAND else convert(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("RANDLORA_PEFT_TRACEBACK") == "1":
+            raise
+        message = describe_error(exc)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": message, "exit_status": EXIT_FAILED}))
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

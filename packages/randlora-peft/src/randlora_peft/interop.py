@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from randlora_peft.convert import read_peft_adapter, write_peft_adapter
+from randlora_peft.reader import read_peft_adapter
+from randlora_peft.writer import write_peft_adapter
 from randlora_spec.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -85,11 +86,13 @@ def save_peft_adapter(
 
     Args:
         randlora_model: a ``randlora_core.RandLoraModel``.
-        out_dir: directory to create or overwrite files in.
+        out_dir: the directory to create, or to replace as a whole, atomically (other entries in it are
+            kept; see :mod:`randlora_peft.publish`).
         adapter_name: the adapter to write (default: the first active one).
         per_layer_bases: also write PEFT's redundant per-layer copies of the bases.
         peft_info: PEFT bookkeeping for ``adapter_config.json`` (``task_type``,
-            ``base_model_name_or_path``, ``revision``, ``auto_mapping``).
+            ``base_model_name_or_path``, ``revision``, ``auto_mapping``), set on or overriding the
+            adapter config's own.
 
     Returns:
         The directory written.

@@ -3,12 +3,15 @@
 Only the standard library is imported here, so registering the command costs the CLI nothing; the
 export (:mod:`randlora_peft.lora_export`, torch) is imported when the command runs. The command
 prints one line per layer and a total: the LoRA rank, the captured energy and the relative
-Frobenius error of delta-W.
+Frobenius error of delta-W (``--json``: the same as one JSON object; ``--quiet``: nothing). DST
+is put in place as a whole (:func:`randlora_peft.publish.publish_directory`): a failed export
+leaves no DST, or the old one untouched.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,8 +30,8 @@ def _rank(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def add_parser(sub: Any) -> None:
-    """Register ``to-lora`` on the CLI's subparsers."""
+def add_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register ``to-lora`` on the CLI's subparsers; returns its parser (the CLI adds ``--quiet``/``--json``)."""
     parser = sub.add_parser(
         COMMAND,
         help="export a RandLoRA adapter as a PEFT LoRA adapter (truncated SVD of each delta-W)",
@@ -43,6 +46,30 @@ def add_parser(sub: Any) -> None:
         "--rank", type=_rank, required=True, help="LoRA rank (integer), or the share of energy to keep per layer (0 < R <= 1)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace the adapter files DST already holds")
+    return parser
+
+
+def _json_report(args: argparse.Namespace, export: Any) -> dict[str, Any]:
+    layers = [
+        {
+            "path": layer.path,
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "rank": layer.rank,
+            "captured_energy": layer.captured_energy,
+            "relative_error": layer.relative_error,
+        }
+        for layer in export.layers
+    ]
+    return {
+        "ok": True,
+        "command": COMMAND,
+        "src": str(args.src),
+        "dst": str(args.dst),
+        "layers": layers,
+        "captured_energy": export.captured_energy,
+        "relative_error": export.relative_error,
+    }
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -51,6 +78,11 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     out = sys.stdout if out is None else out
     export = save_as_lora(args.src, args.dst, args.rank, overwrite=args.overwrite)
+    if getattr(args, "json", False):
+        print(json.dumps(_json_report(args, export)), file=out)
+        return 0
+    if getattr(args, "quiet", False):
+        return 0
     print(f"exported {args.src} -> PEFT LoRA adapter {args.dst}", file=out)
     for layer in export.layers:
         print(

@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from randlora_spec import checkpoint as spec_ckpt
-from randlora_spec.atomic_write import atomic_write_bytes
 from randlora_spec.errors import CheckpointError, ConfigError
 from randlora_spec.geometry import LayerGeometry
 
@@ -213,7 +212,9 @@ def read_adapter(
         from randlora_peft import read_peft_adapter
 
         return read_peft_adapter(path, model=model, layer_shapes=layer_shapes)
-    return spec_ckpt.load(path)
+    from randlora_peft.commands import read_checkpoint_file
+
+    return read_checkpoint_file(path, command="to-lora")[0]
 
 
 def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -228,7 +229,11 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> Path:
 
 
 def write_lora(export: LoraExport, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write ``export`` as a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``), atomically per file.
+    """Write ``export`` as a PEFT LoRA directory (``adapter_config.json``, ``adapter_model.safetensors``).
+
+    The directory is put in place as a whole (:func:`randlora_peft.publish.publish_directory`):
+    readers see the old files or the new ones, never a mix, and a failure (a full disk, no
+    permission) leaves ``out_dir`` as it was. Other entries of an existing ``out_dir`` are kept.
 
     Raises:
         CheckpointError: ``out_dir`` is a file, or already holds an adapter and ``overwrite`` is false.
@@ -236,11 +241,15 @@ def write_lora(export: LoraExport, out_dir: str | Path, overwrite: bool = False)
     """
     from safetensors.torch import save as encode_tensors
 
+    from randlora_peft.publish import publish_directory
+
     out = check_out_dir(out_dir, overwrite)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / LORA_WEIGHTS_FILE, encode_tensors(export.tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(out / LORA_CONFIG_FILE, (json.dumps(export.config, indent=2, sort_keys=True) + "\n").encode())
-    return out
+    files = {
+        LORA_WEIGHTS_FILE: encode_tensors(export.tensors, metadata={"format": "pt"}),
+        LORA_CONFIG_FILE: (json.dumps(export.config, indent=2, sort_keys=True) + "\n").encode(),
+    }
+    # check_out_dir refused an adapter already there unless overwrite: the rest of out_dir is carried over
+    return publish_directory(files, out, overwrite=True)
 
 
 def save_as_lora(
