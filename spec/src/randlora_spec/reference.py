@@ -12,7 +12,7 @@ between CPUs; this does not, so the golden fixtures are byte-identical on every 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,9 +200,8 @@ def merge(
 ) -> np.ndarray:
     """Weight (in its storage layout) with the named adapters' delta-W added (SPEC 3.7)."""
     w: np.ndarray = np.asarray(weight, np.float64).copy()
-    in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
-    for adapter in _active(adapters, names):
-        w += delta_weight(LayerGeometry(in_f, out_f, adapter.r), adapter, a, b, fan_in_fan_out)
+    for delta in _deltas(w.shape, _active(adapters, names), a, b, fan_in_fan_out):
+        w += delta
     return w
 
 
@@ -216,10 +215,18 @@ def unmerge(
 ) -> np.ndarray:
     """Inverse of :func:`merge`: subtracts the named adapters' delta-W, in reverse order."""
     w: np.ndarray = np.asarray(weight, np.float64).copy()
-    in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
-    for adapter in reversed(_active(adapters, names)):
-        w -= delta_weight(LayerGeometry(in_f, out_f, adapter.r), adapter, a, b, fan_in_fan_out)
+    for delta in _deltas(w.shape, list(reversed(_active(adapters, names))), a, b, fan_in_fan_out):
+        w -= delta
     return w
+
+
+def _deltas(
+    shape: tuple[int, ...], chosen: list[Adapter], a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool
+) -> Iterator[np.ndarray]:
+    """Each chosen adapter's delta-W in the storage layout of a weight of ``shape``, in order."""
+    in_f, out_f = (shape[0], shape[1]) if fan_in_fan_out else (shape[1], shape[0])
+    for adapter in chosen:
+        yield delta_weight(LayerGeometry(in_f, out_f, adapter.r), adapter, a, b, fan_in_fan_out)
 
 
 def init_parameters(

@@ -26,11 +26,12 @@ from randlora_core.bases import generate_bases
 from randlora_core.defaults import with_default_targets
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.registry import build_wrapper, is_randlora_layer, layout_of, load_plugins, wrapper_for
-from randlora_core.targeting import name_matches, select_targets, visible_modules
+from randlora_core.targeting import select_targets, visible_modules
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import CheckpointError, ConfigError, ShapeError, TargetModuleError
 from randlora_spec.geometry import RANK_CEILING, BasesShape, LayerGeometry, allocation, rank_is_bounded, shape_of_bases
+from randlora_spec.selection import name_matches
 
 if TYPE_CHECKING:
     from randlora_core.bases import RandLoraBases

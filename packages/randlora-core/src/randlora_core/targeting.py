@@ -18,40 +18,15 @@ to regex and ``all-linear`` targets instead of being silently ignored.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from torch import nn
 
 from randlora_spec.config import ALL_LINEAR, RandLoraConfig
 from randlora_spec.errors import ConfigError, TargetModuleError
+from randlora_spec.selection import name_matches, nothing_matched, restrict
 
 MAX_LISTED = 10
-
-
-def name_matches(patterns: list[str] | str, name: str) -> bool:
-    """PEFT matching: a list of exact names or ``.``-suffixes, or one full-match regex string."""
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == t or name.endswith("." + t) for t in patterns)
-
-
-def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The layer index encoded in ``name`` (see the module docstring), or ``None``."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    if not patterns:
-        match = re.match(r"(?:^|.*?\.)(?P<idx>\d+)\.", name)
-        return int(match["idx"]) if match else None
-    for pattern in patterns:
-        match = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(?P<idx>\d+)\.", name)
-        if match:
-            return int(match["idx"])
-    return None
-
-
-def in_modules_to_save(name: str, modules_to_save: list[str] | None) -> bool:
-    """True for a module named by ``modules_to_save`` or nested inside one."""
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in modules_to_save or [])
 
 
 def visible_modules(model: nn.Module, opaque: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
@@ -75,27 +50,6 @@ def output_head_names(model: nn.Module, modules: list[tuple[str, nn.Module]]) ->
         if isinstance(head, nn.Module):
             return {name for name, module in modules if module is head}
     return {name for name, _ in modules if name == "lm_head" or name.endswith(".lm_head")}
-
-
-Named = list[tuple[str, nn.Module]]
-
-
-def _restrict(matched: Named, config: RandLoraConfig) -> tuple[Named, str]:
-    """Apply ``modules_to_save``, ``exclude_modules`` and ``layers_to_transform``; also describe the selection."""
-    described = f"target_modules={config.target_modules!r}"
-    if config.modules_to_save:
-        matched = [(n, m) for n, m in matched if not in_modules_to_save(n, config.modules_to_save)]
-    if config.exclude_modules:
-        matched = [(n, m) for n, m in matched if not name_matches(config.exclude_modules, n)]
-        described += f" minus exclude_modules={config.exclude_modules!r}"
-    indices = config.layers_to_transform
-    if indices is not None and indices != []:
-        wanted = {indices} if isinstance(indices, int) else set(indices)
-        matched = [(n, m) for n, m in matched if layer_index(n, config.layers_pattern) in wanted]
-        described += f" restricted to layers_to_transform={indices!r}"
-        if config.layers_pattern:
-            described += f" with layers_pattern={config.layers_pattern!r}"
-    return matched, described
 
 
 def select_targets(
@@ -125,11 +79,9 @@ def select_targets(
         matched = [(n, m) for n, m in modules if adaptable(m) and n not in heads]
     else:
         matched = [(n, m) for n, m in modules if name_matches(targets, n)]
-    matched, described = _restrict(matched, config)
+    matched, described = restrict(matched, config)
     if not matched:
-        candidates = [n for n, m in modules if adaptable(m)] or [n for n, _ in modules]
-        listing = ", ".join(candidates[:MAX_LISTED]) + (", ..." if len(candidates) > MAX_LISTED else "")
-        raise TargetModuleError(f"{described} matched no module of the model; adaptable modules include: [{listing}]")
+        raise nothing_matched(described, [n for n, m in modules if adaptable(m)] or [n for n, _ in modules], MAX_LISTED)
     unadaptable = [(n, m) for n, m in matched if not adaptable(m)]
     if unadaptable:
         listing = ", ".join(f"{n} ({type(m).__name__})" for n, m in unadaptable[:MAX_LISTED])

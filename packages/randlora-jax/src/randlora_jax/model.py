@@ -27,6 +27,7 @@ from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, ConfigError, MergeError
+from randlora_spec.selection import name_matches
 
 
 class BiasOwner(Protocol):
@@ -185,7 +186,7 @@ class RandLoraModel(nnx.Module):
         if not config.modules_to_save:
             return []
         found = [(n, m) for n, _, m in targeting.modules(self.model, _opaque) if not isinstance(m, RandLoraLinear)]
-        paths = [n for n, _ in found if targeting.matches(list(config.modules_to_save), n)]
+        paths = [n for n, _ in found if name_matches(list(config.modules_to_save), n)]
         if not paths:
             raise ConfigError(f"modules_to_save: {config.modules_to_save!r} matched no module of the model")
         return paths

@@ -7,7 +7,6 @@ structure has, so adapters carry over between frameworks. The rules are those of
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from flax import nnx
 
 from randlora_spec.config import ALL_LINEAR, RandLoraConfig
 from randlora_spec.errors import ConfigError, TargetModuleError
+from randlora_spec.selection import name_matches, nothing_matched, restrict
 
 OUTPUT_HEAD = "lm_head"
 LISTED = 10
@@ -38,41 +38,6 @@ def modules(root: nnx.Module, opaque: Callable[[Any], bool]) -> Iterator[tuple[s
         yield dotted(path), path, module
 
 
-def matches(pattern: list[str] | str, name: str) -> bool:
-    """A list matches a name equal to one entry or ending in ``.`` + entry; a string is a full-match regex."""
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == entry or name.endswith(f".{entry}") for entry in pattern)
-
-
-def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The layer number in ``name`` (SPEC 2.3): the component after the first ``<pattern>``, or the first numeric one.
-
-    Only components that are not the last one count (a layer index names a block, not a leaf).
-    """
-    inner = name.split(".")[:-1]
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or ())
-    if not patterns:
-        return next((int(part) for part in inner if part.isdecimal()), None)
-    for pattern in patterns:
-        words = pattern.split(".")
-        for start in range(len(inner) - len(words)):
-            after = inner[start + len(words)]
-            if inner[start : start + len(words)] == words and after.isdecimal():
-                return int(after)
-    return None
-
-
-def saved_or_inside(name: str, modules_to_save: list[str] | None) -> bool:
-    """Whether ``name`` is a ``modules_to_save`` module or lies inside one."""
-    parts = name.split(".")
-    return any(
-        parts[i : i + len(entry.split("."))] == entry.split(".")
-        for entry in modules_to_save or ()
-        for i in range(len(parts) - len(entry.split(".")) + 1)
-    )
-
-
 def select(
     root: nnx.Module, config: RandLoraConfig, adaptable: Callable[[Any], bool], opaque: Callable[[Any], bool]
 ) -> list[str]:
@@ -88,24 +53,13 @@ def select(
     config.check_patterns()
     found = list(modules(root, opaque))
     target = config.target_modules
-    what = f"target_modules={target!r}"
     if isinstance(target, str) and target.lower() == ALL_LINEAR:
         chosen = [(n, m) for n, _, m in found if adaptable(m) and n.split(".")[-1] != OUTPUT_HEAD]
     else:
-        chosen = [(n, m) for n, _, m in found if matches(target, n)]
-    chosen = [(n, m) for n, m in chosen if not saved_or_inside(n, config.modules_to_save)]
-    if config.exclude_modules:
-        chosen = [(n, m) for n, m in chosen if not matches(config.exclude_modules, n)]
-        what += f" minus exclude_modules={config.exclude_modules!r}"
-    wanted = config.layers_to_transform
-    if wanted is not None and wanted != []:
-        keep = {wanted} if isinstance(wanted, int) else set(wanted)
-        chosen = [(n, m) for n, m in chosen if layer_index(n, config.layers_pattern) in keep]
-        what += f" restricted to layers_to_transform={wanted!r}"
+        chosen = [(n, m) for n, _, m in found if name_matches(target, n)]
+    chosen, what = restrict(chosen, config)
     if not chosen:
-        names = [n for n, _, m in found if adaptable(m)] or [n for n, _, _ in found]
-        shown = ", ".join(names[:LISTED]) + (", ..." if len(names) > LISTED else "")
-        raise TargetModuleError(f"{what} matched no module of the model; adaptable modules include: [{shown}]")
+        raise nothing_matched(what, [n for n, _, m in found if adaptable(m)] or [n for n, _, _ in found], LISTED)
     bad = [f"{n} ({type(m).__name__})" for n, m in chosen if not adaptable(m)]
     if bad:
         raise TargetModuleError(
