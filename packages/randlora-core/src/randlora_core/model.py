@@ -37,6 +37,9 @@ from randlora_spec.errors import AdapterNotFoundError, ConfigError, MergeError, 
 from randlora_spec.geometry import shape_of_bases
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from randlora_core.planning import PlanOptions
     from randlora_core.registry import LayerModule
 
 
@@ -171,13 +174,8 @@ class RandLoraModel(PeftApiMixin, nn.Module):
             adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
         )
 
-    def _add_adapter(
-        self, adapter_name: str, config: RandLoraConfig, *, autocast_adapter_dtype: bool = True, low_cpu_mem_usage: bool = False
-    ) -> None:
-        plan = plan_adapter(
-            self, adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
-        )
-        self._commit(plan)
+    def _add_adapter(self, adapter_name: str, config: RandLoraConfig, **options: Unpack[PlanOptions]) -> None:
+        self._commit(plan_adapter(self, adapter_name, config, **options))
 
     def _commit(self, plan: AdapterPlan) -> None:
         """Apply a validated :class:`~randlora_core.planning.AdapterPlan` (the only place adding an adapter mutates)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import nn
@@ -249,6 +249,16 @@ def plan_bases(
                 "bases, so adapters with different bases cannot be combined"
             )
     return result
+
+
+class PlanOptions(TypedDict, total=False):
+    """The optional arguments of :func:`plan_adapter`, by name (what ``RandLoraModel._add_adapter`` passes on)."""
+
+    paths: list[str] | None
+    stored_bases: Bases | None
+    warn: bool
+    autocast_adapter_dtype: bool
+    low_cpu_mem_usage: bool
 
 
 def plan_adapter(
