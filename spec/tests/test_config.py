@@ -64,10 +64,18 @@ def test_parse_reports_the_field_once():
     assert str(info.value) == "invalid RandLoraConfig: r: Input should be greater than or equal to 1"
 
 
-def test_defaults_match_peft():
+def test_defaults_match_peft_but_save_projection():
     cfg = RandLoraConfig()
-    assert (cfg.r, cfg.randlora_alpha, cfg.projection_prng_key, cfg.save_projection) == (32, 640.0, 0, True)
+    assert (cfg.r, cfg.randlora_alpha, cfg.projection_prng_key) == (32, 640.0, 0)
     assert cfg.basis_rule == PORTABLE_RULE and cfg.scaling == 20.0
+    # the portable rule regenerates bases bit-exactly, so they are not stored by default (SPEC 2.1)
+    assert cfg.save_projection is False
+
+
+def test_from_peft_dict_keeps_peft_default_for_missing_save_projection():
+    data = {"peft_type": "RANDLORA", "target_modules": ["q"]}
+    assert RandLoraConfig.from_peft_dict(data).save_projection is True  # PEFT's default: its file has bases
+    assert RandLoraConfig.from_peft_dict({**data, "save_projection": False}).save_projection is False
 
 
 def test_json_round_trip_is_canonical():

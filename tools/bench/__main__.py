@@ -13,9 +13,10 @@ if not __package__:
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import bench
+from bench.bases_suite import bases_rng_suite, write_bases_report
 from bench.calibration import calibrate
 from bench.features import run_features
-from bench.machine import machine_name
+from bench.machine import environment, machine_name
 from bench.memory import memory_server
 from bench.report import report_from
 from bench.run import Settings, output_dir, run
@@ -43,6 +44,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=None, help="re-timings per case at most (2; smoke 0)")
     p.add_argument("--only", default=None, help="run only cases whose label contains this text")
     p.add_argument("--calibrate", action="store_true", help="fit/check the cost model of randlora_core.compute")
+    p.add_argument("--bases-only", action="store_true", help="only the basis-generation suite (writes <machine>-bases.md)")
     p.add_argument(
         "--features",
         action="store_true",
@@ -69,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     machine = args.machine or machine_name()
     if args.calibrate:
         print(f"[bench] wrote {calibrate(out, machine, args.smoke)}")
+        return 0
+    if args.bases_only:
+        data = bases_rng_suite(args.smoke)
+        data["environment"] = environment()
+        print(f"[bench] wrote {write_bases_report(out, machine, data)}")
         return 0
     if args.features:
         print(f"[bench] wrote {run_features(out, machine, args.smoke)}")

@@ -11,6 +11,7 @@ from typing import Any
 
 from . import COMMAND, ROOT
 from .analysis import auto_row, by_case, case_of, evaluate, target_summary
+from .bases_suite import bases_rng_report
 from .cases import METHODS, case_name
 from .machine import environment
 from .plot import plot
@@ -129,6 +130,8 @@ def _suite_sections(data: dict[str, Any]) -> list[str]:
         lines += ["## Basis generation throughput", "", "| implementation | shape | elements/s |", "|---|---|---|"]
         lines += [f"| {b['impl']} | {tuple(b['shape'])} | {b['elements_per_s'] / 1e6:.1f} M |" for b in data["bases"]]
         lines.append("")
+    if data.get("bases_rng"):
+        lines += bases_rng_report(data["bases_rng"])
     if data.get("checkpoint"):
         lines += ["## Checkpoint size (8 layers 512x512, r = 32)", ""]
         lines += ["| save_projection | trainable | fp32 bytes | core file | PEFT file | PEFT/core |", "|---|---|---|---|---|---|"]

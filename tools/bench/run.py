@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import COMMAND, DEFAULT_OUT
+from .bases_suite import bases_rng_suite
 from .cases import Case, available_methods, grid
 from .machine import environment, load, load_str, measure_quietly
 from .memory import MemoryResults, measure_all
@@ -103,6 +104,7 @@ def run(settings: Settings, out: Path, machine: str, only: str | None, memory: b
         small = (64, 8, 8)
         data["bases"] = bases_suite(small if smoke else (4096, 128, 32), small if smoke else (512, 32, 32), 1 if smoke else 3)
         data["checkpoint"] = checkpoint_suite()
+        data["bases_rng"] = bases_rng_suite(smoke)
         data["ablation"] = ablation_suite(smoke, 1.0 if smoke else 10.0)
     data.update(environment=environment(), load_start=load_str(load_start), load_end=load_str(load()))
     data["duration_s"] = time.time() - start

@@ -34,6 +34,7 @@ def cfg(**kw) -> RandLoraConfig:
     kw.setdefault("r", 4)
     kw.setdefault("randlora_alpha", 8.0)
     kw.setdefault("target_modules", "all-linear")
+    kw.setdefault("save_projection", True)  # these tests read the stored bases; the default is not to store them
     return RandLoraConfig(**kw)
 
 

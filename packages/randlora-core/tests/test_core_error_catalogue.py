@@ -40,6 +40,7 @@ row = ROWS.row
 def cfg(**kw: object) -> RandLoraConfig:
     kw.setdefault("r", 4)
     kw.setdefault("target_modules", ["q_proj", "o_proj"])
+    kw.setdefault("save_projection", True)  # rows about stored bases; the config default is not to store them
     return RandLoraConfig(**kw)
 
 

@@ -242,7 +242,7 @@ def test_delete_last_active_picks_first_remaining(block: Block) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("projection_prng_key", 1), ("save_projection", False), ("sparse", True), ("basis_rule", "other-rule-v1")],
+    [("projection_prng_key", 1), ("save_projection", True), ("sparse", True), ("basis_rule", "other-rule-v1")],
 )
 def test_add_adapter_shared_fields(block: Block, field: str, value) -> None:
     model = get_randlora_model(block, cfg(target_modules=["q_proj"]))

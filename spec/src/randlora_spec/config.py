@@ -31,6 +31,9 @@ canonical JSON; checkpoints carry them in their own metadata entry (SPEC 6.2).""
 PEFT_BOOKKEEPING_KEYS = frozenset({"peft_type", "peft_version", "inference_mode"})
 """Keys of PEFT's adapter_config.json that are dropped on conversion: PEFT's own bookkeeping."""
 
+PEFT_SAVE_PROJECTION_DEFAULT = True
+"""PEFT's default for ``save_projection``: a PEFT config without the key stores its bases (SPEC 2.2)."""
+
 Name = Annotated[str, Field(min_length=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
@@ -69,7 +72,10 @@ class RandLoraConfig(BaseModel):
     randlora_alpha: float = Field(640.0, gt=0, allow_inf_nan=False, description="Update scale numerator: alpha / r.")
     randlora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability on the adapter's input, in [0, 1).")
     projection_prng_key: int = Field(0, ge=0, lt=2**64, description="64-bit seed of the shared random bases, in [0, 2**64).")
-    save_projection: bool = Field(True, description="Store the shared bases in checkpoints.")
+    save_projection: bool = Field(
+        False,
+        description="Store the shared bases in checkpoints (the portable rule regenerates them exactly; PEFT's default: true).",
+    )
     sparse: bool = Field(False, description="Ternary bases with sparsity s = 3.")
     very_sparse: bool = Field(False, description="Ternary bases with sparsity s = sqrt(m_max).")
     fan_in_fan_out: bool = Field(False, description="Target layers store weight as (in, out) (GPT-2 Conv1D).")
@@ -225,7 +231,8 @@ class RandLoraConfig(BaseModel):
 
         PEFT's own keys (``peft_type``, ``peft_version``, ``inference_mode``) are dropped, its
         bookkeeping kept (:data:`BOOKKEEPING_FIELDS`); any other unknown key is an error. The basis
-        rule becomes PEFT's rule, since that is how PEFT made the bases.
+        rule becomes PEFT's rule, since that is how PEFT made the bases, and a missing
+        ``save_projection`` takes PEFT's default (true), not this spec's (SPEC 2.2 rule 5).
         """
         if not isinstance(data, dict):
             raise ConfigError(f"adapter config must be a JSON object, got {type(data).__name__}")
@@ -235,6 +242,7 @@ class RandLoraConfig(BaseModel):
         if fields.get("layers_pattern") is not None and fields.get("layers_to_transform") is None:
             fields["layers_pattern"] = None  # PEFT accepts and ignores it without layers_to_transform
         fields["basis_rule"] = PEFT_RULE
+        fields.setdefault("save_projection", PEFT_SAVE_PROJECTION_DEFAULT)
         return cls.parse(fields)
 
 

@@ -16,11 +16,14 @@ their window to the compute dtype when they use it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from randlora_core import bases_cache, basis_kernel
+from randlora_core.bases_cache import BasisKey
 from randlora_spec.bases import (
     DENSE_SCALE,
     PORTABLE_RULE,
@@ -37,7 +40,7 @@ from randlora_spec.philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, ROU
 
 MASK32 = 0xFFFFFFFF
 CHUNK_ELEMENTS = 1 << 20
-"""Elements generated per step: bounds the int64 working set to a few tens of MiB for any shape."""
+"""Elements per step of the pure-torch rule: bounds its int64 working set to a few tens of MiB for any shape."""
 
 
 def _philox_rounds(
@@ -70,10 +73,9 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS
     return torch.stack(_philox_rounds(c0, c1, c2, c3, key, rounds), dim=-1)
 
 
-def _word0(seed: int, tag: int, shape: tuple[int, int, int], start: int, stop: int, device: torch.device) -> torch.Tensor:
-    """Philox word 0 for the row-major flat indices ``[start, stop)`` of a tensor of ``shape``."""
+def _word0(seed: int, tag: int, shape: tuple[int, int, int], flat: torch.Tensor) -> torch.Tensor:
+    """Philox word 0 for the row-major flat indices ``flat`` (int64) of a tensor of ``shape``."""
     _, d1, d2 = shape
-    flat = torch.arange(start, stop, dtype=torch.int64, device=device)
     counter = (flat // (d1 * d2), (flat // d2) % d1, flat % d2, torch.full_like(flat, tag))
     return _philox_rounds(*counter, seed_to_key(seed), ROUNDS)[0]
 
@@ -87,6 +89,39 @@ def _map_words(words: torch.Tensor, kind: BasisKind, m_max: int) -> torch.Tensor
     return sign * torch.tensor(sparse_scale(threshold).item(), dtype=torch.float32, device=words.device)
 
 
+def _fill_torch(out: torch.Tensor, seed: int, tag: int, kind: BasisKind, m_max: int) -> None:
+    """The pure-torch rule into ``out``, in chunks of :data:`CHUNK_ELEMENTS` (any device)."""
+    dims = (out.shape[0], out.shape[1], out.shape[2])
+    flat = out.view(-1)
+    for start in range(0, flat.numel(), CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, flat.numel())
+        index = torch.arange(start, stop, dtype=torch.int64, device=out.device)
+        flat[start:stop] = _map_words(_word0(seed, tag, dims, index), kind, m_max)
+
+
+SPOT_CHECKS = 8
+"""Values of every cache hit recomputed with the rule (first, last and spread between)."""
+
+
+def _agrees_with_rule(t: torch.Tensor, seed: int, tag: int, kind: BasisKind, m_max: int) -> bool:
+    n = t.numel()
+    index = torch.tensor(sorted({0, n - 1, *((k * 2654435761) % n for k in range(1, SPOT_CHECKS - 1))}))
+    want = _map_words(_word0(seed, tag, (t.shape[0], t.shape[1], t.shape[2]), index), kind, m_max)
+    return torch.equal(t.view(-1)[index].view(torch.int32), want.view(torch.int32))
+
+
+def _check_basis_args(seed: int, tag: int, shape: tuple[int, int, int], kind: BasisKind, m_max: int | None) -> None:
+    seed_to_key(seed)  # ConfigError unless 0 <= seed < 2**64
+    if tag not in (TAG_A, TAG_B):
+        raise BasisRuleError(f"tag must be TAG_A (0x41) or TAG_B (0x42), got {tag:#x}")
+    if len(shape) != 3 or any(int(n) < 0 or int(n) >= 2**32 for n in shape):
+        raise ShapeError(f"basis shape must be 3 sizes in [0, 2**32), got {shape}")
+    if kind not in ("dense", "sparse", "very_sparse"):
+        raise BasisRuleError(f"basis kind must be 'dense', 'sparse' or 'very_sparse', got {kind!r}")
+    if kind == "very_sparse" and m_max is None:
+        raise ShapeError("very_sparse bases need m_max (the sparsity is s = sqrt(m_max))")
+
+
 def generate_basis(
     seed: int,
     tag: int,
@@ -97,24 +132,30 @@ def generate_basis(
 ) -> torch.Tensor:
     """One float32 basis tensor of ``shape`` under the portable rule (see the spec's ``generate_basis``).
 
-    Generated in chunks of :data:`CHUNK_ELEMENTS`, so memory stays bounded for large allocations.
+    On CPU the fused C fill (:mod:`randlora_core.basis_kernel`) writes the values straight into the
+    result where it is built; elsewhere the pure-torch rule runs in chunks of :data:`CHUNK_ELEMENTS`,
+    so its working memory stays bounded for large allocations. Both give the same bits. Large CPU
+    tensors come from the on-disk cache when one is set (:mod:`randlora_core.bases_cache`).
     """
-    if tag not in (TAG_A, TAG_B):
-        raise BasisRuleError(f"tag must be TAG_A (0x41) or TAG_B (0x42), got {tag:#x}")
-    if len(shape) != 3 or any(int(n) < 0 or int(n) >= 2**32 for n in shape):
-        raise ShapeError(f"basis shape must be 3 sizes in [0, 2**32), got {shape}")
-    if kind not in ("dense", "sparse", "very_sparse"):
-        raise BasisRuleError(f"basis kind must be 'dense', 'sparse' or 'very_sparse', got {kind!r}")
-    if kind == "very_sparse" and m_max is None:
-        raise ShapeError("very_sparse bases need m_max (the sparsity is s = sqrt(m_max))")
+    _check_basis_args(seed, tag, shape, kind, m_max)
     dims = (int(shape[0]), int(shape[1]), int(shape[2]))
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    total = dims[0] * dims[1] * dims[2]
-    out = torch.empty(total, dtype=torch.float32, device=dev)
-    for start in range(0, total, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, total)
-        out[start:stop] = _map_words(_word0(seed, tag, dims, start, stop, dev), kind, m_max or 0)
-    return out.view(dims)
+    cache = bases_cache.active_cache() if dev.type == "cpu" and 4 * math.prod(dims) >= bases_cache.MIN_BYTES else None
+    key = BasisKey(PORTABLE_RULE, int(seed), tag, kind, dims, m_max if kind == "very_sparse" else None)
+    if cache is not None:
+        hit = cache.load(key)
+        if hit is not None and _agrees_with_rule(hit, seed, tag, kind, m_max or 0):
+            return hit
+        if hit is not None:
+            cache.discard(key)  # consistent hashes, wrong values: never trusted, rewritten below
+    out = torch.empty(dims, dtype=torch.float32, device=dev)
+    if out.numel() and basis_kernel.kernel_for(dev) == "c":
+        basis_kernel.fill(out, seed, tag, kind, m_max or 0)
+    else:
+        _fill_torch(out, seed, tag, kind, m_max or 0)
+    if cache is not None:
+        cache.store(key, out)
+    return out
 
 
 def generate_bases(
