@@ -29,8 +29,10 @@ try:
     from randlora_spec.driver import ReferenceDriver
     from randlora_spec.geometry import BasesShape, bases_shape_for_layers
     from randlora_spec.golden import GOLDEN_FORMAT, MANIFEST_NAME, GoldenCase
+    from randlora_spec.layer_kinds import ALL_FEATURES, EMBEDDING, LINEAR
     from randlora_spec.safetensors_io import encode
     from randlora_spec.testing.cases import LAYER_KINDS, LayerSpec, checkpoint_inputs, layer_case
+    from randlora_spec.testing.kind_cases import CHECKPOINT_KIND_LAYERS, KindSpec, kind_case, kind_checkpoint_inputs
     from randlora_spec.tolerances import tolerance
 except ModuleNotFoundError as exc:  # a Python without randlora-spec's dependencies (numpy, pydantic)
     print(
@@ -82,6 +84,145 @@ LAYERS = [
     LayerSpec("very-sparse-bases", 20, 12, {"default": 4}, seed=11, basis="very_sparse", notes="s = sqrt(m_max)"),
 ]
 
+
+def _conv(name: str, kind: str, out: int, adapters: dict[str, int], **kw: object) -> KindSpec:
+    kw.setdefault("x_shape", (2,))
+    dims = len(kw["kernel_size"])  # type: ignore[arg-type]
+    for key, default in (("stride", 1), ("padding", 0), ("dilation", 1)):
+        kw.setdefault(key, (default,) * dims)
+    return KindSpec(name, kind, out, adapters, **kw)  # type: ignore[arg-type]
+
+
+KIND_LAYERS = [
+    KindSpec("dora-in-lt-out", LINEAR, 20, {"default": 4}, dora=("default",), in_features=12, notes="DoRA, in < out"),
+    KindSpec(
+        "dora-in-gt-out-fan-in-fan-out",
+        LINEAR,
+        10,
+        {"default": 3},
+        dora=("default",),
+        in_features=18,
+        fan_in_fan_out=True,
+        x_shape=(2, 3),
+        notes="DoRA on a weight stored (in, out), in > out, 3-D input",
+    ),
+    KindSpec(
+        "dora-mixed-adapters",
+        LINEAR,
+        9,
+        {"plain": 3, "dora": 3, "dora2": 2},
+        active=("dora", "plain", "dora2"),
+        dora=("dora", "dora2"),
+        in_features=14,
+        alphas={"dora": 6.0, "dora2": 1.5},
+        notes="two DoRA adapters and a plain one active: each DoRA adapter scales the base output by its own factor",
+    ),
+    _conv(
+        "conv2d",
+        "conv2d",
+        8,
+        {"default": 4},
+        in_channels=3,
+        kernel_size=(3, 3),
+        padding=(1, 1),
+        spatial=(5, 5),
+        notes="3x3 conv, padding 1: I = 27 > O = 8",
+    ),
+    _conv(
+        "conv2d-strided-dilated",
+        "conv2d",
+        24,
+        {"default": 4},
+        in_channels=2,
+        kernel_size=(3, 2),
+        stride=(2, 1),
+        padding=(1, 0),
+        dilation=(1, 2),
+        spatial=(6, 7),
+        notes="rectangular kernel, stride, padding and dilation: I = 12 < O = 24",
+    ),
+    _conv(
+        "conv2d-groups",
+        "conv2d",
+        6,
+        {"default": 3},
+        in_channels=4,
+        kernel_size=(2, 2),
+        groups=2,
+        spatial=(4, 4),
+        notes="groups = 2: I = (4 / 2) * 4 = 8, each output channel sees its group's patches",
+    ),
+    _conv(
+        "conv1d",
+        "conv1d",
+        10,
+        {"default": 4},
+        in_channels=4,
+        kernel_size=(3,),
+        padding=(2,),
+        spatial=(7,),
+        has_bias=False,
+        notes="1-D conv without bias",
+    ),
+    _conv(
+        "conv3d",
+        "conv3d",
+        5,
+        {"default": 2},
+        in_channels=2,
+        kernel_size=(2, 2, 2),
+        padding=(0, 1, 0),
+        spatial=(3, 3, 3),
+        x_shape=(1,),
+        notes="3-D conv: I = 16 > O = 5",
+    ),
+    KindSpec(
+        "embedding",
+        EMBEDDING,
+        12,
+        {"default": 4},
+        in_features=20,
+        padding_idx=3,
+        x_shape=(2, 5),
+        has_bias=False,
+        notes="V = 20 > D = 12; padding_idx 3: its row of the update is zero",
+    ),
+    KindSpec(
+        "embedding-small-vocab",
+        EMBEDDING,
+        16,
+        {"default": 4},
+        in_features=6,
+        x_shape=(7,),
+        has_bias=False,
+        notes="V = 6 < D = 16, no padding_idx",
+    ),
+    _conv(
+        "dora-conv2d",
+        "conv2d",
+        8,
+        {"default": 4},
+        dora=("default",),
+        in_channels=3,
+        kernel_size=(3, 3),
+        padding=(1, 1),
+        spatial=(4, 4),
+        notes="DoRA on a conv: one magnitude per output channel",
+    ),
+    KindSpec(
+        "dora-embedding",
+        EMBEDDING,
+        12,
+        {"default": 4},
+        dora=("default",),
+        in_features=20,
+        padding_idx=0,
+        x_shape=(2, 5),
+        has_bias=False,
+        notes="DoRA on an embedding: one magnitude per embedding dimension",
+    ),
+]
+
 BASES = [
     ("dense-seed0", 0, "dense", [(16, 24)], 4),
     ("dense-seed-max", 2**64 - 1, "dense", [(7, 10)], 3),
@@ -121,10 +262,31 @@ def checkpoint_cases(out: dict[str, bytes]) -> list[dict]:
                 "kind": "checkpoint",
                 "dtype": "float32",
                 "params": {
-                    "layers": {p: rec.__dict__ for p, rec in ckpt.layers.items()},
+                    "layers": {p: rec.to_json() for p, rec in ckpt.layers.items()},
                     "basis_rule": config.basis_rule,
                     "notes": f"checkpoint {name}: the listed layers, loaded from the file, must map each x to y",
                 },
+                "inputs": inputs,
+                "files": {"checkpoint": ckpt_file},
+            }
+        )
+    kind_variants = [
+        ("layer-kinds", {"save_projection": True}),
+        ("dora-without-bases", {"save_projection": False, "use_dora": True, "projection_prng_key": 17}),
+    ]
+    for name, overrides in kind_variants:
+        case_id = f"checkpoint-{name}"
+        config = RandLoraConfig(r=4, randlora_alpha=8.0, target_modules=sorted(CHECKPOINT_KIND_LAYERS), **overrides)
+        ckpt, inputs, params = kind_checkpoint_inputs(case_id, config)
+        ckpt_file = f"checkpoints/{name}.safetensors"
+        out[ckpt_file] = checkpoint.to_bytes(ckpt, readable_features=ALL_FEATURES)
+        params["notes"] = f"checkpoint {name}: conv, embedding and linear layers loaded from the file must map each x to y"
+        entries.append(
+            {
+                "id": case_id,
+                "kind": "checkpoint",
+                "dtype": "float32",
+                "params": params,
                 "inputs": inputs,
                 "files": {"checkpoint": ckpt_file},
             }
@@ -168,6 +330,11 @@ def build() -> dict[str, bytes]:
         for dtype in DTYPES:
             for kind in LAYER_KINDS:
                 case = layer_case(spec, kind, dtype)
+                entries.append({"id": case.id, "kind": kind, "dtype": dtype, "params": case.params, "inputs": case.inputs})
+    for kspec in KIND_LAYERS:
+        for dtype in DTYPES:
+            for kind in LAYER_KINDS:
+                case = kind_case(kspec, kind, dtype)
                 entries.append({"id": case.id, "kind": kind, "dtype": dtype, "params": case.params, "inputs": case.inputs})
     entries.extend(checkpoint_cases(out))
 

@@ -602,7 +602,7 @@ def _layer_missing(tmp: Path):
 def _layer_not_adaptable(tmp: Path):
     path = write(tmp, valid_blob())
     model = plain()
-    model.o_proj = nn.Conv1d(24, 16, 1)  # type: ignore[assignment]
+    model.o_proj = nn.Bilinear(24, 24, 16)  # type: ignore[assignment]
     return model, lambda: load_adapter(model, path)
 
 

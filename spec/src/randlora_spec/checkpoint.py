@@ -34,15 +34,16 @@ from randlora_spec.checkpoint_header import (
     FORMAT_VERSION,
     GAMMA_SUFFIX,
     LAMBDA_SUFFIX,
+    MAGNITUDE_SUFFIX,
     MAX_METADATA_VALUE_BYTES,
     REQUIRED_METADATA,
     CheckpointHeader,
-    LayerRecord,
     check_contents,
     header_from_metadata,
 )
 from randlora_spec.config import SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError
+from randlora_spec.layer_kinds import ALL_FEATURES, BASE_FEATURES, LayerRecord
 from randlora_spec.safetensors_io import (
     SafetensorsBuffer,
     SafetensorsFile,
@@ -85,6 +86,10 @@ class AdapterCheckpoint:
         """Gamma (nb, m) of the layer at ``path``."""
         return self.tensors[path + GAMMA_SUFFIX]
 
+    def magnitude(self, path: str) -> np.ndarray | None:
+        """The DoRA magnitude (out_features,) of the layer at ``path``, or ``None`` without ``use_dora``."""
+        return self.tensors.get(path + MAGNITUDE_SUFFIX) if self.config.use_dora else None
+
 
 def _listed(value: Any) -> Any:
     return list(value) if isinstance(value, (list, tuple, set, frozenset)) else value
@@ -95,14 +100,7 @@ def _fields_of(ckpt: AdapterCheckpoint) -> dict[str, Any]:
     # Unchecked: a checkpoint built by hand may hold anything in these fields, whatever they are declared as.
     layers: object = ckpt.layers
     if isinstance(ckpt.layers, dict):
-        layers = {
-            path: (
-                {"in_features": rec.in_features, "out_features": rec.out_features, "fan_in_fan_out": rec.fan_in_fan_out}
-                if isinstance(rec, LayerRecord)
-                else None
-            )
-            for path, rec in ckpt.layers.items()
-        }
+        layers = {path: (rec.to_json() if isinstance(rec, LayerRecord) else None) for path, rec in ckpt.layers.items()}
     s = ckpt.bases_shape
     shape = {"r": s.r, "m_max": s.m_max, "M_max": s.M_max, "nb_max": s.nb_max} if isinstance(s, BasesShape) else None
     mts = ckpt.modules_to_save
@@ -189,9 +187,12 @@ def _stored_dtype(key: str, values: np.ndarray, bf16_keys: frozenset[str]) -> st
 
 
 def validate(
-    ckpt: AdapterCheckpoint, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,), source: str = "<checkpoint>"
+    ckpt: AdapterCheckpoint,
+    supported_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+    source: str = "<checkpoint>",
+    supported_features: Iterable[str] = BASE_FEATURES,
 ) -> CheckpointHeader:
-    """Check ``ckpt`` as a reader checks a file holding it (SPEC 6.3 items 12-25), without encoding it.
+    """Check ``ckpt`` as a reader checks a file holding it (SPEC 6.3 items 12-26), without encoding it.
 
     A defect gets the exception and message that parsing a file with that defect gives (``source``
     stands for the path). Also checked, since a file cannot express them otherwise: the fields have
@@ -202,7 +203,7 @@ def validate(
         The header a file written from ``ckpt`` would have.
 
     Raises:
-        CheckpointError: any defect.
+        CheckpointError: any defect, or a layer kind or variant not in ``supported_features``.
         BasisRuleError: bases absent and the rule not among ``supported_basis_rules``.
 
     """
@@ -214,33 +215,42 @@ def validate(
     specs = {key: TensorSpec(_stored_dtype(key, values, ckpt.bf16_keys), values.shape) for key, values in arrays.items()}
     fields = _fields_of(ckpt)
     bases = "stored" if ckpt.bases is not None else "absent"
-    header = check_contents(ckpt.config, ckpt.adapter_name, bases, fields.__getitem__, specs, source, supported_basis_rules)
+    header = check_contents(
+        ckpt.config, ckpt.adapter_name, bases, fields.__getitem__, specs, source, supported_basis_rules, supported_features
+    )
     for key in sorted(arrays):
         check_finite(key, arrays[key], source, bf16=key in ckpt.bf16_keys)
     return header
 
 
-def to_bytes(ckpt: AdapterCheckpoint, readable_basis_rules: Iterable[str] = (PORTABLE_RULE,)) -> bytes:
+def to_bytes(
+    ckpt: AdapterCheckpoint,
+    readable_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+    readable_features: Iterable[str] = BASE_FEATURES,
+) -> bytes:
     """Validate ``ckpt`` (:func:`validate`), then encode it once; deterministic for equal inputs.
 
-    It is validated as a reader supporting ``readable_basis_rules`` would read it, so by default a
-    file without bases is only written when the portable rule can regenerate them: a writer must
-    not produce a file that ordinary readers refuse.
+    It is validated as a reader supporting ``readable_basis_rules`` and ``readable_features`` would
+    read it, so by default a file without bases is only written when the portable rule can
+    regenerate them, and only linear layers without DoRA are written: a writer must not produce a
+    file its readers refuse. A writer of other layer kinds or of DoRA adapters says which readers it
+    writes for (e.g. :data:`~randlora_spec.layer_kinds.ALL_FEATURES`).
     """
-    validate(ckpt, readable_basis_rules, source="<checkpoint being written>")
+    validate(ckpt, readable_basis_rules, "<checkpoint being written>", readable_features)
     tensors = dict(ckpt.tensors)
     if ckpt.bases is not None:
         tensors[BASIS_A_KEY], tensors[BASIS_B_KEY] = ckpt.bases
     return encode(tensors, metadata_for(ckpt), bf16=ckpt.bf16_keys)
 
 
-def save(path: str | Path, ckpt: AdapterCheckpoint) -> None:
+def save(path: str | Path, ckpt: AdapterCheckpoint, readable_features: Iterable[str] = BASE_FEATURES) -> None:
     """Validate and write ``ckpt`` to ``path`` atomically (temporary file, fsync, rename).
 
-    Symbolic links are written through, special files refused, an existing file's permission bits
-    kept: see :func:`randlora_spec.safetensors_io.atomic_write_bytes` (SPEC 6.4).
+    ``readable_features`` as for :func:`to_bytes`. Symbolic links are written through, special files
+    refused, an existing file's permission bits kept: see
+    :func:`randlora_spec.safetensors_io.atomic_write_bytes` (SPEC 6.4).
     """
-    atomic_write_bytes(path, to_bytes(ckpt))
+    atomic_write_bytes(path, to_bytes(ckpt, readable_features=readable_features))
 
 
 class CheckpointReader:
@@ -252,13 +262,16 @@ class CheckpointReader:
     """
 
     def __init__(
-        self, container: SafetensorsFile | SafetensorsBuffer, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,)
+        self,
+        container: SafetensorsFile | SafetensorsBuffer,
+        supported_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+        supported_features: Iterable[str] = BASE_FEATURES,
     ) -> None:
         """Validate the checkpoint header of an opened ``container``; see :func:`open_checkpoint`."""
         self.source = container.source
         self._container = container
         self.header: CheckpointHeader = header_from_metadata(
-            container.header.metadata, container.header.tensors, self.source, supported_basis_rules
+            container.header.metadata, container.header.tensors, self.source, supported_basis_rules, supported_features
         )
 
     def read(self, key: str) -> np.ndarray:
@@ -303,7 +316,10 @@ class CheckpointReader:
 
 
 def open_checkpoint(
-    path: str | Path, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,), source: str | None = None
+    path: str | Path,
+    supported_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+    source: str | None = None,
+    supported_features: Iterable[str] = BASE_FEATURES,
 ) -> CheckpointReader:
     """Open the checkpoint at ``path`` and validate everything but tensor values, reading no tensor byte.
 
@@ -315,22 +331,27 @@ def open_checkpoint(
         path: the checkpoint file.
         supported_basis_rules: rules the caller can regenerate (see :func:`from_bytes`).
         source: a name for messages (default: the path).
+        supported_features: layer kinds (and ``dora``) the caller can compute; a file needing
+            another is refused (default: linear layers without DoRA, spec 1.0's set).
 
     Raises:
-        CheckpointError: no such file, not a regular file, or any structural defect.
+        CheckpointError: no such file, not a regular file, any structural defect, or an unsupported feature.
         BasisRuleError: bases absent and the rule unsupported.
 
     """
     container = open_safetensors(path, str(Path(path)) if source is None else source)
     try:
-        return CheckpointReader(container, supported_basis_rules)
+        return CheckpointReader(container, supported_basis_rules, supported_features)
     except BaseException:
         container.close()
         raise
 
 
 def from_bytes(
-    blob: bytes, source: str = "<bytes>", supported_basis_rules: Iterable[str] = (PORTABLE_RULE,)
+    blob: bytes,
+    source: str = "<bytes>",
+    supported_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+    supported_features: Iterable[str] = BASE_FEATURES,
 ) -> AdapterCheckpoint:
     """Parse and fully validate a checkpoint (the list in SPEC.md section 6.3).
 
@@ -339,18 +360,23 @@ def from_bytes(
         source: a name for messages (usually the path).
         supported_basis_rules: rules the caller can regenerate; a file without bases whose rule is
             not among them is rejected rather than silently regenerated with another rule.
+        supported_features: layer kinds (and ``dora``) the caller can compute (see :func:`open_checkpoint`).
 
     Raises:
-        CheckpointError: any structural or numerical defect.
+        CheckpointError: any structural or numerical defect, or an unsupported feature.
         BasisRuleError: bases absent and the rule unsupported.
 
     """
-    return CheckpointReader(SafetensorsBuffer(blob, source), supported_basis_rules).load()
+    return CheckpointReader(SafetensorsBuffer(blob, source), supported_basis_rules, supported_features).load()
 
 
-def load(path: str | Path, supported_basis_rules: Iterable[str] = (PORTABLE_RULE,)) -> AdapterCheckpoint:
+def load(
+    path: str | Path,
+    supported_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+    supported_features: Iterable[str] = BASE_FEATURES,
+) -> AdapterCheckpoint:
     """Read and validate the checkpoint at ``path`` (:func:`open_checkpoint`, then read every tensor)."""
-    with open_checkpoint(path, supported_basis_rules) as reader:
+    with open_checkpoint(path, supported_basis_rules, supported_features=supported_features) as reader:
         return reader.load()
 
 
@@ -377,6 +403,8 @@ def checkpoint_bytes_budget(ckpt: AdapterCheckpoint) -> int:
 
 
 __all__ = [
+    "ALL_FEATURES",
+    "BASE_FEATURES",
     "BASIS_A_KEY",
     "BASIS_B_KEY",
     "FLOAT_CODES",
@@ -384,6 +412,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GAMMA_SUFFIX",
     "LAMBDA_SUFFIX",
+    "MAGNITUDE_SUFFIX",
     "MAX_METADATA_VALUE_BYTES",
     "REQUIRED_METADATA",
     "AdapterCheckpoint",

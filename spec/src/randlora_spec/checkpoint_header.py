@@ -16,9 +16,9 @@ from typing import Any
 from randlora_spec.bases import PORTABLE_RULE, BasesShape, num_bases
 from randlora_spec.config import BOOKKEEPING_FIELDS, SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError, ConfigError
-from randlora_spec.geometry import Sides
+from randlora_spec.layer_kinds import BASE_FEATURES, LayerRecord, check_features, parse_record, positive_int
 from randlora_spec.safetensors_io import TensorSpec
-from randlora_spec.untrusted import JSON_INT_LIMIT, MAX_JSON_INT_DIGITS, brief, parse_json
+from randlora_spec.untrusted import brief, parse_json
 
 FORMAT_ID = "randlora.adapter"
 FORMAT_VERSION = "1"
@@ -26,6 +26,8 @@ BASIS_A_KEY = "randlora_A"
 BASIS_B_KEY = "randlora_B"
 LAMBDA_SUFFIX = ".randlora_lambda"
 GAMMA_SUFFIX = ".randlora_gamma"
+MAGNITUDE_SUFFIX = ".randlora_magnitude"
+"""Key suffix of a DoRA adapter's magnitude vector ``(out_features,)`` (SPEC 3.11, 6.2)."""
 MAX_METADATA_VALUE_BYTES = 4 * 1024 * 1024
 """A single metadata value larger than this is rejected before JSON parsing."""
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
@@ -43,15 +45,6 @@ REQUIRED_METADATA = (
     "bases_shape",
     "extra",
 )
-
-
-@dataclass(frozen=True)
-class LayerRecord(Sides):
-    """The base layer an adapter was trained on: its sizes and weight layout."""
-
-    in_features: int
-    out_features: int
-    fan_in_fan_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,34 +70,10 @@ class CheckpointHeader:
         return frozenset(k for k, spec in self.tensors.items() if spec.dtype == "BF16")
 
 
-def _positive_int(value: Any, what: str, source: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise CheckpointError(f"{source}: {what} must be a positive integer, got {brief(value)}")
-    if value >= JSON_INT_LIMIT:  # only an in-memory checkpoint can hold one: JSON parsing refuses it
-        raise CheckpointError(f"{source}: {what} has more than {MAX_JSON_INT_DIGITS} digits")
-    return value
-
-
 def _parse_layers(raw: Any, source: str) -> dict[str, LayerRecord]:
     if not isinstance(raw, dict) or not raw:
         raise CheckpointError(f"{source}: metadata 'layers' must be a non-empty object of module path -> shape")
-    layers = {}
-    for path, rec in raw.items():
-        if (
-            not isinstance(path, str)
-            or not path
-            or not isinstance(rec, dict)
-            or set(rec) != {"in_features", "out_features", "fan_in_fan_out"}
-        ):
-            raise CheckpointError(f"{source}: layer record for {brief(path)} must hold in_features, out_features, fan_in_fan_out")
-        if not isinstance(rec["fan_in_fan_out"], bool):
-            raise CheckpointError(f"{source}: layer {brief(path)} fan_in_fan_out must be a boolean")
-        layers[path] = LayerRecord(
-            _positive_int(rec["in_features"], f"layer {brief(path)} in_features", source),
-            _positive_int(rec["out_features"], f"layer {brief(path)} out_features", source),
-            rec["fan_in_fan_out"],
-        )
-    return layers
+    return {path: parse_record(path, rec, source) for path, rec in raw.items()}
 
 
 def _names(value: Any) -> bool:
@@ -125,7 +94,7 @@ def _parse_extra(raw: Any, source: str) -> tuple[list[str], dict[str, list[str]]
 def _parse_bases_shape(raw: Any, config: RandLoraConfig, layers: dict[str, LayerRecord], source: str) -> BasesShape:
     if not isinstance(raw, dict) or set(raw) != {"r", "m_max", "M_max", "nb_max"}:
         raise CheckpointError(f"{source}: metadata 'bases_shape' must hold r, m_max, M_max, nb_max")
-    shape = BasesShape(**{k: _positive_int(raw[k], f"bases_shape.{k}", source) for k in ("r", "m_max", "M_max", "nb_max")})
+    shape = BasesShape(**{k: positive_int(raw[k], f"bases_shape.{k}", source) for k in ("r", "m_max", "M_max", "nb_max")})
     if shape.r != config.r:
         raise CheckpointError(f"{source}: bases_shape.r = {brief(shape.r)} differs from config r = {config.r}")
     if shape.nb_max != num_bases(shape.m_max, shape.r) or shape.m_max > shape.M_max:
@@ -144,71 +113,59 @@ def _listing(keys: list[str]) -> str:
     return f"{brief(keys[:10])}{' ...' if len(keys) > 10 else ''}"
 
 
-def _check_bias_setting(config: RandLoraConfig, biases: list[str], layers: Mapping[str, LayerRecord], source: str) -> None:
-    if biases and config.bias == "none":
-        raise CheckpointError(f"{source}: biases {brief(biases[:5])} are stored but the config says bias='none'")
-    if config.bias == "randlora_only" and set(biases) - set(layers):
-        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
-
-
-def _bases_stored(bases: Any, config: RandLoraConfig, supported_basis_rules: Iterable[str], source: str) -> bool:
-    """Whether the file stores its bases; absent bases must be ones this reader can regenerate."""
-    if bases not in ("stored", "absent"):
-        raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {brief(bases)}")
-    if bases == "stored":
-        return True
-    if config.save_projection:
-        raise CheckpointError(f"{source}: bases are absent but the config says save_projection=True (file incomplete?)")
-    supported = set(supported_basis_rules)
-    if config.basis_rule not in supported:
-        raise BasisRuleError(
-            f"{source}: bases are absent and basis_rule {config.basis_rule!r} cannot be regenerated here "
-            f"(supported: {sorted(supported)}); refusing to substitute another rule"
-        )
-    return False
-
-
-def _check_key_set(
-    tensors: Mapping[str, TensorSpec],
-    layers: Mapping[str, LayerRecord],
+def _expected_tensors(
+    config: RandLoraConfig,
+    layers: dict[str, LayerRecord],
     biases: list[str],
-    mts: Mapping[str, list[str]],
+    mts: dict[str, list[str]],
     stored: bool,
     source: str,
-) -> None:
-    """Exactly the tensors the layers, biases, modules_to_save and (when stored) bases call for, all floating point."""
+    supported_basis_rules: Iterable[str],
+) -> set[str]:
+    """SPEC 6.3 items 20 and 21: the tensor keys a checkpoint with this header must hold exactly."""
     expected = {p + LAMBDA_SUFFIX for p in layers} | {p + GAMMA_SUFFIX for p in layers}
+    if config.use_dora:
+        expected |= {p + MAGNITUDE_SUFFIX for p in layers}
     expected |= {p + ".bias" for p in biases} | {f"{p}.{n}" for p, names in mts.items() for n in names}
     if stored:
         expected |= {BASIS_A_KEY, BASIS_B_KEY}
-    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-    if missing:
-        raise CheckpointError(f"{source}: missing tensors {_listing(missing)}")
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensors {_listing(extra)}")
-    for key, spec in tensors.items():
-        if spec.dtype not in FLOAT_CODES:
-            raise CheckpointError(f"{source}: tensor {brief(key)} has dtype {spec.dtype}; only floating point is allowed")
+    elif config.save_projection:
+        raise CheckpointError(f"{source}: bases are absent but the config says save_projection=True (file incomplete?)")
+    elif config.basis_rule not in set(supported_basis_rules):
+        raise BasisRuleError(
+            f"{source}: bases are absent and basis_rule {config.basis_rule!r} cannot be regenerated here "
+            f"(supported: {sorted(set(supported_basis_rules))}); refusing to substitute another rule"
+        )
+    return expected
 
 
-def _check_shapes(
-    r: int, layers: Mapping[str, LayerRecord], biases: list[str], tensors: Mapping[str, TensorSpec], source: str
+def _check_layer_shapes(
+    config: RandLoraConfig, layers: dict[str, LayerRecord], tensors: Mapping[str, TensorSpec], source: str
 ) -> None:
-    """Each layer's lambda (r, nb) and gamma (nb, m); each bias 1-D, of the layer's out_features when adapted."""
+    """SPEC 6.3 item 23: lambda (r, nb), gamma (nb, m) and, for DoRA, the magnitude (O,) of every layer."""
+    r = config.r
     for path, rec in layers.items():
         nb = num_bases(rec.m, r)
-        for key, want in ((path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))):
+        wants: list[tuple[str, tuple[int, ...]]] = [(path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))]
+        if config.use_dora:
+            wants.append((path + MAGNITUDE_SUFFIX, (rec.out_features,)))
+        for key, want in wants:
             if tensors[key].shape != want:
                 raise CheckpointError(f"{source}: tensor {brief(key)} has shape {brief(tensors[key].shape)}, expected {want}")
+
+
+def _check_biases(layers: dict[str, LayerRecord], biases: list[str], tensors: Mapping[str, TensorSpec], source: str) -> None:
+    """SPEC 6.3 item 25: every stored bias is 1-D, of length out_features on an adapted layer."""
     for path in biases:
-        adapted = layers.get(path)
+        rec = layers.get(path)
         bias = tensors[path + ".bias"].shape
-        if len(bias) != 1 or (adapted is not None and bias[0] != adapted.out_features):
-            expected = f"({adapted.out_features},)" if adapted is not None else "1-D"
-            raise CheckpointError(f"{source}: tensor {brief(path + '.bias')} has shape {brief(bias)}, expected {expected}")
+        if len(bias) != 1 or (rec is not None and bias[0] != rec.out_features):
+            want = f"({rec.out_features},)" if rec is not None else "1-D"
+            raise CheckpointError(f"{source}: tensor {brief(path + '.bias')} has shape {brief(bias)}, expected {want}")
 
 
 def _check_stored_bases(config: RandLoraConfig, shape: BasesShape, tensors: Mapping[str, TensorSpec], source: str) -> None:
+    """SPEC 6.3 item 24: stored bases have the allocation's shapes, and F32 under the portable rule."""
     allowed = {"F32"} if config.basis_rule == PORTABLE_RULE else FLOAT_CODES
     for key in (BASIS_A_KEY, BASIS_B_KEY):
         if tensors[key].dtype not in allowed:
@@ -222,6 +179,14 @@ def _check_stored_bases(config: RandLoraConfig, shape: BasesShape, tensors: Mapp
         )
 
 
+def _check_biases_allowed(config: RandLoraConfig, layers: dict[str, LayerRecord], biases: list[str], source: str) -> None:
+    """SPEC 6.3 item 19: the stored biases agree with the config's ``bias``."""
+    if biases and config.bias == "none":
+        raise CheckpointError(f"{source}: biases {brief(biases[:5])} are stored but the config says bias='none'")
+    if config.bias == "randlora_only" and set(biases) - set(layers):
+        raise CheckpointError(f"{source}: bias='randlora_only' but biases of non-adapted modules are stored")
+
+
 def check_contents(
     config: RandLoraConfig,
     adapter_name: Any,
@@ -230,22 +195,36 @@ def check_contents(
     tensors: Mapping[str, TensorSpec],
     source: str,
     supported_basis_rules: Iterable[str],
+    supported_features: Iterable[str] = BASE_FEATURES,
 ) -> CheckpointHeader:
-    """SPEC 6.3 items 16-25 (values excepted) for a checkpoint whose config has been validated.
+    """SPEC 6.3 items 16-26 (values excepted) for a checkpoint whose config has been validated.
 
     ``json_value(key)`` gives the parsed value of the JSON-valued metadata ``layers``,
     ``bases_shape`` or ``extra`` (asked in that order, once each); ``bases`` is the metadata value
-    ``stored`` or ``absent``; ``tensors`` describes every tensor present.
+    ``stored`` or ``absent``; ``tensors`` describes every tensor present; ``supported_features``
+    are the layer kinds (and ``dora``) the caller can compute (:mod:`randlora_spec.layer_kinds`).
     """
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise CheckpointError(f"{source}: adapter_name {brief(adapter_name)} must be non-empty and contain no '.'")
     layers = _parse_layers(json_value("layers"), source)
+    check_features(layers, config.use_dora, supported_features, source)
     shape = _parse_bases_shape(json_value("bases_shape"), config, layers, source)
     biases, mts = _parse_extra(json_value("extra"), source)
-    _check_bias_setting(config, biases, layers, source)
-    stored = _bases_stored(bases, config, supported_basis_rules, source)
-    _check_key_set(tensors, layers, biases, mts, stored, source)
-    _check_shapes(config.r, layers, biases, tensors, source)
+    _check_biases_allowed(config, layers, biases, source)
+    if bases not in ("stored", "absent"):
+        raise CheckpointError(f"{source}: metadata 'bases' must be 'stored' or 'absent', got {brief(bases)}")
+    stored = bases == "stored"
+    expected = _expected_tensors(config, layers, biases, mts, stored, source, supported_basis_rules)
+    missing, extra = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+    if missing:
+        raise CheckpointError(f"{source}: missing tensors {_listing(missing)}")
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensors {_listing(extra)}")
+    for key, spec in tensors.items():
+        if spec.dtype not in FLOAT_CODES:
+            raise CheckpointError(f"{source}: tensor {brief(key)} has dtype {spec.dtype}; only floating point is allowed")
+    _check_layer_shapes(config, layers, tensors, source)
+    _check_biases(layers, biases, tensors, source)
     if stored:
         _check_stored_bases(config, shape, tensors, source)
     return CheckpointHeader(config, adapter_name, layers, shape, stored, biases, mts, dict(tensors))
@@ -282,8 +261,9 @@ def header_from_metadata(
     tensors: Mapping[str, TensorSpec],
     source: str,
     supported_basis_rules: Iterable[str] = (PORTABLE_RULE,),
+    supported_features: Iterable[str] = BASE_FEATURES,
 ) -> CheckpointHeader:
-    """Validate a file's metadata and tensor descriptions (SPEC 6.3 items 12-25 except finite values).
+    """Validate a file's metadata and tensor descriptions (SPEC 6.3 items 12-26 except finite values).
 
     Args:
         metadata: the container's ``__metadata__`` (strings to strings).
@@ -291,9 +271,11 @@ def header_from_metadata(
         source: a name for messages (usually the path).
         supported_basis_rules: rules the caller can regenerate; a file without bases whose rule is
             not among them is rejected rather than silently regenerated with another rule.
+        supported_features: layer kinds (and ``dora``) the caller can compute; a file needing
+            another is rejected (default: spec 1.0's, linear layers only).
 
     Raises:
-        CheckpointError: any structural defect.
+        CheckpointError: any structural defect, or a feature the caller does not support.
         BasisRuleError: bases absent and the rule unsupported.
 
     """
@@ -323,4 +305,5 @@ def header_from_metadata(
         tensors,
         source,
         supported_basis_rules,
+        supported_features,
     )

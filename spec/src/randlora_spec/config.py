@@ -40,6 +40,10 @@ NonNegativeInt = Annotated[int, Field(ge=0)]
 BASIS_RULE_PATTERN = r"^[a-z0-9][a-z0-9.\-]*-v[0-9]+$"
 
 RUNTIME_FIELDS = ("compute",)
+OMITTED_WHEN_FALSE = ("use_dora",)
+"""Fields added after spec 1.0 that canonical JSON leaves out at their default (false), so files of
+adapters that do not use them stay byte-identical and readable by 1.0 readers, while files that do
+are refused by those readers (an unknown field) instead of being misread (SPEC 2.1)."""
 NON_CANONICAL_FIELDS = (*RUNTIME_FIELDS, *BOOKKEEPING_FIELDS)
 """Config fields that select how an implementation runs, not what it computes (SPEC 2.1): accepted
 when parsing, but not part of the canonical JSON, checkpoints or the PEFT conversion."""
@@ -88,6 +92,13 @@ class RandLoraConfig(BaseModel):
     layers_pattern: list[Name] | Name | None = Field(None, description="Name of the layer-list module, e.g. 'layers'.")
     modules_to_save: list[Name] | None = Field(None, description="Modules trained fully and saved with the adapter.")
     init_weights: bool = Field(True, description="Start as a no-op (lambda = 0); False draws lambda ~ N(0, 1).")
+    use_dora: bool = Field(
+        False,
+        description=(
+            "DoRA-style variant (the paper's RandDoRA): a trainable magnitude per output feature rescales the "
+            "row-normalised updated weight (SPEC 3.11). Left out of canonical JSON when false."
+        ),
+    )
     basis_rule: str = Field(
         PORTABLE_RULE,
         pattern=BASIS_RULE_PATTERN,
@@ -205,9 +216,14 @@ class RandLoraConfig(BaseModel):
 
         Runtime-only (``compute``) and bookkeeping fields (:data:`BOOKKEEPING_FIELDS`) are left out:
         they do not change what an adapter computes, so files stay byte-identical and readable by any
-        1.x reader (checkpoints carry bookkeeping separately, :meth:`bookkeeping`).
+        1.x reader (checkpoints carry bookkeeping separately, :meth:`bookkeeping`). Fields of
+        :data:`OMITTED_WHEN_FALSE` appear only when true.
         """
-        return json.dumps(self.model_dump(mode="json", exclude=set(NON_CANONICAL_FIELDS)), sort_keys=True, separators=(",", ":"))
+        data = self.model_dump(mode="json", exclude=set(NON_CANONICAL_FIELDS))
+        for name in OMITTED_WHEN_FALSE:
+            if data[name] is False:
+                del data[name]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def bookkeeping(self) -> dict[str, Any]:
         """The bookkeeping fields that are set (not ``None``), by name."""
@@ -220,8 +236,16 @@ class RandLoraConfig(BaseModel):
         when the bases travel with the checkpoint; the caller decides how to handle that. PEFT's
         RandLoraConfig has no ``exclude_modules``: it is left out, so a caller converting an adapter
         must express the final set of adapted modules in ``target_modules`` (e.g. explicit paths).
+
+        Raises:
+            ConfigError: ``use_dora`` is set: PEFT's RandLoRA has no DoRA variant, so no PEFT adapter
+                can hold this one.
+
         """
-        data = self.model_dump(mode="json", exclude={"basis_rule", "spec_version", "exclude_modules", *RUNTIME_FIELDS})
+        if self.use_dora:
+            raise ConfigError("use_dora: PEFT's RandLoraConfig has no DoRA variant; a DoRA adapter cannot be expressed in PEFT")
+        exclude = {"basis_rule", "spec_version", "exclude_modules", *RUNTIME_FIELDS, *OMITTED_WHEN_FALSE}
+        data = self.model_dump(mode="json", exclude=exclude)
         data.update({"peft_type": "RANDLORA", "inference_mode": True})
         return data
 
@@ -239,6 +263,8 @@ class RandLoraConfig(BaseModel):
         if data.get("peft_type") != "RANDLORA":
             raise ConfigError(f"peft_type must be 'RANDLORA', got {data.get('peft_type')!r}")
         fields = {k: v for k, v in data.items() if k not in PEFT_BOOKKEEPING_KEYS}
+        if "use_dora" in fields:  # ours, not PEFT's: an adapter_config.json holding it was not written by PEFT
+            raise ConfigError("use_dora: not a field of PEFT's RandLoraConfig (PEFT's RandLoRA has no DoRA variant)")
         if fields.get("layers_pattern") is not None and fields.get("layers_to_transform") is None:
             fields["layers_pattern"] = None  # PEFT accepts and ignores it without layers_to_transform
         fields["basis_rule"] = PEFT_RULE

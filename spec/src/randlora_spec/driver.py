@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from randlora_spec import checkpoint, reference
+from randlora_spec import checkpoint, reference, reference_dora
 from randlora_spec.bases import BasesShape, generate_bases
 from randlora_spec.geometry import LayerGeometry
 from randlora_spec.golden import GoldenCase
+from randlora_spec.layer_kinds import ALL_FEATURES, BASE_FEATURES, CONV_KINDS, EMBEDDING, LINEAR, LayerRecord
+from randlora_spec.reference_dora import ViewAdapter, stored_of, view_of
+from randlora_spec.reference_inputs import ConvGeometry, ConvInput, EmbeddingInput, LinearInput
 
 ENTRY_POINT_GROUP = "randlora.conformance"
 
@@ -82,6 +85,8 @@ class ReferenceDriver:
 
 def run_layer_case(case: GoldenCase) -> dict[str, np.ndarray]:
     """Forward, backward or merge outputs of a layer case, by the reference."""
+    if case.features != BASE_FEATURES:
+        return run_view_case(case)
     p, i = case.params, case.inputs
     adapters = case.adapters()
     args = (adapters, p["active"], i["randlora_A"], i["randlora_B"], p["fan_in_fan_out"])
@@ -105,21 +110,81 @@ def run_layer_case(case: GoldenCase) -> dict[str, np.ndarray]:
     raise ValueError(f"unknown case kind {case.kind!r}")
 
 
+def conv_geometry(params: dict[str, Any], kind: str) -> ConvGeometry:
+    """The convolution a conv layer case or checkpoint ``base_layers`` entry describes (SPEC 8.2)."""
+    dims = len(params["kernel_size"])
+    if kind not in CONV_KINDS or dims != CONV_KINDS.index(kind) + 1:
+        raise ValueError(f"kernel_size {params['kernel_size']} does not fit layer kind {kind!r}")
+    return ConvGeometry(
+        in_channels=params["in_channels"],
+        out_channels=params["out_features"],
+        kernel_size=tuple(params["kernel_size"]),
+        stride=tuple(params["stride"]),
+        padding=tuple(params["padding"]),
+        dilation=tuple(params["dilation"]),
+        groups=params["groups"],
+    )
+
+
+def input_map(kind: str, x: np.ndarray, params: dict[str, Any]) -> reference_dora.InputMap:
+    """The input map of SPEC 3.10 for a layer of ``kind`` described by ``params`` (in_features, conv settings)."""
+    if kind in CONV_KINDS:
+        return ConvInput(x, conv_geometry(params, kind))
+    if kind == EMBEDDING:
+        return EmbeddingInput(x, params["in_features"])
+    return LinearInput(x)
+
+
+def run_view_case(case: GoldenCase) -> dict[str, np.ndarray]:
+    """A layer case of another kind than linear, or with DoRA adapters (SPEC 3.10, 3.11, 8.2)."""
+    p, i = case.params, case.inputs
+    kind, fifo = case.layer_kind, p["fan_in_fan_out"]
+    w = view_of(i["weight"], kind, fifo)
+    adapters = case.view_adapters()
+    args = (adapters, p["active"], i["randlora_A"], i["randlora_B"], p.get("padding_idx"))
+    if case.kind == "forward":
+        return {"y": reference_dora.forward(input_map(kind, i["x"], p), w, i.get("bias"), *args)}
+    if case.kind == "backward":
+        grad_x, grads = reference_dora.backward(input_map(kind, i["x"], p), i["grad_y"], w, *args)
+        out = {} if grad_x is None else {"grad_x": grad_x}
+        for name, (g_lam, g_gamma, g_mag) in grads.items():
+            out[f"{name}.grad_lambda"], out[f"{name}.grad_gamma"] = g_lam, g_gamma
+            if g_mag is not None:
+                out[f"{name}.grad_magnitude"] = g_mag
+        return out
+    merged, factors = reference_dora.merge(w, *args)
+    unmerged = reference_dora.unmerge(merged, adapters, p["active"], i["randlora_A"], i["randlora_B"], factors, args[-1])
+    shape = np.shape(i["weight"])
+    out = {"merged_weight": stored_of(merged, shape, kind, fifo), "unmerged_weight": stored_of(unmerged, shape, kind, fifo)}
+    for name, adapter in adapters.items():
+        delta = reference_dora.delta_view(w.shape, adapter.adapter, i["randlora_A"], i["randlora_B"], args[-1])
+        out[f"{name}.delta_weight"] = stored_of(delta, shape, kind, fifo)
+    return out
+
+
 def _run_checkpoint(case: GoldenCase) -> dict[str, np.ndarray]:
-    ckpt = checkpoint.load(case.files["checkpoint"])
+    ckpt = checkpoint.load(case.files["checkpoint"], supported_features=ALL_FEATURES)
     a, b = checkpoint.resolve_bases(ckpt)
     out = {}
     for path, rec in ckpt.layers.items():
         adapter = reference.Adapter(ckpt.config.r, ckpt.config.randlora_alpha, ckpt.lam(path), ckpt.gamma(path))
         bias = ckpt.tensors.get(f"{path}.bias", case.inputs.get(f"{path}.bias"))
-        out[f"{path}.y"] = reference.forward(
-            case.inputs[f"{path}.x"],
-            case.inputs[f"{path}.weight"],
-            bias,
-            {"a": adapter},
-            ["a"],
-            a,
-            b,
-            rec.fan_in_fan_out,
-        )
+        x, weight = case.inputs[f"{path}.x"], case.inputs[f"{path}.weight"]
+        if rec.kind == LINEAR and not ckpt.config.use_dora:
+            out[f"{path}.y"] = reference.forward(x, weight, bias, {"a": adapter}, ["a"], a, b, rec.fan_in_fan_out)
+            continue
+        base = {**case.params.get("base_layers", {}).get(path, {}), **_record_params(rec)}
+        adapters = {"a": ViewAdapter(adapter, ckpt.magnitude(path))}
+        w = view_of(weight, rec.kind, rec.fan_in_fan_out)
+        inputs = input_map(rec.kind, x, base)
+        out[f"{path}.y"] = reference_dora.forward(inputs, w, bias, adapters, ["a"], a, b, base.get("padding_idx"))
     return out
+
+
+def _record_params(rec: LayerRecord) -> dict[str, Any]:
+    return {
+        "in_features": rec.in_features,
+        "out_features": rec.out_features,
+        "kernel_size": list(rec.kernel_size),
+        "groups": rec.groups,
+    }

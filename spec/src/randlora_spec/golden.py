@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from randlora_spec.layer_kinds import DORA, LINEAR
 from randlora_spec.reference import Adapter
+from randlora_spec.reference_dora import ViewAdapter
 from randlora_spec.safetensors_io import decode
 
 MANIFEST_NAME = "manifest.json"
@@ -48,6 +50,38 @@ class GoldenCase:
             name: Adapter(spec["r"], spec["alpha"], self.inputs[f"{name}.lambda"], self.inputs[f"{name}.gamma"])
             for name, spec in self.params["adapters"].items()
         }
+
+    def view_adapters(self) -> dict[str, ViewAdapter]:
+        """:meth:`adapters` with each DoRA adapter's magnitude (``<name>.magnitude``, SPEC 8.2)."""
+        return {
+            name: ViewAdapter(adapter, self.inputs.get(f"{name}.magnitude") if self.dora(name) else None)
+            for name, adapter in self.adapters().items()
+        }
+
+    def dora(self, name: str) -> bool:
+        """Whether adapter ``name`` of a layer case uses DoRA (param ``use_dora``, default false)."""
+        return bool(self.params["adapters"][name].get("use_dora", False))
+
+    @property
+    def layer_kind(self) -> str:
+        """The layer kind of a layer case (param ``layer_kind``, default ``linear``)."""
+        return str(self.params.get("layer_kind", LINEAR))
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The layer kinds and variants (``dora``) an implementation needs to run this case (SPEC 8.2).
+
+        Layer cases: their ``layer_kind`` and ``dora`` if an adapter uses it; checkpoint cases: the
+        kinds of the recorded layers and ``dora`` if the param ``use_dora`` is set; bases cases: none.
+        """
+        p = self.params
+        if self.kind in ("forward", "backward", "merge"):
+            dora = any(spec.get("use_dora", False) for spec in p["adapters"].values())
+            return frozenset({self.layer_kind} | ({DORA} if dora else set()))
+        if self.kind == "checkpoint":
+            kinds = {rec.get("kind", LINEAR) for rec in p["layers"].values()}
+            return frozenset(kinds | ({DORA} if p.get("use_dora") else set()))
+        return frozenset()
 
 
 def default_golden_dir() -> Path:

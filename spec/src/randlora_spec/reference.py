@@ -173,21 +173,26 @@ def backward(
     g2 = g64.reshape(-1, g64.shape[-1])
     grad_delta = matmul(g2.T, x2)  # dL/d(delta-W), (out, in)
     in_f, out_f = w_eff.shape[1], w_eff.shape[0]
-    grads: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name in active:
-        adapter = adapters[name]
-        geom = LayerGeometry(in_f, out_f, adapter.r)
-        a_s, b_s = slice_bases(a, b, geom)
-        grad_p = adapter.scaling * (grad_delta if geom.in_le_out else grad_delta.T)  # (M, m)
-        grad_s = matmul(flat_b(b_s).T, grad_p).reshape(geom.r, geom.nb, geom.m)
-        lam = np.asarray(adapter.lam, np.float64)
-        gamma = np.asarray(adapter.gamma, np.float64)
-        # grad_lambda[k, b] = sum_j grad_S[k, b, j] A[k, j] gamma[b, j]
-        grad_lam = exact_sum(grad_s * a_s[:, None, :] * gamma[None, :, :], axis=2)
-        # grad_gamma[b, j] = sum_k grad_S[k, b, j] lambda[k, b] A[k, j]
-        grad_gamma = exact_sum(grad_s * lam[:, :, None] * a_s[:, None, :], axis=0)
-        grads[name] = (grad_lam, grad_gamma)
+    grads = {
+        name: adapter_grads(grad_delta, LayerGeometry(in_f, out_f, adapters[name].r), adapters[name], a, b) for name in active
+    }
     return grad_x, grads
+
+
+def adapter_grads(
+    grad_delta: np.ndarray, geom: LayerGeometry, adapter: Adapter, a: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(grad_lambda, grad_gamma)`` of one adapter from ``grad_delta = dL/d(delta_W)``, (out, in) (SPEC 3.6)."""
+    a_s, b_s = slice_bases(a, b, geom)
+    grad_p = adapter.scaling * (grad_delta if geom.in_le_out else grad_delta.T)  # (M, m)
+    grad_s = matmul(flat_b(b_s).T, grad_p).reshape(geom.r, geom.nb, geom.m)
+    lam = np.asarray(adapter.lam, np.float64)
+    gamma = np.asarray(adapter.gamma, np.float64)
+    # grad_lambda[k, b] = sum_j grad_S[k, b, j] A[k, j] gamma[b, j]
+    grad_lam = exact_sum(grad_s * a_s[:, None, :] * gamma[None, :, :], axis=2)
+    # grad_gamma[b, j] = sum_k grad_S[k, b, j] lambda[k, b] A[k, j]
+    grad_gamma = exact_sum(grad_s * lam[:, :, None] * a_s[:, None, :], axis=0)
+    return grad_lam, grad_gamma
 
 
 def merge(

@@ -14,7 +14,9 @@ for the wrapper protocol, :mod:`randlora_core.state` for the in-memory checkpoin
 from randlora_core.base_state import get_base_model_state_dict, set_base_model_state_dict
 from randlora_core.bases import RandLoraBases, generate_bases
 from randlora_core.checkpoint import apply_checkpoint, load_adapter, save_adapter
+from randlora_core.conv import RandLoraConv
 from randlora_core.defaults import DEFAULT_TARGET_MODULES
+from randlora_core.embedding import RandLoraEmbedding
 from randlora_core.hotswap import hotswap_adapter
 from randlora_core.layer import RandLoraLinear
 from randlora_core.model import RandLoraModel, get_randlora_model
@@ -48,6 +50,8 @@ __all__ = [
     "ModulesToSaveWrapper",
     "RandLoraBases",
     "RandLoraConfig",
+    "RandLoraConv",
+    "RandLoraEmbedding",
     "RandLoraError",
     "RandLoraLinear",
     "RandLoraModel",

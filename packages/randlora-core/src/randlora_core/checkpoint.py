@@ -13,7 +13,7 @@ from torch import nn
 from randlora_core.model import RandLoraModel
 from randlora_core.pretrained import set_trainable
 from randlora_core.registry import load_plugins
-from randlora_core.state import apply_checkpoint_to, build_checkpoint, check_fits
+from randlora_core.state import FEATURES, apply_checkpoint_to, build_checkpoint, check_fits
 from randlora_spec import checkpoint as spec_ckpt
 
 
@@ -24,7 +24,7 @@ def save_adapter(model: RandLoraModel, path: str | Path, adapter_name: str | Non
     renamed over ``path``, so ``path`` always holds the old or the new checkpoint, never a torn one.
     With sharded (FSDP2) parameters this gathers them: see :func:`~randlora_core.state.build_checkpoint`.
     """
-    spec_ckpt.save(path, build_checkpoint(model, adapter_name))
+    spec_ckpt.save(path, build_checkpoint(model, adapter_name), readable_features=FEATURES)
 
 
 def apply_checkpoint(
@@ -79,7 +79,7 @@ def load_adapter(
     """
     load_plugins()
     source = str(path)
-    with spec_ckpt.open_checkpoint(path, source=source) as reader:
+    with spec_ckpt.open_checkpoint(path, source=source, supported_features=FEATURES) as reader:
         check_fits(model.model if isinstance(model, RandLoraModel) else model, reader.header, source)
         ckpt = reader.load()
     options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}

@@ -5,7 +5,8 @@ force one compute path for every case (:func:`~randlora_core.compute.compute_ove
 paths are proven against every golden vector whatever the cost model would pick for these shapes.
 
 Every case goes through the public API on a real torch model in the case's dtype: layer cases build
-a module holding one ``nn.Linear`` (or a Conv1D-like layer when ``fan_in_fan_out``), adapt it with
+a module holding one ``nn.Linear`` (or a Conv1D-like layer when ``fan_in_fan_out``, or the
+convolution or embedding of the case's ``layer_kind``; DoRA adapters get their magnitudes), adapt it with
 :func:`~randlora_core.get_randlora_model` / ``add_adapter``, inject the case's bases and
 lambda/gamma, then run forward, backward or merge/unmerge; checkpoint cases build the recorded
 layers and call :func:`~randlora_core.load_adapter`.
@@ -23,12 +24,14 @@ from randlora_core.bases import generate_bases
 from randlora_core.checkpoint import load_adapter
 from randlora_core.compute import Compute, compute_override
 from randlora_core.model import RandLoraModel, get_randlora_model
-from randlora_core.testing import Conv1DLike, SingleLayer, build_model, make_layer
+from randlora_core.state import FEATURES
+from randlora_core.testing import Conv1DLike, SingleLayer, build_model, make_kind_layer, make_layer, tree_of
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.driver import Unsupported
 from randlora_spec.golden import GoldenCase
+from randlora_spec.layer_kinds import BASE_FEATURES
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -76,6 +79,7 @@ def layer_case_model(layer: nn.Module, case: GoldenCase, fan_in_fan_out: bool) -
             projection_prng_key=p.get("seed", 0),
             sparse=p.get("basis_kind") == "sparse",
             very_sparse=p.get("basis_kind") == "very_sparse",
+            use_dora=bool(spec.get("use_dora", False)),
         )
         if model is None:
             model = get_randlora_model(SingleLayer(layer), config, adapter_name=name)
@@ -88,6 +92,8 @@ def layer_case_model(layer: nn.Module, case: GoldenCase, fan_in_fan_out: bool) -
         for name in p["adapters"]:
             wrapper.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"]))
             wrapper.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"]))
+            if f"{name}.magnitude" in i:
+                wrapper.randlora_magnitude[name].copy_(_t(i[f"{name}.magnitude"]))
     model.set_adapter(list(p["active"]))
     return model
 
@@ -124,7 +130,7 @@ class CoreDriver:
 
     def _layer_model(self, case: GoldenCase) -> RandLoraModel:
         p, i = case.params, case.inputs
-        layer = make_layer(p["in_features"], p["out_features"], p["has_bias"], p["fan_in_fan_out"], DTYPES[case.dtype])
+        layer = make_kind_layer(p, DTYPES[case.dtype])
         with torch.no_grad():
             layer.get_parameter("weight").copy_(_t(i["weight"]))
             if p["has_bias"]:
@@ -139,12 +145,14 @@ class CoreDriver:
             with torch.no_grad():
                 return {"y": _np(model(_t(i["x"])))}
         if case.kind == "backward":
-            x = _t(i["x"]).requires_grad_(True)
+            x = _t(i["x"]).requires_grad_(x_grad := bool(i["x"].dtype.kind == "f"))
             model(x).backward(_t(i["grad_y"]))
-            out = {"grad_x": _grad(x)}
+            out = {"grad_x": _grad(x)} if x_grad else {}
             for name in p["active"]:
                 out[f"{name}.grad_lambda"] = _grad(wrapper.randlora_lambda[name])
                 out[f"{name}.grad_gamma"] = _grad(wrapper.randlora_gamma[name])
+                if name in wrapper.randlora_magnitude:
+                    out[f"{name}.grad_magnitude"] = _grad(wrapper.randlora_magnitude[name])
             return out
         weight = wrapper.get_base_layer().get_parameter("weight")
         out = {f"{name}.delta_weight": _np(wrapper.get_delta_weight(name)) for name in p["adapters"]}
@@ -156,13 +164,17 @@ class CoreDriver:
 
     def _checkpoint(self, case: GoldenCase) -> dict[str, np.ndarray]:
         path = case.files["checkpoint"]
-        ckpt = spec_ckpt.load(path)  # only to learn which layers carry a bias; load_adapter validates again
+        # Only to learn which layers carry a bias; load_adapter validates again.
+        ckpt = spec_ckpt.load(path, supported_features=FEATURES)
         dtype = DTYPES[case.dtype]
         layers = {
             p: (rec.in_features, rec.out_features, p in ckpt.biases or f"{p}.bias" in case.inputs, rec.fan_in_fan_out)
             for p, rec in ckpt.layers.items()
         }
-        base = build_model(layers, dtype)
+        if case.features == BASE_FEATURES:
+            base = build_model(layers, dtype)
+        else:
+            base = tree_of({p: make_kind_layer(checkpoint_layer_params(case, p, rec), dtype) for p, rec in ckpt.layers.items()})
         with torch.no_grad():
             for p in layers:
                 base.get_parameter(f"{p}.weight").copy_(_t(case.inputs[f"{p}.weight"]))
@@ -176,6 +188,20 @@ class CoreDriver:
             for p in layers:
                 out[f"{p}.y"] = _np(model.model.get_submodule(p)(_t(case.inputs[f"{p}.x"])))
         return out
+
+
+def checkpoint_layer_params(case: GoldenCase, path: str, rec: spec_ckpt.LayerRecord) -> dict[str, object]:
+    """What :func:`~randlora_core.testing.make_kind_layer` needs for layer ``path`` of a checkpoint case."""
+    params = {
+        "in_features": rec.in_features,
+        "out_features": rec.out_features,
+        "fan_in_fan_out": rec.fan_in_fan_out,
+        "has_bias": f"{path}.bias" in case.inputs,
+        "layer_kind": rec.kind,
+        "kernel_size": list(rec.kernel_size),
+        "groups": rec.groups,
+    }
+    return {**params, **case.params.get("base_layers", {}).get(path, {})}
 
 
 class CoreFactoredDriver(CoreDriver):

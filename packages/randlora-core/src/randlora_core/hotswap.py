@@ -2,7 +2,7 @@
 
 PEFT's ``hotswap_adapter`` semantics for RandLoRA: the adapter keeps its modules, parameters (the
 same tensor objects, so optimizers and compiled graphs keep them) and shared bases; only the
-values of lambda, gamma, trained biases and ``modules_to_save`` copies change. A compiled model
+values of lambda, gamma (and DoRA magnitudes), trained biases and ``modules_to_save`` copies change. A compiled model
 therefore runs the new adapter without recompiling. A checkpoint whose ``randlora_alpha``
 differs is applied by rescaling its lambda by ``alpha_new / alpha_old``, so the layers' scaling
 (a constant a compiled graph holds) stays. Everything is checked before anything changes.
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from randlora_core.planning import same_on_overlap
-from randlora_core.state import check_fits, checkpoint_bases, values_for, write_values
+from randlora_core.state import FEATURES, check_fits, checkpoint_bases, values_for, write_values
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, CheckpointError
@@ -24,7 +24,17 @@ from randlora_spec.errors import AdapterNotFoundError, CheckpointError
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
 
-MATH_FIELDS = ("r", "randlora_dropout", "projection_prng_key", "sparse", "very_sparse", "basis_rule", "bias", "fan_in_fan_out")
+MATH_FIELDS = (
+    "r",
+    "randlora_dropout",
+    "projection_prng_key",
+    "sparse",
+    "very_sparse",
+    "basis_rule",
+    "bias",
+    "fan_in_fan_out",
+    "use_dora",
+)
 """Config fields that must agree for a swap: they fix shapes, bases and the graph; alpha may differ."""
 
 
@@ -77,12 +87,12 @@ def hotswap_adapter(
     """
     if isinstance(checkpoint, spec_ckpt.AdapterCheckpoint):
         ckpt, source = checkpoint, "<checkpoint>"
-        header = spec_ckpt.validate(ckpt, source=source)
+        header = spec_ckpt.validate(ckpt, source=source, supported_features=FEATURES)
         _check_config(model, adapter_name, ckpt.config, source)
         _check_geometry(model, adapter_name, header, source)
     else:
         source = str(checkpoint)
-        with spec_ckpt.open_checkpoint(checkpoint, source=source) as reader:
+        with spec_ckpt.open_checkpoint(checkpoint, source=source, supported_features=FEATURES) as reader:
             _check_config(model, adapter_name, reader.header.config, source)
             _check_geometry(model, adapter_name, reader.header, source)
             ckpt = reader.load()

@@ -16,7 +16,11 @@ reads them, e.g. T5's feed-forward reads ``self.wo.weight.dtype``).
 
 Subclasses for other base layers (e.g. bitsandbytes) override the small hooks
 ``_features``, ``_base_forward``, ``_param_dtype``, ``_dense_weight``, ``_merge_delta`` and
-``_unmerge_delta``.
+``_unmerge_delta``; other layer kinds (SPEC 3.10: :mod:`randlora_core.conv`,
+:mod:`randlora_core.embedding`) also ``_check_input``, ``_weight_view`` / ``_view_to_storage``
+(the weight seen as ``(O, I)``), ``_apply_weight``, ``_plain_adapted`` and ``layer_record``.
+DoRA adapters (``use_dora``, SPEC 3.11) keep a magnitude in ``randlora_magnitude`` and run
+through :mod:`randlora_core.dora` on every kind.
 
 Forward: the layer gathers its operands (the base call, and per active adapter its basis windows,
 lambda, gamma, scaling and dropout, via :meth:`RandLoraLinear.adapter_call`) and hands them to
@@ -31,23 +35,26 @@ import warnings
 import torch
 from torch import nn
 
+from randlora_core import dora
 from randlora_core.bases import RandLoraBases
 from randlora_core.compute import Compute, resolve_compute
 from randlora_core.engine import layer_forward
 from randlora_core.inference_cache import InferenceCache, tensor_key
-from randlora_core.mixed import mixed_groups, scatter_rows
+from randlora_core.layer_view import LinearView
+from randlora_core.mixed import mixed_forward
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
 from randlora_core.sparse import MAX_DENSITY, sparse_density, window_structure
 from randlora_spec.bases import num_bases
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import CheckpointError, DtypeError, MergeError, ShapeError
+from randlora_spec.errors import CheckpointError, MergeError, ShapeError
+from randlora_spec.layer_kinds import LINEAR
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-class RandLoraLinear(nn.Module):
+class RandLoraLinear(LinearView, nn.Module):
     """RandLoRA wrapper around a linear base layer (``nn.Linear``, or Conv1D-like with ``fan_in_fan_out``).
 
     Args:
@@ -55,6 +62,11 @@ class RandLoraLinear(nn.Module):
         fan_in_fan_out: the base weight is stored ``(in, out)`` (GPT-2 Conv1D) instead of ``(out, in)``.
 
     """
+
+    layer_kind = LINEAR
+    """The layer kind of SPEC 3.10 (what checkpoints record)."""
+    applies_dropout = True
+    """Whether ``randlora_dropout`` acts on the adapter input (not for index inputs)."""
 
     _bases: RandLoraBases | None  # set with object.__setattr__, so nn.Module does not register it
 
@@ -66,6 +78,11 @@ class RandLoraLinear(nn.Module):
         self.randlora_lambda = nn.ParameterDict()
         self.randlora_gamma = nn.ParameterDict()
         self.randlora_dropout = nn.ModuleDict()
+        self.randlora_magnitude = nn.ParameterDict()
+        """DoRA adapters' magnitude vectors (out_features,), SPEC 3.11."""
+        self.use_dora: dict[str, bool] = {}
+        self.dora_merges: list[dora.DoraMerge] = []
+        """Merges that involved a DoRA adapter, with the factors unmerging needs (in merge order)."""
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.compute: dict[str, Compute] = {}
@@ -93,7 +110,7 @@ class RandLoraLinear(nn.Module):
     def _base_forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """The frozen base layer's output; a float input of another dtype is cast to a float weight's dtype first."""
         weight = getattr(self.base_layer, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and x.dtype != weight.dtype:
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and x.is_floating_point() and x.dtype != weight.dtype:
             x = x.to(weight.dtype)
         out: torch.Tensor = self.base_layer(x, *args, **kwargs)
         return out
@@ -137,6 +154,12 @@ class RandLoraLinear(nn.Module):
         weight = self._base_weight()
         with torch.no_grad():
             weight.sub_(delta.to(device=weight.device, dtype=weight.dtype))
+
+    @property
+    def supports_dora(self) -> bool:
+        """Whether DoRA adapters can be added: the plain weight must be readable and writable (not quantized)."""
+        cls = type(self)
+        return cls._base_forward is RandLoraLinear._base_forward and cls._merge_delta is RandLoraLinear._merge_delta
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -205,23 +228,37 @@ class RandLoraLinear(nn.Module):
         self.randlora_lambda[adapter_name] = nn.Parameter(lam)
         self.randlora_gamma[adapter_name] = nn.Parameter(gamma)
         p = config.randlora_dropout
-        self.randlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.randlora_dropout[adapter_name] = nn.Dropout(p) if p > 0 and self.applies_dropout else nn.Identity()
         self.r[adapter_name] = r
         self.scaling[adapter_name] = config.randlora_alpha / r
         self.compute[adapter_name] = getattr(config, "compute", "auto")
         object.__setattr__(self, "_bases", bases_module)
+        self.use_dora[adapter_name] = bool(getattr(config, "use_dora", False))
+        if self.use_dora[adapter_name]:
+            magnitude = (
+                torch.empty(self.out_features, dtype=dtype, device="meta")
+                if low_cpu_mem_usage
+                else dora.initial_magnitude(self, adapter_name).to(dtype)
+            )
+            self.randlora_magnitude[adapter_name] = nn.Parameter(magnitude)
 
     def set_adapter(self, adapter_names: list[str]) -> None:
-        """Make ``adapter_names`` the active adapters (names this layer lacks are skipped in forward)."""
+        """Make ``adapter_names`` the active adapters (names this layer lacks are skipped in forward).
+
+        DoRA magnitudes train exactly when their adapter is active (the model sets lambda/gamma alike).
+        """
         self.active_adapters = list(adapter_names)
+        for name, magnitude in self.randlora_magnitude.items():
+            magnitude.requires_grad_(name in self.active_adapters)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` from this layer (it must not be merged)."""
         if adapter_name in self.merged_adapters:
             raise MergeError(f"adapter {adapter_name!r} is merged into layer {self.layer_name!r}; unmerge it before deleting")
-        for container in (self.randlora_lambda, self.randlora_gamma, self.randlora_dropout):
+        for container in (self.randlora_lambda, self.randlora_gamma, self.randlora_dropout, self.randlora_magnitude):
             if adapter_name in container:
                 del container[adapter_name]
+        self.use_dora.pop(adapter_name, None)
         self.r.pop(adapter_name, None)
         self.scaling.pop(adapter_name, None)
         self.compute.pop(adapter_name, None)
@@ -271,16 +308,20 @@ class RandLoraLinear(nn.Module):
             sparse=structure,
         )
 
+    def delta_view(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """delta-W of ``adapter_name`` as ``(O, I)`` (SPEC 3.4), in ``dtype``; differentiable in lambda and gamma."""
+        op = self.adapter_call(adapter_name, dtype, device)
+        return delta_weight(op.a_s, op.b_flat, op.lam, op.gamma, op.scaling, self.in_features <= self.out_features)
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """delta-W of ``adapter_name`` in the weight's storage layout, in the adapter's compute dtype.
 
-        Differentiable with respect to lambda and gamma.
+        Differentiable with respect to lambda and gamma. For a DoRA adapter this is its plain update
+        (SPEC 3.11); what merging writes also rescales rows.
         """
         lam = self.randlora_lambda[adapter_name]
         device = self._param_device() if lam.is_meta else lam.device
-        op = self.adapter_call(adapter_name, self._compute_dtype([adapter_name], device), device)
-        delta = delta_weight(op.a_s, op.b_flat, op.lam, op.gamma, op.scaling, self.in_features <= self.out_features)
-        return delta.T if self.fan_in_fan_out else delta
+        return self._view_to_storage(self.delta_view(adapter_name, self._compute_dtype([adapter_name], device), device))
 
     def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
         """``base(x)`` plus every active, unmerged adapter's output; the result has ``x``'s dtype.
@@ -288,19 +329,12 @@ class RandLoraLinear(nn.Module):
         ``x`` must be a floating tensor (else :class:`DtypeError`); a float dtype other than the
         weight's is computed in the weight's dtype and the result cast back (SPEC 5.3).
         """
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-            raise DtypeError(f"layer {self.layer_name!r} needs a floating-point input tensor, got {got}")
-        if x.shape[-1] != self.in_features:
-            raise ShapeError(
-                f"layer {self.layer_name!r} expects inputs whose last dimension is in_features={self.in_features}, "
-                f"got {x.shape[-1]} (input shape {tuple(x.shape)})"
-            )
+        self._check_input(x)
         if self.disable_adapters and self.merged:
             warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
             self.unmerge()
         if self.mixed_adapters is not None and not self.disable_adapters:
-            return self._mixed_forward(x, self.mixed_adapters, args, kwargs)
+            return mixed_forward(self, x, self.mixed_adapters, args, kwargs)
         names = [] if self.disable_adapters else self._active_unmerged()
         return self._adapted(x, names, args, kwargs)
 
@@ -312,9 +346,22 @@ class RandLoraLinear(nn.Module):
         kwargs: dict[str, object],
         shared_base: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``base(x)`` plus the adapters ``names`` (held here, unmerged) through the layer engine."""
+        """``base(x)`` plus the adapters ``names`` (held here, unmerged): DoRA ones via :mod:`randlora_core.dora`."""
         if not names:
-            return self._base_forward(x, *args, **kwargs).to(x.dtype)
+            return self._finish(x, self._base_forward(x, *args, **kwargs))
+        if any(self.use_dora.get(n, False) for n in names):
+            return dora.forward(self, x, names, args, kwargs)
+        return self._plain_adapted(x, names, args, kwargs, shared_base)
+
+    def _plain_adapted(
+        self,
+        x: torch.Tensor,
+        names: list[str],
+        args: tuple[object, ...],
+        kwargs: dict[str, object],
+        shared_base: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``base(x)`` plus plain adapters ``names`` through the layer engine (``shared_base``: ``base(x)`` if known)."""
         dtype = self._compute_dtype(names, x.device)
         weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
         base = BaseCall(
@@ -323,32 +370,6 @@ class RandLoraLinear(nn.Module):
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
         compute = self._requested_compute(names)
         return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, shared_base)
-
-    def _mixed_forward(
-        self, x: torch.Tensor, per_row: list[str], args: tuple[object, ...], kwargs: dict[str, object]
-    ) -> torch.Tensor:
-        """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`~randlora_core.mixed.BASE` for none).
-
-        Each adapter runs on the whole batch and its rows are taken: matmul results depend on the
-        number of rows (BLAS kernels), so only that makes a row exactly what a single-adapter call
-        of the batch gives. The base output is computed once and shared: ``k`` adapters cost one
-        base pass and ``k`` adapter passes (``k`` layer passes where the dense path is chosen).
-        """
-        if x.dim() < 2 or x.shape[0] != len(per_row):
-            raise ShapeError(
-                f"layer {self.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
-                f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
-            )
-        base_out = self._base_forward(x, *args, **kwargs)
-        parts, order = [], []
-        for name, rows in mixed_groups(per_row, x.device).items():
-            if name in self.randlora_lambda and name not in self.merged_adapters:
-                out = self._adapted(x, [name], args, kwargs, shared_base=base_out)
-            else:
-                out = base_out.to(x.dtype)
-            parts.append(out.index_select(0, rows))
-            order.append(rows)
-        return scatter_rows(parts, order, x.shape[0])
 
     def _active_unmerged(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.randlora_lambda and n not in self.merged_adapters]
@@ -377,9 +398,12 @@ class RandLoraLinear(nn.Module):
     def check_merge(self, adapter_names: list[str]) -> None:
         """Raise :class:`MergeError` unless merging ``adapter_names`` gives finite weights (computed on a copy)."""
         with torch.no_grad():
-            weight = self._dense_weight().detach().clone()
-            for name in adapter_names:
-                weight += self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+            if any(self.use_dora.get(n, False) for n in adapter_names):
+                weight = dora.merged_view(self, adapter_names)[0]
+            else:
+                weight = self._dense_weight().detach().clone()
+                for name in adapter_names:
+                    weight += self.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
             if not bool(torch.isfinite(weight).all()):
                 raise MergeError(
                     f"merging adapter(s) {adapter_names} into layer {self.layer_name!r} would produce NaN or Inf weights; "
@@ -394,6 +418,9 @@ class RandLoraLinear(nn.Module):
             raise MergeError(f"adapter(s) {already} are already merged into layer {self.layer_name!r}")
         if safe_merge:
             self.check_merge(names)
+        if any(self.use_dora.get(n, False) for n in names):
+            dora.merge(self, names)  # one merge: W_eff of all of them (SPEC 3.11)
+            return
         with torch.no_grad():
             for name in names:
                 self._merge_delta(self.get_delta_weight(name))
@@ -406,7 +433,11 @@ class RandLoraLinear(nn.Module):
             return
         with torch.no_grad():
             while self.merged_adapters:
-                self._unmerge_delta(self.get_delta_weight(self.merged_adapters.pop()))
+                last = self.dora_merges[-1].names if self.dora_merges else None
+                if last is not None and self.merged_adapters[-len(last) :] == last:
+                    dora.unmerge_last(self)
+                else:
+                    self._unmerge_delta(self.get_delta_weight(self.merged_adapters.pop()))
 
     def extra_repr(self) -> str:
         """Sizes, layout and adapter names."""

@@ -28,7 +28,7 @@ from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.peft_api import PeftApiMixin
 from randlora_core.planning import AdapterPlan, check_unadapted, opaque, plan_adapter, windows_fit
 from randlora_core.registry import is_randlora_layer
-from randlora_core.state import build_checkpoint
+from randlora_core.state import FEATURES, build_checkpoint
 from randlora_core.targeting import visible_modules
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import basis_kind
@@ -256,13 +256,16 @@ class RandLoraModel(PeftApiMixin, nn.Module):
     def _apply_trainable(self) -> None:
         """``requires_grad`` of every adapter parameter: its adapter is in ``_trainable`` and adapters are enabled.
 
-        That covers lambda/gamma, ``modules_to_save`` copies and the biases of the (one) adapter that trains them.
+        That covers lambda/gamma (and DoRA magnitudes), ``modules_to_save`` copies and the biases of the (one)
+        adapter that trains them.
         """
         wanted = self._trainable if self._enabled else set()
         for _, layer in self.named_randlora_layers():
             for name in layer.randlora_lambda:
                 layer.randlora_lambda[name].requires_grad_(name in wanted)
                 layer.randlora_gamma[name].requires_grad_(name in wanted)
+                if name in layer.randlora_magnitude:
+                    layer.randlora_magnitude[name].requires_grad_(name in wanted)
         for _, wrapper in self._modules_to_save():
             for name, copy in wrapper.modules_to_save.items():
                 copy.requires_grad_(name in wanted)
@@ -430,7 +433,7 @@ class RandLoraModel(PeftApiMixin, nn.Module):
 
     def save_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Write one adapter (default: the active one) to ``path`` in checkpoint format v1, atomically."""
-        spec_ckpt.save(path, build_checkpoint(self, adapter_name))
+        spec_ckpt.save(path, build_checkpoint(self, adapter_name), readable_features=FEATURES)
 
 
 def get_randlora_model(

@@ -25,7 +25,7 @@ from torch import nn
 from randlora_core.bases import generate_bases
 from randlora_core.defaults import with_default_targets
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.registry import build_wrapper, is_randlora_layer, layout_of, load_plugins, wrapper_for
+from randlora_core.registry import build_wrapper, is_linear_target, is_randlora_layer, layout_of, load_plugins, wrapper_for
 from randlora_core.targeting import select_targets, visible_modules
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
@@ -215,6 +215,34 @@ def _regrown(current: RandLoraBases, needed: BasesShape, kind: BasisKind) -> tup
     return a, b, True
 
 
+def check_dora(layers: list[tuple[str, LayerModule, bool]], config: RandLoraConfig) -> None:
+    """With ``use_dora``, every target must read and write its plain weight (SPEC 3.11): not a quantized one."""
+    if not config.use_dora:
+        return
+    for path, layer, _ in layers:
+        if not getattr(layer, "supports_dora", False):
+            base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+            raise TargetModuleError(
+                f"use_dora: layer {path!r} ({type(base).__name__}) does not support DoRA adapters: DoRA rescales the "
+                "rows of the plain weight, which this layer does not hold (e.g. a quantized one)"
+            )
+
+
+def _first_bases(
+    config: RandLoraConfig, dims: list[tuple[int, int]], ranks: list[int], device: torch.device, stored: Bases | None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The model's first shared bases: the ``stored`` pair if given (it must be large enough), else generated."""
+    needed = allocation(dims, ranks)
+    if stored is not None:
+        a, b = stored
+        have = shape_of_bases(a.shape, b.shape)
+        if not windows_fit(have, dims, ranks):
+            raise ShapeError(f"the given bases {have} are too small for the adapted layers (need {needed})")
+        return a, b, config.basis_rule == PORTABLE_RULE
+    kind = basis_kind(config.sparse, config.very_sparse)
+    return (*generate_bases(config.projection_prng_key, needed, kind, device, config.basis_rule), True)
+
+
 def plan_bases(
     model: RandLoraModel,
     config: RandLoraConfig,
@@ -233,13 +261,7 @@ def plan_bases(
         )
     current = model.randlora_bases
     if current is None:
-        if stored is not None:
-            a, b = stored
-            have = shape_of_bases(a.shape, b.shape)
-            if not windows_fit(have, dims, ranks):
-                raise ShapeError(f"the given bases {have} are too small for the adapted layers (need {needed})")
-            return a, b, config.basis_rule == PORTABLE_RULE
-        return (*generate_bases(config.projection_prng_key, needed, kind, device, config.basis_rule), True)
+        return _first_bases(config, dims, ranks, device, stored)
     result = None if windows_fit(current.shape, dims, ranks) else _regrown(current, needed, kind)
     if stored is not None:
         mine = (result[0], result[1]) if result is not None else (current.randlora_A, current.randlora_B)
@@ -292,8 +314,9 @@ def plan_adapter(
         config = with_default_targets(model.model, config)
     saved = resolve_saved(model.model, config)
     if paths is None:
-        paths = select_targets(model.model, config, adaptable, opaque)
+        paths = select_targets(model.model, config, adaptable, opaque, linear=is_linear_target)
     layers = plan_layers(model.model, paths, config, warn)
+    check_dora(layers, config)
     new_paths = {p for p, _, _ in layers}
     dims = [(layer.in_features, layer.out_features) for _, layer, _ in layers]
     dims += [(layer.in_features, layer.out_features) for p, layer in model.named_randlora_layers() if p not in new_paths]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from randlora_core.hotswap import hotswap_adapter
 from randlora_core.registry import load_plugins
-from randlora_core.state import apply_checkpoint_to, build_checkpoint, check_fits
+from randlora_core.state import FEATURES, apply_checkpoint_to, build_checkpoint, check_fits
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigError
 
@@ -109,7 +109,7 @@ def save_pretrained(
     for name, ckpt in checkpoints.items():
         directory = adapter_dir(root, name)
         directory.mkdir(parents=True, exist_ok=True)
-        spec_ckpt.save(directory / ADAPTER_FILE, ckpt)
+        spec_ckpt.save(directory / ADAPTER_FILE, ckpt, readable_features=FEATURES)
 
 
 def load_pretrained(
@@ -127,7 +127,7 @@ def load_pretrained(
         hotswap_adapter(model, path, adapter_name)
     else:
         source = str(path)
-        with spec_ckpt.open_checkpoint(path, source=source) as reader:
+        with spec_ckpt.open_checkpoint(path, source=source, supported_features=FEATURES) as reader:
             check_fits(model.model, reader.header, source)
             ckpt = reader.load()
         options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}

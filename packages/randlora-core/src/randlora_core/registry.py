@@ -1,7 +1,9 @@
 """Which RandLoRA wrapper adapts which base-layer type.
 
 A *wrapper* replaces a targeted base layer in the model and adds the adapters to it. Built in:
-``nn.Linear`` and Conv1D-like layers, both handled by :class:`randlora_core.layer.RandLoraLinear`.
+``nn.Linear`` and Conv1D-like layers, both handled by :class:`randlora_core.layer.RandLoraLinear`;
+``nn.Conv1d/2d/3d`` (:class:`randlora_core.conv.RandLoraConv`) and ``nn.Embedding``
+(:class:`randlora_core.embedding.RandLoraEmbedding`), the other layer kinds of SPEC 3.10.
 Other packages add layer types with :func:`register_layer_wrapper`, usually from an entry point in
 the group ``randlora.layers`` (a no-argument callable that registers its wrappers), which core
 loads lazily, once, the first time a model is adapted. Later registrations take precedence, so a
@@ -20,8 +22,8 @@ Wrapper protocol (what :class:`~randlora_core.model.RandLoraModel` relies on); s
   ``check_merge(adapter_names)`` (raise ``MergeError`` if merging would give non-finite weights,
   changing nothing); ``get_delta_weight(name)`` (storage layout); ``get_base_layer()``;
 - ``set_adapter(names)``, ``active_adapters`` (list), ``delete_adapter(name)``, ``merged_adapters`` (list), ``merged`` (bool),
-  ``disable_adapters`` (bool), ``r`` (dict), ``randlora_lambda`` / ``randlora_gamma``
-  (``nn.ParameterDict`` by adapter name);
+  ``disable_adapters`` (bool), ``r`` (dict), ``randlora_lambda`` / ``randlora_gamma`` /
+  ``randlora_magnitude`` (``nn.ParameterDict`` by adapter name; the magnitude for DoRA adapters only);
 - writable ``mixed_adapters`` (``None``, or a mixed-adapter call's adapter name per batch row) and
   ``inference_cache`` (``None``, or the model's :class:`~randlora_core.inference_cache.InferenceCache`),
   both set by the model;
@@ -74,6 +76,7 @@ class RandLoraLayer(Protocol):
     disable_adapters: bool
     randlora_lambda: nn.ParameterDict
     randlora_gamma: nn.ParameterDict
+    randlora_magnitude: nn.ParameterDict
     mixed_adapters: list[str] | None
     inference_cache: InferenceCache | None
 
@@ -219,6 +222,23 @@ def plain_linear_operands(base: nn.Module, weight_in_out: bool) -> tuple[torch.T
     if bias is not None and (not isinstance(bias, torch.Tensor) or bias.dtype != weight.dtype):
         return None, None
     return weight, bias
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward (pre-)hooks, or any global module hook is registered."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _global_module_hooks())
+
+
+def is_linear_target(module: nn.Module) -> bool:
+    """A module of kind ``linear`` (SPEC 3.10) that can be adapted: what ``all-linear`` selects.
+
+    A RandLoRA layer by its ``layer_kind``; any other module by its wrapper's (plugins' wrappers of
+    quantized linear layers are linear; convolutions and embeddings are not).
+    """
+    if is_randlora_layer(module):
+        return getattr(module, "layer_kind", "linear") == "linear"
+    wrapper_cls = wrapper_for(module)
+    return wrapper_cls is not None and getattr(wrapper_cls, "layer_kind", "linear") == "linear"
 
 
 def _global_module_hooks() -> bool:

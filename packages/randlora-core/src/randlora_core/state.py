@@ -5,9 +5,11 @@ a :class:`~randlora_core.model.RandLoraModel`. Neither touches a file: saving an
 (:mod:`randlora_core.checkpoint`), randlora-peft's PEFT bridge and the CLI all go through here,
 so every path gets the same validation, done completely before the model changes.
 
-A checkpoint holds lambda/gamma of every adapted layer in their parameter dtype (bfloat16 as
-``BF16``), the shared bases once when ``save_projection`` is set (the adapter's own window of the
-model's allocation), trainable biases and ``modules_to_save`` copies.
+A checkpoint holds lambda/gamma (and a DoRA adapter's magnitudes) of every adapted layer in their
+parameter dtype (bfloat16 as ``BF16``) with each layer's kind (SPEC 6.2), the shared bases once when
+``save_projection`` is set (the adapter's own window of the model's allocation), trainable biases
+and ``modules_to_save`` copies. randlora-core computes every layer kind and DoRA
+(:data:`FEATURES`), so it reads and writes all of them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from randlora_core.bases import generate_bases
+from randlora_core.conv import conv_features
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.planning import adaptable, check_path, plan_adapter, resolve_saved
 from randlora_core.registry import build_wrapper, is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
@@ -29,10 +32,14 @@ from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, CheckpointError, ConfigError
 from randlora_spec.geometry import RANK_CEILING, BasesShape, bases_shape_for_layers, num_bases, rank_is_bounded
+from randlora_spec.layer_kinds import ALL_FEATURES
 
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
     from randlora_core.registry import RandLoraLayer
+
+FEATURES = ALL_FEATURES
+"""The layer kinds and variants randlora-core computes: every one the spec defines."""
 
 _NUMPY_FOR = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float16}
 
@@ -83,9 +90,16 @@ def _collect_layers(model: RandLoraModel, adapter_name: str, tensors: _Tensors) 
                 f"adapter {adapter_name!r} has no weights to save: it was created with low_cpu_mem_usage=True and "
                 "never loaded (its lambda/gamma are on the meta device)"
             )
-        layers[path] = spec_ckpt.LayerRecord(layer.in_features, layer.out_features, bool(layer.fan_in_fan_out))
+        record = getattr(layer, "layer_record", None)
+        layers[path] = (
+            record()
+            if record is not None
+            else spec_ckpt.LayerRecord(layer.in_features, layer.out_features, bool(layer.fan_in_fan_out))
+        )
         tensors.add(path + spec_ckpt.LAMBDA_SUFFIX, layer.randlora_lambda[adapter_name])
         tensors.add(path + spec_ckpt.GAMMA_SUFFIX, layer.randlora_gamma[adapter_name])
+        if adapter_name in getattr(layer, "randlora_magnitude", {}):
+            tensors.add(path + spec_ckpt.MAGNITUDE_SUFFIX, layer.randlora_magnitude[adapter_name])
     if not layers:
         raise CheckpointError(f"adapter {adapter_name!r} has no layers in the model (were they unloaded?)")
     return layers
@@ -200,6 +214,7 @@ def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source:
         if wrapper_cls is None:
             raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
         layer, layout = build_wrapper(wrapper_cls, module, rec.fan_in_fan_out), layout_of(module)
+    _check_kind(layer, path, rec, source)
     if (layer.in_features, layer.out_features) != (rec.in_features, rec.out_features):
         raise CheckpointError(
             f"{source}: layer {path!r} is {layer.in_features}x{layer.out_features} (in x out) in the model, "
@@ -208,6 +223,21 @@ def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source:
     if layout is not None and layout != rec.fan_in_fan_out:
         raise CheckpointError(
             f"{source}: layer {path!r} stores its weight with fan_in_fan_out={layout}, the checkpoint says {rec.fan_in_fan_out}"
+        )
+
+
+def _check_kind(layer: RandLoraLayer, path: str, rec: spec_ckpt.LayerRecord, source: str) -> None:
+    """The model's layer is of the recorded kind (SPEC 3.10), with the recorded kernel size and groups."""
+    record = getattr(layer, "layer_record", None)
+    have = record() if record is not None else spec_ckpt.LayerRecord(layer.in_features, layer.out_features)
+    if have.kind != rec.kind:
+        raise CheckpointError(
+            f"{source}: layer {path!r} is a {have.kind} layer in the model, but a {rec.kind} layer in the checkpoint"
+        )
+    if (have.kernel_size, have.groups) != (rec.kernel_size, rec.groups):
+        raise CheckpointError(
+            f"{source}: layer {path!r} has kernel_size {list(have.kernel_size)} and groups {have.groups} in the model, "
+            f"but kernel_size {list(rec.kernel_size)} and groups {rec.groups} in the checkpoint"
         )
 
 
@@ -248,10 +278,17 @@ def _largest_side(root: nn.Module) -> int:
     """The largest in/out size of any module RandLoRA could adapt in ``root`` (0 if none)."""
     sides = [0]
     for _, module in root.named_modules():
-        features = linear_features(module) if adaptable(module) else None
+        features = _sides(module) if adaptable(module) else None
         if features is not None:
             sides.append(max(features))
     return max(sides)
+
+
+def _sides(module: nn.Module) -> tuple[int, int] | None:
+    """``(I, O)`` of a module of any built-in kind (SPEC 3.10), else ``None``."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return linear_features(module) or conv_features(module)
 
 
 def _check_sizes(root: nn.Module, header: spec_ckpt.CheckpointHeader, source: str) -> None:
@@ -306,7 +343,7 @@ def apply_checkpoint_to(
     ``low_cpu_mem_usage``: the new lambda/gamma are the checkpoint's values, never initialised first.
     """
     load_plugins()
-    check_fits(model.model, spec_ckpt.validate(ckpt, source=source), source)
+    check_fits(model.model, spec_ckpt.validate(ckpt, source=source, supported_features=FEATURES), source)
     try:
         saved = resolve_saved(model.model, ckpt.config)
     except ConfigError as exc:
@@ -363,6 +400,9 @@ def values_for(
         like = _lambda_like(wrappers[path], adapter_name, autocast_adapter_dtype)
         put(("layer", path, "randlora_lambda"), ckpt.lam(path), like)
         put(("layer", path, "randlora_gamma"), ckpt.gamma(path), like)
+        magnitude = ckpt.magnitude(path)
+        if magnitude is not None:
+            put(("layer", path, "randlora_magnitude"), magnitude, like)
     for path in ckpt.biases:
         bias = _base_param(root, path, "bias")
         put(("bias", path, "bias"), ckpt.tensors[path + ".bias"], (bias.dtype, bias.device))

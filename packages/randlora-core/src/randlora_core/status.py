@@ -90,6 +90,7 @@ def _quantization_backend(layer: nn.Module) -> str | None:
 
 def _layer_status(name: str, layer: LayerModule) -> TunerLayerStatus:
     params = [(n, p) for n in layer.randlora_lambda for p in (layer.randlora_lambda[n], layer.randlora_gamma[n])]
+    params += list(getattr(layer, "randlora_magnitude", {}).items())
     requires_grad, devices = _per_adapter(params)
     return TunerLayerStatus(
         name=name,

@@ -5,8 +5,9 @@ Forms of ``target_modules``:
 - a list of names: a module matches a name ``t`` when its full dotted name equals ``t`` or ends
   with ``"." + t``;
 - a string: a regular expression that must match the full module name (``re.fullmatch``);
-- ``"all-linear"`` (any case): every adaptable module except the output head, which is the
-  model's output embedding if it has ``get_output_embeddings()``, else any module named ``lm_head``.
+- ``"all-linear"`` (any case): every adaptable module of kind ``linear`` (not convolutions or
+  embeddings) except the output head, which is the model's output embedding if it has
+  ``get_output_embeddings()``, else any module named ``lm_head``.
 
 ``exclude_modules`` removes modules with the same forms (list or regex). Modules named by
 ``modules_to_save`` and everything inside them are never targets. ``layers_to_transform`` keeps
@@ -57,8 +58,11 @@ def select_targets(
     config: RandLoraConfig,
     adaptable: Callable[[nn.Module], bool],
     opaque: Callable[[nn.Module], bool],
+    linear: Callable[[nn.Module], bool] | None = None,
 ) -> list[str]:
     """Names of the modules ``config`` targets in ``model``, in model order; validates without modifying.
+
+    ``linear`` picks the modules ``all-linear`` may select (default: every adaptable one).
 
     Raises:
         ConfigError: ``target_modules`` is not set (planning resolves ``None`` to the model's
@@ -76,7 +80,8 @@ def select_targets(
     modules = visible_modules(model, opaque)
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         heads = output_head_names(model, modules)
-        matched = [(n, m) for n, m in modules if adaptable(m) and n not in heads]
+        is_linear = linear or adaptable
+        matched = [(n, m) for n, m in modules if adaptable(m) and is_linear(m) and n not in heads]
     else:
         matched = [(n, m) for n, m in modules if name_matches(targets, n)]
     matched, described = restrict(matched, config)
@@ -88,6 +93,7 @@ def select_targets(
         more = ", ..." if len(unadaptable) > MAX_LISTED else ""
         raise TargetModuleError(
             f"{described} matched modules that RandLoRA cannot adapt: {listing}{more}; "
-            "supported are nn.Linear, Conv1D-like layers and types registered with register_layer_wrapper"
+            "supported are nn.Linear, Conv1D-like layers, nn.Conv1d/2d/3d, nn.Embedding and types registered with "
+            "register_layer_wrapper"
         )
     return [n for n, _ in matched]

@@ -1,4 +1,4 @@
-"""Small real modules for tests and conformance drivers: one adapted layer, a GPT-2-style Conv1D, model trees.
+"""Small real modules for tests and drivers: one adapted layer, a GPT-2-style Conv1D, layers of every kind, model trees.
 
 The conformance drivers of every torch package build their models from these, and the packages'
 tests use them for the same purpose; they are plain ``nn.Module`` code with no test framework in it.
@@ -7,6 +7,7 @@ tests use them for the same purpose; they are plain ``nn.Module`` code with no t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,6 +48,38 @@ def make_layer(in_features: int, out_features: int, bias: bool, fan_in_fan_out: 
     if fan_in_fan_out:
         return Conv1DLike(in_features, out_features, bias, dtype)
     return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+
+
+CONV_CLASSES: dict[str, type[nn.Module]] = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}
+
+
+def make_kind_layer(params: Mapping[str, Any], dtype: torch.dtype) -> nn.Module:
+    """A zero-initialised base layer of the kind a golden layer case describes (SPEC 8.2 params).
+
+    ``nn.ConvNd`` for a conv ``layer_kind`` (``in_channels``, ``kernel_size``, ``stride``, ``padding``,
+    ``dilation``, ``groups``), ``nn.Embedding`` for ``embedding`` (``padding_idx``), else :func:`make_layer`.
+    """
+    kind = params.get("layer_kind", "linear")
+    if kind in CONV_CLASSES:
+        layer: nn.Module = CONV_CLASSES[kind](
+            params["in_channels"],
+            params["out_features"],
+            tuple(params["kernel_size"]),
+            stride=tuple(params["stride"]),
+            padding=tuple(params["padding"]),
+            dilation=tuple(params["dilation"]),
+            groups=params["groups"],
+            bias=params["has_bias"],
+            dtype=dtype,
+        )
+    elif kind == "embedding":
+        layer = nn.Embedding(params["in_features"], params["out_features"], padding_idx=params["padding_idx"], dtype=dtype)
+    else:
+        return make_layer(params["in_features"], params["out_features"], params["has_bias"], params["fan_in_fan_out"], dtype)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.zero_()
+    return layer
 
 
 def attach(root: nn.Module, path: str, module: nn.Module) -> None:

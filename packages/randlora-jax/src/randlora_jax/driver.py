@@ -8,7 +8,9 @@ layer cases build an ``nnx.Linear`` in the case's dtype, adapt it with
 :func:`~randlora_jax.get_randlora_model` / ``add_adapter``, set the case's bases and lambda/gamma,
 then run forward, ``jax.vjp`` or merge/unmerge; checkpoint cases build the recorded layers and
 call :func:`~randlora_jax.load_adapter`. float64 cases run with JAX's x64 mode enabled for the
-duration of the case only.
+duration of the case only. Cases of other layer kinds (convolutions, embeddings) or with DoRA
+adapters (SPEC 3.10, 3.11) are :class:`Unsupported`: randlora-jax adapts linear layers only, and
+its checkpoint reader refuses such files.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from randlora_spec.bases import BasesShape
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.driver import Unsupported
 from randlora_spec.golden import GoldenCase
+from randlora_spec.layer_kinds import BASE_FEATURES
 
 
 @contextlib.contextmanager
@@ -101,6 +104,12 @@ class JaxDriver:
 
     def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
         """Every expected output of ``case``."""
+        beyond = sorted(case.features - BASE_FEATURES)
+        if beyond:
+            return Unsupported(
+                f"the case needs {beyond}: randlora-jax adapts nnx.Linear and plain-linear nnx.Einsum layers only, "
+                "without the DoRA variant"
+            )
         with x64(case.dtype == "float64"):
             if case.kind == "bases":
                 p = case.params

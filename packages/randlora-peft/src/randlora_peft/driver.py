@@ -16,6 +16,9 @@ code, unaccelerated, to show where PEFT itself stands against the spec. All shar
   :func:`randlora_peft.convert.write_peft_adapter`, loaded with ``peft.PeftModel.from_pretrained``
   over a model holding the recorded layers, accelerated (not for ``peft-native``), and run. This
   exercises our file format -> PEFT's loader -> core's kernels (or PEFT's) end to end.
+* Cases of other layer kinds (convolutions, embeddings) or with DoRA adapters (SPEC 3.10, 3.11):
+  :class:`~randlora_spec.driver.Unsupported`. PEFT 0.21's RandLoRA adapts only ``nn.Linear`` and
+  transformers' ``Conv1D`` and has no DoRA variant (DoRA exists in PEFT for LoRA only).
 * Bases cases: :class:`~randlora_spec.driver.Unsupported`. PEFT draws bases with its own
   machine-dependent rule (``peft-torch-v1``), not the portable Philox rule; generating the portable
   rule is randlora-core's job and its driver already runs these cases, so routing them there would
@@ -46,6 +49,7 @@ from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.driver import Unsupported
 from randlora_spec.geometry import LayerGeometry
 from randlora_spec.golden import GoldenCase
+from randlora_spec.layer_kinds import BASE_FEATURES
 
 if TYPE_CHECKING:
     from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
@@ -104,6 +108,12 @@ class PeftDriver:
             )
         if case.dtype not in _DTYPES:
             return Unsupported(f"dtype {case.dtype} is not run through PEFT")
+        beyond = sorted(case.features - BASE_FEATURES)
+        if beyond:
+            return Unsupported(
+                f"the case needs {beyond}: PEFT 0.21's RandLoRA adapts only nn.Linear and transformers' Conv1D and has "
+                "no DoRA variant"
+            )
         reason = self._inexpressible(case)
         if reason is not None:
             return Unsupported(reason)

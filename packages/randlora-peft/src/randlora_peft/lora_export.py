@@ -33,6 +33,7 @@ from torch import nn
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.errors import CheckpointError, ConfigError
 from randlora_spec.geometry import LayerGeometry
+from randlora_spec.layer_kinds import BASE_FEATURES, check_features
 
 if TYPE_CHECKING:
     from randlora_peft.convert import LayerShape
@@ -179,6 +180,8 @@ def convert_to_lora(
     """
     rank = _check_rank(rank)
     ckpt = _source_checkpoint(source, adapter_name)
+    # The export factors (O, I) updates of linear layers; a conv kernel or a DoRA rescaling would be exported wrong.
+    check_features(ckpt.layers, ckpt.config.use_dora, BASE_FEATURES, "<LoRA export>")
     if ckpt.config.bias != "none" or ckpt.biases:
         raise ConfigError(f"bias={ckpt.config.bias!r}: an adapter with trained biases cannot be exported to LoRA (as PEFT)")
     tensors: dict[str, torch.Tensor] = {}

@@ -173,6 +173,6 @@ def checkpoint_case(directory: Path, case_id: str, config: RandLoraConfig, **opt
     ckpt, inputs = checkpoint_inputs(case_id, config, **options)
     path = Path(directory) / f"{case_id}.safetensors"
     checkpoint.save(path, ckpt)
-    params = {"layers": {p: rec.__dict__ for p, rec in ckpt.layers.items()}, "basis_rule": config.basis_rule}
+    params = {"layers": {p: rec.to_json() for p, rec in ckpt.layers.items()}, "basis_rule": config.basis_rule}
     files = {"checkpoint": path}
     return GoldenCase(id=case_id, kind="checkpoint", dtype="float32", params=params, inputs=inputs, expected={}, files=files)
