@@ -16,7 +16,8 @@ distribution alone works. Sessions:
     nox -s bench_jax     randlora-jax's jit-compiled training step next to randlora-core's (tools/bench_jax.py)
     nox -s crossframework  adapters cross between JAX and torch; the JAX example; bench_jax --smoke
     nox -s fuzz          long fuzzing budget
-    nox -s lint | golden | spec | core | peft | bnb | jax | readme
+    nox -s lint          ruff, import-linter's layering contracts, mypy --strict (mypy.ini)
+    nox -s golden | spec | core | peft | bnb | jax | readme
 
 Virtualenvs are made and filled by uv (``pip install nox uv``, as README.md says): every session takes
 torch and the rest from uv's cache through hard links, so a session costs seconds and a few MB
@@ -92,13 +93,17 @@ def _install(session: nox.Session, paths: list[str], *extra: str) -> None:
 
 @_session
 def lint(session: nox.Session) -> None:
-    """ruff check and ruff format --check over the whole tree; import-linter's layering contracts (.importlinter)."""
+    """ruff check and format --check over the tree; import-linter's contracts (.importlinter); mypy --strict (mypy.ini)."""
     session.install("ruff==0.17.6", "import-linter==2.17")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     # grimp parses the source trees statically: they only need to be on the path, not installed.
     sources = [str(ROOT / paths[-1] / "src") for paths in PACKAGES.values()]
     session.run("lint-imports", env={"PYTHONPATH": os.pathsep.join([str(ROOT / "spec" / "src"), *sources, str(ROOT)])})
+    # mypy reads the sources through mypy_path; installing the packages brings the dependencies whose
+    # types it checks against (torch, numpy, pydantic, safetensors, peft, transformers, bitsandbytes, jax, flax).
+    _install(session, DISTRIBUTIONS, "mypy==2.4.1")
+    session.run("mypy")
 
 
 @_session

@@ -414,3 +414,20 @@ def test_register_custom_wrapper() -> None:
     torch.testing.assert_close(model(x), y)
     with pytest.raises(ConfigError):
         register_layer_wrapper(MyLinear, object)  # type: ignore[arg-type]
+
+
+def test_wrapper_not_following_the_protocol_is_refused_before_the_model_changes() -> None:
+    class OddLinear(nn.Linear):
+        pass
+
+    class NotAWrapper(nn.Module):
+        def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+            super().__init__()
+            self.base_layer = base_layer
+
+    net = nn.Sequential(OddLinear(6, 4))
+    register_layer_wrapper(OddLinear, NotAWrapper)
+    with pytest.raises(ConfigError, match="NotAWrapper registered for OddLinear does not follow the wrapper protocol"):
+        get_randlora_model(net, cfg(target_modules=["0"]))
+    assert type(net[0]) is OddLinear
+    assert all(p.requires_grad for p in net.parameters())

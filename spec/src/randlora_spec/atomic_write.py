@@ -65,7 +65,7 @@ def _create_temporary(directory: Path, name: str) -> tuple[int, Path]:
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(directory))
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to ``path`` atomically and durably (policy for symlinks and special files: module doc).
 
     The bytes go to a temporary file ``.<name>.<random>.tmp`` in the same directory as the file

@@ -41,13 +41,15 @@ def _words(seed: int, tag: int, shape: tuple[int, int, int]) -> np.ndarray:
     """Philox output word 0 for every coordinate of a 3-D tensor of ``shape`` with ``tag``."""
     grids = np.meshgrid(*(np.arange(n, dtype=np.uint64) for n in shape), indexing="ij")
     counter = np.stack([*grids, np.full(shape, tag, dtype=np.uint64)], axis=-1)
-    return philox4x32(counter, seed_to_key(seed))[..., 0]
+    words: np.ndarray = philox4x32(counter, seed_to_key(seed))[..., 0]
+    return words
 
 
 def dense_from_words(words: np.ndarray) -> np.ndarray:
     """Map 32-bit words to zero-mean, unit-variance uniform float32 values, bit-exactly."""
     n = 2 * (words.astype(np.int64) >> 8) + 1 - 2**24  # odd integer, |n| < 2**24: exact in float32
-    return n.astype(np.float32) * DENSE_SCALE
+    values: np.ndarray = n.astype(np.float32) * DENSE_SCALE
+    return values
 
 
 def sparse_threshold(kind: BasisKind, m_max: int) -> int:
@@ -67,7 +69,8 @@ def sparse_threshold(kind: BasisKind, m_max: int) -> int:
 
 def sparse_scale(threshold: int) -> np.float32:
     """fl32(sqrt(fl64(2**31 / T))): makes the ternary values unit variance (P(nonzero) = T / 2**31)."""
-    return np.float32(math.sqrt(2**31 / threshold))
+    scale: np.float32 = np.float32(math.sqrt(2**31 / threshold))
+    return scale
 
 
 def ternary_from_words(words: np.ndarray, threshold: int) -> np.ndarray:
@@ -94,7 +97,7 @@ def generate_basis(
         raise BasisRuleError(f"tag must be TAG_A (0x41) or TAG_B (0x42), got {tag:#x}")
     if len(shape) != 3 or any(int(n) < 0 or int(n) >= 2**32 for n in shape):
         raise ShapeError(f"basis shape must be 3 sizes in [0, 2**32), got {shape}")
-    words = _words(seed, tag, tuple(int(n) for n in shape))
+    words = _words(seed, tag, (int(shape[0]), int(shape[1]), int(shape[2])))
     if kind == "dense":
         return dense_from_words(words)
     if kind == "very_sparse" and m_max is None:

@@ -38,13 +38,12 @@ from randlora_spec.checkpoint_header import (
     MAX_METADATA_VALUE_BYTES,
     REQUIRED_METADATA,
     CheckpointHeader,
-    LayerRecord,
     check_contents,
     header_from_metadata,
 )
 from randlora_spec.config import SPEC_VERSION, RandLoraConfig
 from randlora_spec.errors import BasisRuleError, CheckpointError
-from randlora_spec.layer_kinds import ALL_FEATURES, BASE_FEATURES
+from randlora_spec.layer_kinds import ALL_FEATURES, BASE_FEATURES, LayerRecord
 from randlora_spec.safetensors_io import (
     SafetensorsBuffer,
     SafetensorsFile,
@@ -98,9 +97,10 @@ def _listed(value: Any) -> Any:
 
 def _fields_of(ckpt: AdapterCheckpoint) -> dict[str, Any]:
     """The JSON-valued metadata of ``ckpt`` as plain values, unsorted and unchecked (what a file would hold)."""
-    layers = ckpt.layers
-    if isinstance(layers, dict):
-        layers = {path: (rec.to_json() if isinstance(rec, LayerRecord) else None) for path, rec in layers.items()}
+    # Unchecked: a checkpoint built by hand may hold anything in these fields, whatever they are declared as.
+    layers: object = ckpt.layers
+    if isinstance(ckpt.layers, dict):
+        layers = {path: (rec.to_json() if isinstance(rec, LayerRecord) else None) for path, rec in ckpt.layers.items()}
     s = ckpt.bases_shape
     shape = {"r": s.r, "m_max": s.m_max, "M_max": s.M_max, "nb_max": s.nb_max} if isinstance(s, BasesShape) else None
     mts = ckpt.modules_to_save

@@ -146,7 +146,7 @@ def _check_layer_shapes(
     r = config.r
     for path, rec in layers.items():
         nb = num_bases(rec.m, r)
-        wants = [(path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))]
+        wants: list[tuple[str, tuple[int, ...]]] = [(path + LAMBDA_SUFFIX, (r, nb)), (path + GAMMA_SUFFIX, (nb, rec.m))]
         if config.use_dora:
             wants.append((path + MAGNITUDE_SUFFIX, (rec.out_features,)))
         for key, want in wants:

@@ -129,7 +129,7 @@ class RandLoraConfig(BaseModel):
             raise config_error_from(exc) from None
 
     @classmethod
-    def model_validate_json(cls, json_data: str | bytes, **kwargs: Any) -> RandLoraConfig:  # type: ignore[override]
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> RandLoraConfig:
         """Validate JSON text; errors become :class:`ConfigError` naming each field."""
         try:
             data = json.loads(json_data)

@@ -16,9 +16,9 @@ import numpy as np
 
 from randlora_spec import checkpoint, reference, reference_dora
 from randlora_spec.bases import BasesShape, generate_bases
+from randlora_spec.geometry import LayerGeometry
 from randlora_spec.golden import GoldenCase
 from randlora_spec.layer_kinds import ALL_FEATURES, BASE_FEATURES, CONV_KINDS, EMBEDDING, LINEAR, LayerRecord
-from randlora_spec.reference import LayerGeometry
 from randlora_spec.reference_dora import ViewAdapter, stored_of, view_of
 from randlora_spec.reference_inputs import ConvGeometry, ConvInput, EmbeddingInput, LinearInput
 

@@ -101,7 +101,7 @@ def default_golden_dir() -> Path:
 
 def load_manifest(golden_dir: Path) -> dict[str, Any]:
     """The parsed manifest, checked for the expected format id."""
-    manifest = json.loads((golden_dir / MANIFEST_NAME).read_text())
+    manifest: dict[str, Any] = json.loads((golden_dir / MANIFEST_NAME).read_text())
     if manifest.get("format") != GOLDEN_FORMAT:
         raise ValueError(f"{golden_dir / MANIFEST_NAME}: format {manifest.get('format')!r}, expected {GOLDEN_FORMAT!r}")
     return manifest

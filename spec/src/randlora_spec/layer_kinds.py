@@ -90,7 +90,7 @@ def positive_int(value: Any, what: str, source: str) -> int:
 def _kind_of(path: str, rec: Any, source: str) -> str:
     if not isinstance(path, str) or not path or not isinstance(rec, dict):
         raise CheckpointError(f"{source}: layer record for {brief(path)} must hold in_features, out_features, fan_in_fan_out")
-    kind = rec.get("kind", LINEAR)
+    kind: str = rec.get("kind", LINEAR)
     if kind not in LAYER_KINDS:
         raise CheckpointError(f"{source}: layer {brief(path)} has kind {brief(kind)}; known kinds are {list(LAYER_KINDS)}")
     if set(rec) != _KEYS[kind] and set(rec) != _KEYS[kind] | {"kind"}:

@@ -65,7 +65,7 @@ def slice_bases(a: np.ndarray, b: np.ndarray, geom: LayerGeometry) -> tuple[np.n
 def scaled_basis(a_slice: np.ndarray, lam: np.ndarray, gamma: np.ndarray) -> np.ndarray:
     """S_flat (r*nb, m) with ``S_flat[k*nb + b, j] = lam[k, b] * A[k, j] * gamma[b, j]`` (SPEC 3.2)."""
     lam, gamma = np.asarray(lam, np.float64), np.asarray(gamma, np.float64)
-    s = lam[:, :, None] * a_slice[:, None, :] * gamma[None, :, :]
+    s: np.ndarray = lam[:, :, None] * a_slice[:, None, :] * gamma[None, :, :]
     return s.reshape(-1, a_slice.shape[1])
 
 
@@ -119,7 +119,7 @@ def effective_weight(
     """W + sum of active delta-W, in (out, in) orientation, float64."""
     w = _weight_out_in(weight, fan_in_fan_out)
     geom_args = (w.shape[1], w.shape[0])
-    total = w.copy()
+    total: np.ndarray = w.copy()
     for adapter in _active(adapters, active):
         total += delta_weight(LayerGeometry(*geom_args, adapter.r), adapter, a, b)
     return total
@@ -204,7 +204,7 @@ def merge(
     fan_in_fan_out: bool = False,
 ) -> np.ndarray:
     """Weight (in its storage layout) with the named adapters' delta-W added (SPEC 3.7)."""
-    w = np.asarray(weight, np.float64).copy()
+    w: np.ndarray = np.asarray(weight, np.float64).copy()
     for delta in _deltas(w.shape, _active(adapters, names), a, b, fan_in_fan_out):
         w += delta
     return w
@@ -219,7 +219,7 @@ def unmerge(
     fan_in_fan_out: bool = False,
 ) -> np.ndarray:
     """Inverse of :func:`merge`: subtracts the named adapters' delta-W, in reverse order."""
-    w = np.asarray(weight, np.float64).copy()
+    w: np.ndarray = np.asarray(weight, np.float64).copy()
     for delta in _deltas(w.shape, list(reversed(_active(adapters, names))), a, b, fan_in_fan_out):
         w -= delta
     return w

@@ -21,8 +21,9 @@ from typing import Protocol
 import numpy as np
 
 from randlora_spec.errors import AdapterNotFoundError, MergeError
+from randlora_spec.geometry import LayerGeometry
 from randlora_spec.layer_kinds import CONV_KINDS, EMBEDDING
-from randlora_spec.reference import Adapter, LayerGeometry, adapter_grads, delta_weight, exact_sum
+from randlora_spec.reference import Adapter, adapter_grads, delta_weight, exact_sum
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def delta_view(
 
 def row_norms(w: np.ndarray) -> np.ndarray:
     """``||w[o, :]||`` per row, from an exact sum of squares."""
-    return np.sqrt(exact_sum(w * w, axis=1))
+    norms: np.ndarray = np.sqrt(exact_sum(w * w, axis=1))
+    return norms
 
 
 @dataclass
@@ -202,7 +204,7 @@ def unmerge(
     Without DoRA adapters the deltas are subtracted in reverse order, as :func:`randlora_spec.reference.unmerge`.
     """
     names = _picked(adapters, names)
-    w = np.asarray(merged, np.float64).copy()
+    w: np.ndarray = np.asarray(merged, np.float64).copy()
     deltas = {n: delta_view(w.shape, adapters[n].adapter, a, b, padding_idx) for n in names}
     if not factors:
         for n in reversed(names):
@@ -214,4 +216,5 @@ def unmerge(
             c = c + (factors[n] - 1.0)
     for n in reversed(names):
         w -= factors[n][:, None] * deltas[n] if n in factors else deltas[n]
-    return w / c[:, None]
+    unmerged: np.ndarray = w / c[:, None]
+    return unmerged

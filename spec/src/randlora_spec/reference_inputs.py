@@ -125,7 +125,8 @@ class ConvInput:
     def _out_rows(self, g: np.ndarray) -> np.ndarray:
         """``g`` (N, O, *out) as rows (N * P, O)."""
         g = np.asarray(g, np.float64)
-        return g.reshape(g.shape[0], g.shape[1], -1).transpose(0, 2, 1).reshape(-1, g.shape[1])
+        rows: np.ndarray = g.reshape(g.shape[0], g.shape[1], -1).transpose(0, 2, 1).reshape(-1, g.shape[1])
+        return rows
 
     def _block(self, group: int) -> slice:
         per = self.geom.out_channels // self.geom.groups
@@ -137,7 +138,8 @@ class ConvInput:
         y = np.concatenate([matmul(rows, w[self._block(g)].T) for g, rows in enumerate(self.rows)], axis=1)
         if bias is not None:
             y = y + np.asarray(bias, np.float64)
-        return y.reshape(n, -1, w.shape[0]).transpose(0, 2, 1).reshape(n, w.shape[0], *self.out)
+        out: np.ndarray = y.reshape(n, -1, w.shape[0]).transpose(0, 2, 1).reshape(n, w.shape[0], *self.out)
+        return out
 
     def weight_grad(self, g: np.ndarray) -> np.ndarray:
         """``G`` (O, I): rows of group ``j`` are ``g_j^T @ patches_j``."""
@@ -180,7 +182,8 @@ class EmbeddingInput:
         y = np.asarray(w, np.float64).T[self.flat]
         if bias is not None:
             y = y + np.asarray(bias, np.float64)
-        return y.reshape(*self.x.shape, w.shape[0])
+        out: np.ndarray = y.reshape(*self.x.shape, w.shape[0])
+        return out
 
     def weight_grad(self, g: np.ndarray) -> np.ndarray:
         """``G[o, i]``: the exact sum of ``g[n, o]`` over the positions ``n`` holding index ``i``."""

@@ -101,7 +101,7 @@ class SafetensorsHeader:
         return {name: info.dtype for name, info in self.tensors.items()}
 
 
-def header_length(prefix: bytes, size: int, source: str) -> int:
+def header_length(prefix: bytes | bytearray | memoryview, size: int, source: str) -> int:
     """Check the 8-byte length prefix of a ``size``-byte container (SPEC 6.3 items 1-3); returns N."""
     if size < 8:
         raise CheckpointError(f"{source}: file is {size} bytes, too short to be safetensors (needs an 8-byte header length)")
@@ -154,7 +154,9 @@ def _tensor_info(name: str, entry: object, data_length: int, source: str) -> Ten
     return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
 
-def parse_header(text: bytes | memoryview, data_length: int, source: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def parse_header(
+    text: bytes | bytearray | memoryview, data_length: int, source: str
+) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate header JSON of a container with ``data_length`` data bytes (SPEC 6.3 items 4-11).
 
     Returns ``(tensors, metadata)``. Checks every entry and that the spans tile the data buffer, all
@@ -199,7 +201,7 @@ class _Container:
         """
         info = self.header.tensors[name]
         raw = np.empty(info.shape, dtype=np.dtype("<u2") if info.dtype == "BF16" else _NUMPY_DTYPES[info.dtype])
-        self._fill(memoryview(raw.reshape(-1).view(np.uint8)), self.header.data_start + info.begin, f"tensor {brief(name)}")
+        self._fill(raw.reshape(-1).view(np.uint8).data, self.header.data_start + info.begin, f"tensor {brief(name)}")
         return bf16_to_float32(raw) if info.dtype == "BF16" else raw
 
     def close(self) -> None:
@@ -315,6 +317,16 @@ def read_dtypes(blob: bytes | bytearray | memoryview, source: str = "<bytes>") -
     return read_header(blob, source).dtypes
 
 
+def _stored_form(name: str, arr: np.ndarray, as_bf16: bool) -> tuple[np.ndarray, str]:
+    """The little-endian array whose bytes store ``arr``, and its safetensors dtype code."""
+    if as_bf16:
+        return float32_to_bf16(arr.astype(np.float32)).astype("<u2"), "BF16"
+    code = dtype_code(arr.dtype)
+    if code is None:
+        raise CheckpointError(f"tensor {brief(name)} has dtype {arr.dtype}, which safetensors cannot store")
+    return np.ascontiguousarray(arr.astype(_NUMPY_DTYPES[code], copy=False)), code
+
+
 def encode(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None, bf16: frozenset[str] = frozenset()
 ) -> bytes:
@@ -327,18 +339,12 @@ def encode(
 
     """
     header: dict[str, object] = {}
-    chunks: list[np.ndarray] = []
+    chunks: list[memoryview] = []
     offset = 0
     for name in sorted(tensors):
         arr = np.asarray(tensors[name])
-        if name in bf16:
-            payload, code = float32_to_bf16(arr.astype(np.float32)).astype("<u2"), "BF16"
-        else:
-            code = dtype_code(arr.dtype)
-            if code is None:
-                raise CheckpointError(f"tensor {brief(name)} has dtype {arr.dtype}, which safetensors cannot store")
-            payload = np.ascontiguousarray(arr.astype(_NUMPY_DTYPES[code], copy=False))
-        chunks.append(payload.reshape(-1).view(np.uint8))  # a view: each tensor's bytes are copied once, by join
+        payload, code = _stored_form(name, arr, name in bf16)
+        chunks.append(payload.reshape(-1).view(np.uint8).data)  # a view: each tensor's bytes are copied once, by join
         header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [offset, offset + payload.nbytes]}
         offset += payload.nbytes
     if metadata:

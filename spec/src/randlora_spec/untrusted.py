@@ -29,8 +29,10 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen: set[str] = set()
-        duplicate = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
-        raise CheckpointError(f"duplicate key {brief(duplicate)} in a JSON object")
+        for key, _ in pairs:
+            if key in seen:
+                raise CheckpointError(f"duplicate key {brief(key)} in a JSON object")
+            seen.add(key)
     return obj
 
 
@@ -72,7 +74,7 @@ class _BriefRepr(reprlib.Repr):
         # reprlib keeps the tail of a long string; the head of a key says more.
         return repr(x) if len(x) <= self.maxstring else repr(x[: self.maxstring - 3]) + "..."
 
-    def repr_dict(self, x: dict, level: int) -> str:
+    def repr_dict(self, x: dict[Any, Any], level: int) -> str:
         # reprlib sorts the keys; messages show a mapping in its own order, as repr does.
         if not x:
             return "{}"

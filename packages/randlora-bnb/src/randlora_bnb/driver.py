@@ -68,6 +68,11 @@ def _np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().to(torch.float64).numpy()
 
 
+def _grad64(t: torch.Tensor) -> np.ndarray:
+    assert t.grad is not None, "backward left no gradient"
+    return _np64(t.grad)
+
+
 class BnbDriver:
     """Golden cases on a bitsandbytes-quantized base layer (see the module docstring for what is compared).
 
@@ -132,7 +137,7 @@ class BnbDriver:
         weight_oi = i["weight"].T if fifo else i["weight"]  # bitsandbytes layers store (out, in)
         w64 = np.asarray(weight_oi, np.float64)
         model = self._layer_model(case, weight_oi)
-        wrapper = model.model.layer
+        wrapper = dict(model.named_randlora_layers())["layer"]
         if case.kind == "forward":
             x = _f32(i["x"])
             with torch.no_grad():
@@ -150,11 +155,11 @@ class BnbDriver:
             x_base = _f32(i["x"]).requires_grad_(True)
             with model.disable_adapter():
                 model(x_base).backward(grad_y)
-            grad_x = _np64(x.grad) - _np64(x_base.grad) + np.asarray(i["grad_y"], np.float64) @ w64
+            grad_x = _grad64(x) - _grad64(x_base) + np.asarray(i["grad_y"], np.float64) @ w64
             out = {"grad_x": grad_x}
             for name in p["active"]:
-                out[f"{name}.grad_lambda"] = _np64(wrapper.randlora_lambda[name].grad)
-                out[f"{name}.grad_gamma"] = _np64(wrapper.randlora_gamma[name].grad)
+                out[f"{name}.grad_lambda"] = _grad64(wrapper.randlora_lambda[name])
+                out[f"{name}.grad_gamma"] = _grad64(wrapper.randlora_gamma[name])
             return out
         base = wrapper.get_base_layer()
         out = {}
@@ -184,9 +189,9 @@ class BnbDriver:
             if rec.fan_in_fan_out:
                 module: nn.Module = Conv1DLike(rec.in_features, rec.out_features, bias is not None)
                 with torch.no_grad():
-                    module.weight.copy_(_f32(weight))
+                    module.get_parameter("weight").copy_(_f32(weight))
                     if bias is not None:
-                        module.bias.copy_(_f32(bias))
+                        module.get_parameter("bias").copy_(_f32(bias))
             else:
                 module = self._quantized(weight, bias)
             modules[lpath] = module

@@ -23,11 +23,13 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import bitsandbytes as bnb
 import torch
 from torch import nn
 
 from randlora_bnb.quant import (
     WeightSnapshot,
+    WeightToken,
     bnb_dequantize_agrees,
     dequantize_weight,
     is_quantized,
@@ -59,7 +61,7 @@ def _cpu_repacking_disabled(layer: nn.Module) -> Iterator[None]:
     weight therefore stays in the standard layout, which every bitsandbytes matmul accepts.
     """
     flag = getattr(layer, "support_avx512bf16_for_cpu", False)
-    if not flag:
+    if not flag or not isinstance(layer, bnb.nn.Linear4bit):  # only Linear4bit has the flag
         yield
         return
     layer.support_avx512bf16_for_cpu = False
@@ -87,7 +89,7 @@ class RandLoraBnbLinear(RandLoraLinear):
         super().__init__(base_layer, fan_in_fan_out=False)
         # One entry per merged adapter, in merge order: the weight before that merge, and a token of
         # the weight the merge installed (to tell whether it is still the layer's weight).
-        self._premerge: list[tuple[WeightSnapshot, tuple]] = []
+        self._premerge: list[tuple[WeightSnapshot, WeightToken]] = []
 
     @property
     def quant_type(self) -> str:
@@ -109,7 +111,7 @@ class RandLoraBnbLinear(RandLoraLinear):
         flat = x.dim() > 2
         x_in = x.reshape(-1, x.shape[-1]) if flat else x
         with _cpu_repacking_disabled(base):
-            out = base(x_in, *args, **kwargs)
+            out: torch.Tensor = base(x_in, *args, **kwargs)
         return out.reshape(*x.shape[:-1], out.shape[-1]) if flat else out
 
     def _dense_weight(self) -> torch.Tensor:
@@ -190,7 +192,7 @@ class RandLoraLinear4bit(RandLoraBnbLinear):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, fan_in_fan_out)
-        self._kernel_check: tuple[tuple, bool] | None = None
+        self._kernel_check: tuple[WeightToken, bool] | None = None
 
     def _bnb_kernel_ok(self, base: nn.Module) -> bool:
         token = weight_token(base)
@@ -202,7 +204,8 @@ class RandLoraLinear4bit(RandLoraBnbLinear):
         """The bitsandbytes forward, or on CPU its dense equivalent where the dequantization kernel is wrong."""
         base = self.get_base_layer()
         restore_standard_layout(base)
-        if x.device.type != "cpu" or args or kwargs or not is_quantized(base) or self._bnb_kernel_ok(base):
+        cpu_call = x.device.type == "cpu" and not args and not kwargs
+        if not isinstance(base, bnb.nn.Linear4bit) or not cpu_call or not is_quantized(base) or self._bnb_kernel_ok(base):
             return super()._base_forward(x, *args, **kwargs)
         if not base.compute_type_is_set:  # bitsandbytes picks the compute dtype from the first input
             base.set_compute_type(x)

@@ -35,8 +35,9 @@ def enable_input_require_grads(model: nn.Module) -> bool:
     the model's own ``enable_input_require_grads`` (transformers) when present, else a forward hook
     on ``model.get_input_embeddings()``.
     """
-    if callable(getattr(model, "enable_input_require_grads", None)):
-        model.enable_input_require_grads()
+    enable_grads = getattr(model, "enable_input_require_grads", None)
+    if callable(enable_grads):
+        enable_grads()
         return True
     get_embeddings = getattr(model, "get_input_embeddings", None)
     embeddings = get_embeddings() if callable(get_embeddings) else None

@@ -21,11 +21,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypedDict
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 """The quantization kinds this package supports, by the names the spec's tolerances use."""
@@ -47,7 +51,11 @@ def quant_type_of(module: nn.Module) -> str:
         weight = module.weight
         state = _quant_state(module)
         return str(getattr(weight, "quant_type", None) or getattr(state, "quant_type", "fp4"))
-    raise TypeError(f"not a bitsandbytes Linear8bitLt/Linear4bit: {type(module).__name__}")
+    raise _unsupported(module)
+
+
+def _unsupported(module: nn.Module) -> TypeError:
+    return TypeError(f"not a bitsandbytes Linear8bitLt/Linear4bit: {type(module).__name__}")
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -56,7 +64,7 @@ def is_quantized(module: nn.Module) -> bool:
         return module.weight.data.dtype == torch.int8
     if isinstance(module, bnb.nn.Linear4bit):
         return bool(getattr(module.weight, "bnb_quantized", False)) and _quant_state(module) is not None
-    raise TypeError(f"not a bitsandbytes Linear8bitLt/Linear4bit: {type(module).__name__}")
+    raise _unsupported(module)
 
 
 def _quant_state(module: nn.Module) -> bnbf.QuantState | None:
@@ -66,7 +74,15 @@ def _quant_state(module: nn.Module) -> bnbf.QuantState | None:
     return state if state is not None else getattr(module, "quant_state", None)
 
 
-def _int8_scale(module: nn.Module) -> torch.Tensor:
+def _required_state(module: nn.Module) -> bnbf.QuantState:
+    """The ``QuantState`` of a layer :func:`is_quantized` accepted (which implies it has one)."""
+    state = _quant_state(module)
+    if state is None:
+        raise RuntimeError("Linear4bit holds quantized data but no quant_state; its state is inconsistent")
+    return state
+
+
+def _int8_scale(module: bnb.nn.Linear8bitLt) -> torch.Tensor:
     # SCB sits on the parameter until the first forward moves it into the matmul state.
     scb = getattr(module.weight, "SCB", None)
     if scb is None:
@@ -93,7 +109,7 @@ def _dequantize_4bit(data: torch.Tensor, state: bnbf.QuantState) -> torch.Tensor
     if state.nested:  # statistics themselves 8-bit quantized around an offset, as bitsandbytes decodes them
         absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
     scale = absmax.to(torch.float32).repeat_interleave(state.blocksize)[:n]
-    values = state.code.to(device=flat.device, dtype=torch.float32)[codes.long()] * scale
+    values: torch.Tensor = state.code.to(device=flat.device, dtype=torch.float32)[codes.long()] * scale
     return values.to(state.dtype).to(torch.float32).reshape(int(state.shape[0]), int(state.shape[1]))
 
 
@@ -114,8 +130,8 @@ def dequantize_weight(module: nn.Module) -> torch.Tensor:
         if not is_quantized(module):
             return module.weight.data.detach().to(torch.float32).clone()
         restore_standard_layout(module)
-        return _dequantize_4bit(module.weight.data, _quant_state(module))
-    raise TypeError(f"not a bitsandbytes Linear8bitLt/Linear4bit: {type(module).__name__}")
+        return _dequantize_4bit(module.weight.data, _required_state(module))
+    raise _unsupported(module)
 
 
 def bnb_dequantize_agrees(module: nn.Module) -> bool:
@@ -130,7 +146,7 @@ def bnb_dequantize_agrees(module: nn.Module) -> bool:
     if not isinstance(module, bnb.nn.Linear4bit) or not is_quantized(module):
         return True
     reference = dequantize_weight(module)
-    state = _quant_state(module)
+    state = _required_state(module)
     theirs = bnbf.dequantize_4bit(module.weight.data, state)
     if tuple(theirs.shape) != tuple(state.shape):  # bitsandbytes' legacy transposed-output shim (1-row data)
         theirs = theirs.t()
@@ -146,49 +162,66 @@ def requantize_weight(module: nn.Module, dense: torch.Tensor) -> None:
     The module object is kept (only its weight parameter is replaced, or rewritten in place when
     the layer holds float data), so references to it stay valid.
     """
-    weight = module.weight
     if isinstance(module, bnb.nn.Linear8bitLt):
-        if weight.data.dtype != torch.int8:
-            weight.data.copy_(dense.to(weight.dtype))
-        else:
-            # Quantize on the layer's device with the same routine Int8Params uses (via float16, row-wise).
-            cb, scb, _ = bnbf.int8_vectorwise_quant(dense.to(device=weight.device, dtype=torch.float16).contiguous())
-            module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-        # Drop cached CB/SCB (and any fp16-weights cache): the next forward picks up the new weight.
-        module.state.reset_grads()
+        _requantize_int8(module, dense)
+    elif isinstance(module, bnb.nn.Linear4bit):
+        _requantize_4bit(module, dense)
+    else:
+        raise _unsupported(module)
+
+
+def _requantize_int8(module: bnb.nn.Linear8bitLt, dense: torch.Tensor) -> None:
+    weight = module.weight
+    if weight.data.dtype != torch.int8:
+        weight.data.copy_(dense.to(weight.dtype))
+    else:
+        # Quantize on the layer's device with the same routine Int8Params uses (via float16, row-wise).
+        cb, scb, _ = bnbf.int8_vectorwise_quant(dense.to(device=weight.device, dtype=torch.float16).contiguous())
+        module.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
+    # Drop cached CB/SCB (and any fp16-weights cache): the next forward picks up the new weight.
+    module.state.reset_grads()
+
+
+def _requantize_4bit(module: bnb.nn.Linear4bit, dense: torch.Tensor) -> None:
+    weight = module.weight  # the settings are read from the weight as it was, before any layout restore
+    if not is_quantized(module):
+        weight.data.copy_(dense.to(weight.dtype))
         return
-    if isinstance(module, bnb.nn.Linear4bit):
-        if not is_quantized(module):
-            weight.data.copy_(dense.to(weight.dtype))
-            return
-        restore_standard_layout(module)
-        state = _quant_state(module)
-        blocksize = getattr(weight, "blocksize", None) or state.blocksize
-        quant_type = getattr(weight, "quant_type", None) or state.quant_type
-        compress = getattr(weight, "compress_statistics", state.nested)
-        storage = getattr(weight, "quant_storage", None) or weight.data.dtype
-        # Quantize from the original dtype, so dequantization keeps returning what it returned before.
-        data, new_state = bnbf.quantize_4bit(
-            dense.to(device=weight.device, dtype=state.dtype).contiguous(),
-            blocksize=blocksize,
-            compress_statistics=compress,
-            quant_type=quant_type,
-            quant_storage=storage,
-        )
-        module.weight = bnb.nn.Params4bit(
-            data,
-            requires_grad=False,
-            quant_state=new_state,
-            blocksize=blocksize,
-            compress_statistics=compress,
-            quant_type=quant_type,
-            quant_storage=storage,
-            module=module,
-            bnb_quantized=True,
-        )
-        module.quant_state = new_state
-        return
-    raise TypeError(f"not a bitsandbytes Linear8bitLt/Linear4bit: {type(module).__name__}")
+    restore_standard_layout(module)
+    state = _required_state(module)
+    blocksize = getattr(weight, "blocksize", None) or state.blocksize
+    quant_type = getattr(weight, "quant_type", None) or state.quant_type
+    compress = getattr(weight, "compress_statistics", state.nested)
+    storage = getattr(weight, "quant_storage", None) or weight.data.dtype
+    # Quantize from the original dtype, so dequantization keeps returning what it returned before.
+    data, new_state = bnbf.quantize_4bit(
+        dense.to(device=weight.device, dtype=state.dtype).contiguous(),
+        blocksize=blocksize,
+        compress_statistics=compress,
+        quant_type=quant_type,
+        quant_storage=storage,
+    )
+    module.weight = bnb.nn.Params4bit(
+        data,
+        requires_grad=False,
+        quant_state=new_state,
+        blocksize=blocksize,
+        compress_statistics=compress,
+        quant_type=quant_type,
+        quant_storage=storage,
+        module=module,
+        bnb_quantized=True,
+    )
+    module.quant_state = new_state
+
+
+class Params4bitSettings(TypedDict, total=False):
+    """The settings a ``Params4bit`` carries besides its data and quant state (its constructor's keywords)."""
+
+    blocksize: int
+    compress_statistics: bool
+    quant_type: str
+    quant_storage: torch.dtype
 
 
 @dataclass(frozen=True)
@@ -202,7 +235,7 @@ class WeightSnapshot:
     data: torch.Tensor
     int8_scale: torch.Tensor | None = None
     quant_state: bnbf.QuantState | None = None
-    settings: dict[str, object] = field(default_factory=dict)
+    settings: Params4bitSettings = field(default_factory=Params4bitSettings)
 
 
 def snapshot_weight(module: nn.Module) -> WeightSnapshot | None:
@@ -212,13 +245,15 @@ def snapshot_weight(module: nn.Module) -> WeightSnapshot | None:
     if isinstance(module, bnb.nn.Linear8bitLt):
         return WeightSnapshot(data=module.weight.data, int8_scale=_int8_scale(module))
     restore_standard_layout(module)
-    weight = module.weight
-    settings = {
-        "blocksize": weight.blocksize,
-        "compress_statistics": weight.compress_statistics,
-        "quant_type": weight.quant_type,
-        "quant_storage": weight.quant_storage,
-    }
+    weight = module.get_parameter("weight")
+    if not isinstance(weight, bnb.nn.Params4bit):  # is_quantized: the weight carries bnb_quantized, a Params4bit's
+        raise RuntimeError(f"a quantized Linear4bit holds a {type(weight).__name__} weight, not a Params4bit")
+    settings = Params4bitSettings(
+        blocksize=weight.blocksize,
+        compress_statistics=weight.compress_statistics,
+        quant_type=weight.quant_type,
+        quant_storage=weight.quant_storage,
+    )
     return WeightSnapshot(data=weight.data, quant_state=_quant_state(module), settings=settings)
 
 
@@ -229,27 +264,33 @@ def restore_weight(module: nn.Module, snapshot: WeightSnapshot) -> None:
         module.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False, CB=data, SCB=snapshot.int8_scale)
         module.state.reset_grads()
         return
+    if not isinstance(module, bnb.nn.Linear4bit):
+        raise _unsupported(module)
     module.weight = bnb.nn.Params4bit(
         snapshot.data,
         requires_grad=False,
         quant_state=snapshot.quant_state,
         module=module,
         bnb_quantized=True,
-        **snapshot.settings,  # type: ignore[arg-type]
+        **snapshot.settings,
     )
     module.quant_state = snapshot.quant_state
 
 
-def weight_token(module: nn.Module) -> tuple[weakref.ref[torch.Tensor], int, int]:
+WeightToken = tuple[weakref.ref[torch.Tensor], int, int]
+"""What :func:`weight_token` returns: a weak reference to the weight, its data pointer and version."""
+
+
+def weight_token(module: nn.Module) -> WeightToken:
     """An identity token for the layer's current weight: changes when it is replaced or written in place."""
-    weight = module.weight
+    weight = module.get_parameter("weight")
     return weakref.ref(weight), weight.data.data_ptr(), weight._version
 
 
-def same_weight(module: nn.Module, token: tuple[weakref.ref[torch.Tensor], int, int]) -> bool:
+def same_weight(module: nn.Module, token: WeightToken) -> bool:
     """Whether the layer still holds the weight ``token`` was taken of, unmodified."""
     ref, ptr, version = token
-    weight = module.weight
+    weight = module.get_parameter("weight")
     return ref() is weight and weight.data.data_ptr() == ptr and weight._version == version
 
 
@@ -265,6 +306,8 @@ def restore_standard_layout(module: nn.Module) -> bool:
     stored as float32 without nesting. The dense weight is therefore exactly the one the packed layer
     computed with.
     """
+    if not isinstance(module, bnb.nn.Linear4bit):
+        return False
     state = _quant_state(module)
     if state is None or not getattr(state, "packing_format_for_cpu", False):
         return False
@@ -307,6 +350,23 @@ def restore_standard_layout(module: nn.Module) -> bool:
     return True
 
 
+def _moved(param: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``param.to(device)``, called through the Tensor it is (bitsandbytes annotates its parameters' ``to`` as a module's)."""
+    return param.to(device)
+
+
+class QuantizeOptions(TypedDict, total=False):
+    """The keyword options of :func:`quantize_linear`, which :func:`quantize_model` passes on."""
+
+    compute_dtype: torch.dtype | None
+    compress_statistics: bool
+    blocksize: int
+    quant_storage: torch.dtype
+    has_fp16_weights: bool
+    threshold: float
+    device: torch.device | str | None
+
+
 def quantize_linear(
     linear: nn.Linear,
     quant_type: str,
@@ -343,8 +403,8 @@ def quantize_linear(
             device="meta",  # the real weight is assigned below; skip allocating and initialising a throwaway one
         )
         # Int8Params quantizes when it moves from the CPU to a device, so it starts on the CPU.
-        param = bnb.nn.Int8Params(src.to("cpu").clone(), requires_grad=has_fp16_weights, has_fp16_weights=has_fp16_weights)
-        module.weight = param.to(target)
+        int8 = bnb.nn.Int8Params(src.to("cpu").clone(), requires_grad=has_fp16_weights, has_fp16_weights=has_fp16_weights)
+        module.weight = _moved(int8, target)
     else:
         module = bnb.nn.Linear4bit(
             linear.in_features,
@@ -356,7 +416,7 @@ def quantize_linear(
             quant_storage=quant_storage,
             device="meta",
         )
-        param = bnb.nn.Params4bit(
+        packed = bnb.nn.Params4bit(
             src.clone(),
             requires_grad=False,
             blocksize=blocksize,
@@ -365,7 +425,7 @@ def quantize_linear(
             quant_storage=quant_storage,
             module=module,
         )
-        module.weight = param.to(target)  # Params4bit quantizes on its first move to a real device
+        module.weight = _moved(packed, target)  # Params4bit quantizes on its first move to a real device
     if has_bias:
         bias = linear.bias.detach().to(device=target).clone()
         module.bias = nn.Parameter(bias, requires_grad=linear.bias.requires_grad)
@@ -373,7 +433,9 @@ def quantize_linear(
     return module
 
 
-def quantize_model(model: nn.Module, quant_type: str, *, skip: Iterable[str] = (), **options: object) -> nn.Module:
+def quantize_model(
+    model: nn.Module, quant_type: str, *, skip: Iterable[str] = (), **options: Unpack[QuantizeOptions]
+) -> nn.Module:
     """Replace every plain ``nn.Linear`` of ``model`` (in place) by a quantized copy; returns ``model``.
 
     ``skip`` holds module names or ``.``-suffixes left unquantized (e.g. ``["lm_head"]``, as
@@ -382,12 +444,12 @@ def quantize_model(model: nn.Module, quant_type: str, *, skip: Iterable[str] = (
     ``nn.Linear`` cannot be replaced in place: its quantized copy is returned instead.
     """
     if type(model) is nn.Linear:
-        return quantize_linear(model, quant_type, **options)  # type: ignore[arg-type]
+        return quantize_linear(model, quant_type, **options)
     skipped = tuple(skip)
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or any(name == s or name.endswith("." + s) for s in skipped):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, quantize_linear(module, quant_type, **options))  # type: ignore[arg-type]
+        setattr(parent, child, quantize_linear(module, quant_type, **options))
     return model

@@ -69,8 +69,8 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = ROUNDS
     """
     if counter.shape[-1] != 4:
         raise ShapeError(f"counter must have a trailing axis of 4 words, got shape {tuple(counter.shape)}")
-    words = [w.to(torch.int64).bitwise_and(MASK32) for w in counter.unbind(-1)]  # fresh copies
-    return torch.stack(_philox_rounds(*words, key, rounds), dim=-1)
+    c0, c1, c2, c3 = (w.to(torch.int64).bitwise_and(MASK32) for w in counter.unbind(-1))  # fresh copies
+    return torch.stack(_philox_rounds(c0, c1, c2, c3, key, rounds), dim=-1)
 
 
 def _word0(seed: int, tag: int, shape: tuple[int, int, int], flat: torch.Tensor) -> torch.Tensor:

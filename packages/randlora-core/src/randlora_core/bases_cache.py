@@ -122,7 +122,7 @@ class BasesCache:
             if not self._describes(info, key, nbytes) or values.stat().st_size != nbytes:
                 return None
             out = torch.empty(key.shape, dtype=torch.float32)
-            raw = memoryview(out.numpy()).cast("B")
+            raw = out.numpy().data.cast("B")
             if _parallel(_pieces(nbytes), lambda piece: _read_and_hash(values, raw, piece)) != info["sha256"]:
                 return None
             os.utime(meta)  # recently used: evicted last
@@ -142,12 +142,12 @@ class BasesCache:
         nbytes = tensor.numel() * 4
         if nbytes > self.max_bytes or sys.byteorder != "little":
             return
-        raw = memoryview(tensor.detach().contiguous().numpy()).cast("B")
+        raw = tensor.detach().contiguous().numpy().data.cast("B")
         hashes = _parallel(_pieces(nbytes), lambda p: hashlib.sha256(raw[p[0] : p[1]]).hexdigest())
         values, meta = self._paths(key)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(values, raw)  # type: ignore[arg-type] - any bytes-like object is written as is
+            atomic_write_bytes(values, raw)
             atomic_write_bytes(meta, json.dumps({"format": FORMAT, "key": key.fields(), "sha256": hashes}).encode())
             self.evict(keep=key.digest())
         except OSError as exc:

@@ -26,6 +26,7 @@ so the bits never depend on the thread count).
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from types import ModuleType
 
@@ -46,10 +47,9 @@ DENSE, TERNARY, WORDS = 0, 1, 2
 def extension() -> ModuleType | None:
     """The compiled ``randlora_core._philox`` module, or ``None`` where it was not built."""
     try:
-        from randlora_core import _philox  # type: ignore[attr-defined]
+        return importlib.import_module("randlora_core._philox")  # a compiled module, absent from the source tree
     except ImportError:
         return None
-    return _philox
 
 
 def kernel_for(device: torch.device) -> str:

@@ -20,6 +20,8 @@ Gradients come from autograd through these torch ops.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -30,6 +32,8 @@ from randlora_core.registry import _register_builtin, has_forward_hooks
 from randlora_spec.errors import DtypeError, ShapeError
 from randlora_spec.layer_kinds import LayerRecord
 
+ConvLayer = nn.Conv1d | nn.Conv2d | nn.Conv3d
+"""The base layers :class:`RandLoraConv` wraps."""
 CONV_TYPES: dict[type[nn.Module], str] = {nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d"}
 _CONV_FN = {"conv1d": nn.functional.conv1d, "conv2d": nn.functional.conv2d, "conv3d": nn.functional.conv3d}
 
@@ -57,6 +61,10 @@ class RandLoraConv(RandLoraLinear):
         super().__init__(base_layer, fan_in_fan_out=False)
         self.layer_kind = next(kind for cls, kind in CONV_TYPES.items() if isinstance(base_layer, cls))
 
+    def get_base_layer(self) -> ConvLayer:
+        """The wrapped convolution."""
+        return cast("ConvLayer", self.base_layer)  # the constructor accepts nothing else (CONV_TYPES)
+
     def _features(self, base_layer: nn.Module) -> tuple[int, int]:
         features = conv_features(base_layer)
         if features is None:
@@ -74,7 +82,8 @@ class RandLoraConv(RandLoraLinear):
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The base convolution (padding mode included) with the kernel ``weight``."""
-        return self.get_base_layer()._conv_forward(x, weight, bias)
+        out: torch.Tensor = self.get_base_layer()._conv_forward(x, weight, bias)
+        return out
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -110,7 +119,8 @@ class RandLoraConv(RandLoraLinear):
         base_layer = self.get_base_layer()
         if compute == "factored" or any(own) or args or kwargs or has_forward_hooks(base_layer):
             base = self._base_forward(x, *args, **kwargs) if shared_base is None else shared_base
-            extra = sum(self._one_adapter(x.to(dtype), n, dtype, compute == "factored") for n in names)
+            outs = [self._one_adapter(x.to(dtype), n, dtype, compute == "factored") for n in names]
+            extra = sum(outs[1:], outs[0])
             return self._finish(x, base + extra.to(base.dtype))
         weight = base_layer.weight
         views = [self.delta_view(n, dtype, x.device) for n in names]
@@ -135,7 +145,8 @@ class RandLoraConv(RandLoraLinear):
         kernel = first.reshape(k, *base.weight.shape[1:]).repeat(groups, *([1] * (base.weight.dim() - 1)))
         h = self._apply_weight(x_in, kernel, None)
         pointwise = second.reshape(self.out_features, k, *([1] * (base.weight.dim() - 2)))
-        return _CONV_FN[self.layer_kind](h, pointwise, groups=groups) * op.scaling
+        out: torch.Tensor = _CONV_FN[self.layer_kind](h, pointwise, groups=groups) * op.scaling
+        return out
 
     def extra_repr(self) -> str:
         """Kind, sizes and adapter names."""

@@ -38,7 +38,8 @@ class DoraMerge:
 
 def row_norms(w: torch.Tensor) -> torch.Tensor:
     """``||w[o, :]||`` per row of an ``(O, I)`` matrix."""
-    return torch.linalg.vector_norm(w, dim=1)
+    norms: torch.Tensor = torch.linalg.vector_norm(w, dim=1)
+    return norms
 
 
 def _total(views: list[torch.Tensor]) -> torch.Tensor:
@@ -79,7 +80,9 @@ def _update_weights(
     return views, factors, scale, deltas
 
 
-def forward(layer: RandLoraLinear, x: torch.Tensor, names: list[str], args: tuple, kwargs: dict) -> torch.Tensor:
+def forward(
+    layer: RandLoraLinear, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object]
+) -> torch.Tensor:
     """The layer's output with ``names`` active, at least one of them DoRA (SPEC 3.11)."""
     base = layer._base_forward(x, *args, **kwargs)
     dtype = layer._compute_dtype(names, base.device)
@@ -90,9 +93,11 @@ def forward(layer: RandLoraLinear, x: torch.Tensor, names: list[str], args: tupl
     if not any(own):
         extra = layer._apply_weight(x_in, layer._view_to_storage(_total(views)), None)
     else:
-        extra = sum(
-            layer._apply_weight(d(x_in) if o else x_in, layer._view_to_storage(v), None)
-            for d, o, v in zip(dropouts, own, views, strict=True)
+        extra = _total(
+            [
+                layer._apply_weight(d(x_in) if o else x_in, layer._view_to_storage(v), None)
+                for d, o, v in zip(dropouts, own, views, strict=True)
+            ]
         )
     out_dtype = torch.promote_types(base.dtype, dtype)
     return layer._finish(x, base.to(out_dtype) + extra.to(out_dtype))

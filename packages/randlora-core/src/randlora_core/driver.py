@@ -22,7 +22,7 @@ from torch import nn
 
 from randlora_core.bases import generate_bases
 from randlora_core.checkpoint import load_adapter
-from randlora_core.compute import compute_override
+from randlora_core.compute import Compute, compute_override
 from randlora_core.model import RandLoraModel, get_randlora_model
 from randlora_core.state import FEATURES
 from randlora_core.testing import Conv1DLike, SingleLayer, build_model, make_kind_layer, make_layer, tree_of
@@ -55,6 +55,11 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+def _grad(t: torch.Tensor) -> np.ndarray:
+    assert t.grad is not None, "backward left no gradient"
+    return _np(t.grad)
+
+
 def layer_case_model(layer: nn.Module, case: GoldenCase, fan_in_fan_out: bool) -> RandLoraModel:
     """``SingleLayer(layer)`` adapted with the adapters of a layer case, holding the case's bases, lambda and gamma.
 
@@ -82,7 +87,7 @@ def layer_case_model(layer: nn.Module, case: GoldenCase, fan_in_fan_out: bool) -
             model.add_adapter(name, config)
     assert model is not None, f"layer case {case.id} has no adapter"
     model.set_shared_bases(_t(i["randlora_A"]), _t(i["randlora_B"]))
-    wrapper = model.model.layer
+    wrapper = dict(model.named_randlora_layers())["layer"]
     with torch.no_grad():  # copy_ casts to the parameters' dtype
         for name in p["adapters"]:
             wrapper.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"]))
@@ -102,12 +107,12 @@ class CoreDriver:
         """The case's own dtype: core computes in float64/float32 as asked."""
         return case.dtype
 
-    compute: str | None = None
+    compute: Compute | None = None
     """The compute path forced for every call (``None``: the configs' default, ``auto``)."""
 
     def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
         """Outputs for every expected key of ``case``."""
-        with compute_override(self.compute):  # type: ignore[arg-type]
+        with compute_override(self.compute):
             return self._run(case)
 
     def _run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
@@ -127,29 +132,29 @@ class CoreDriver:
         p, i = case.params, case.inputs
         layer = make_kind_layer(p, DTYPES[case.dtype])
         with torch.no_grad():
-            layer.weight.copy_(_t(i["weight"]))
+            layer.get_parameter("weight").copy_(_t(i["weight"]))
             if p["has_bias"]:
-                layer.bias.copy_(_t(i["bias"]))
+                layer.get_parameter("bias").copy_(_t(i["bias"]))
         return layer_case_model(layer, case, p["fan_in_fan_out"])
 
     def _layer_case(self, case: GoldenCase) -> dict[str, np.ndarray]:
         p, i = case.params, case.inputs
         model = self._layer_model(case)
-        wrapper = model.model.layer
+        wrapper = dict(model.named_randlora_layers())["layer"]
         if case.kind == "forward":
             with torch.no_grad():
                 return {"y": _np(model(_t(i["x"])))}
         if case.kind == "backward":
             x = _t(i["x"]).requires_grad_(x_grad := bool(i["x"].dtype.kind == "f"))
             model(x).backward(_t(i["grad_y"]))
-            out = {"grad_x": _np(x.grad)} if x_grad else {}
+            out = {"grad_x": _grad(x)} if x_grad else {}
             for name in p["active"]:
-                out[f"{name}.grad_lambda"] = _np(wrapper.randlora_lambda[name].grad)
-                out[f"{name}.grad_gamma"] = _np(wrapper.randlora_gamma[name].grad)
+                out[f"{name}.grad_lambda"] = _grad(wrapper.randlora_lambda[name])
+                out[f"{name}.grad_gamma"] = _grad(wrapper.randlora_gamma[name])
                 if name in wrapper.randlora_magnitude:
-                    out[f"{name}.grad_magnitude"] = _np(wrapper.randlora_magnitude[name].grad)
+                    out[f"{name}.grad_magnitude"] = _grad(wrapper.randlora_magnitude[name])
             return out
-        weight = wrapper.get_base_layer().weight
+        weight = wrapper.get_base_layer().get_parameter("weight")
         out = {f"{name}.delta_weight": _np(wrapper.get_delta_weight(name)) for name in p["adapters"]}
         model.merge_adapter(list(p["active"]))
         out["merged_weight"] = _np(weight).copy()
@@ -172,10 +177,9 @@ class CoreDriver:
             base = tree_of({p: make_kind_layer(checkpoint_layer_params(case, p, rec), dtype) for p, rec in ckpt.layers.items()})
         with torch.no_grad():
             for p in layers:
-                module = base.get_submodule(p)
-                module.weight.copy_(_t(case.inputs[f"{p}.weight"]))
+                base.get_parameter(f"{p}.weight").copy_(_t(case.inputs[f"{p}.weight"]))
                 if f"{p}.bias" in case.inputs:
-                    module.bias.copy_(_t(case.inputs[f"{p}.bias"]))
+                    base.get_parameter(f"{p}.bias").copy_(_t(case.inputs[f"{p}.bias"]))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = load_adapter(base, path, adapter_name=ckpt.adapter_name)

@@ -12,6 +12,8 @@ looks the indices up in ``W + update`` instead. Dropout does not apply (the inpu
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -46,8 +48,13 @@ class RandLoraEmbedding(RandLoraLinear):
             )
         super().__init__(base_layer, fan_in_fan_out=True)
 
+    def get_base_layer(self) -> nn.Embedding:
+        """The wrapped embedding."""
+        return cast(nn.Embedding, self.base_layer)  # registered for nn.Embedding
+
     def _features(self, base_layer: nn.Module) -> tuple[int, int]:
-        return int(base_layer.num_embeddings), int(base_layer.embedding_dim)
+        table = cast(nn.Embedding, base_layer)
+        return int(table.num_embeddings), int(table.embedding_dim)
 
     @property
     def padding_idx(self) -> int | None:
@@ -101,7 +108,8 @@ class RandLoraEmbedding(RandLoraLinear):
             table = weight.to(dtype) + self._view_to_storage(sum(views[1:], views[0]))
             return self._apply_weight(x, table, None).to(weight.dtype)
         base = self._base_forward(x, *args, **kwargs) if shared_base is None else shared_base
-        extra = sum(self._rows(x, n, dtype) for n in names)
+        rows = [self._rows(x, n, dtype) for n in names]
+        extra = sum(rows[1:], rows[0])
         return base + extra.to(base.dtype)
 
     def _rows(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:

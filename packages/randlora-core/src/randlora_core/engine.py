@@ -187,9 +187,12 @@ def layer_forward(
         ops += [members[0].a_s, members[0].b_flat]
         for adapter in members:
             ops += [adapter.lam, adapter.gamma]
+    result: torch.Tensor  # torch types Function.apply as returning Any
     if plan.fused_base:
-        return RandLoraFunction.apply(plan, x, base.weight, base.bias, None, *ops)
-    return RandLoraFunction.apply(plan, x, None, None, base_out, *ops)
+        result = RandLoraFunction.apply(plan, x, base.weight, base.bias, None, *ops)
+    else:
+        result = RandLoraFunction.apply(plan, x, None, None, base_out, *ops)
+    return result
 
 
 def _cacheable(x: torch.Tensor, plan: Plan) -> bool:

@@ -97,7 +97,8 @@ def hotswap_adapter(
             _check_geometry(model, adapter_name, reader.header, source)
             ckpt = reader.load()
     _check_bases(model, ckpt, source)
-    wrappers = {path: model.model.get_submodule(path) for path in ckpt.layers}
+    layers = dict(model.named_randlora_layers())
+    wrappers = {path: layers[path] for path in ckpt.layers}  # the adapter's own layers (checked above)
     values = values_for(model.model, wrappers, ckpt, source, adapter_name)  # in the adapter's own dtypes
     ratio = ckpt.config.randlora_alpha / model.peft_config[adapter_name].randlora_alpha
     if ratio != 1.0:

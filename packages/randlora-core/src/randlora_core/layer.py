@@ -68,6 +68,8 @@ class RandLoraLinear(LinearView, nn.Module):
     applies_dropout = True
     """Whether ``randlora_dropout`` acts on the adapter input (not for index inputs)."""
 
+    _bases: RandLoraBases | None  # set with object.__setattr__, so nn.Module does not register it
+
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -83,7 +85,7 @@ class RandLoraLinear(LinearView, nn.Module):
         """Merges that involved a DoRA adapter, with the factors unmerging needs (in merge order)."""
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
-        self.compute: dict[str, str] = {}
+        self.compute: dict[str, Compute] = {}
         """Each adapter's ``compute`` setting (``auto``, ``factored`` or ``dense``), from its config."""
         self.merged_adapters: list[str] = []
         self.active_adapters: list[str] = []
@@ -110,7 +112,8 @@ class RandLoraLinear(LinearView, nn.Module):
         weight = getattr(self.base_layer, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.is_floating_point() and x.is_floating_point() and x.dtype != weight.dtype:
             x = x.to(weight.dtype)
-        return self.base_layer(x, *args, **kwargs)
+        out: torch.Tensor = self.base_layer(x, *args, **kwargs)
+        return out
 
     def _param_dtype(self) -> torch.dtype:
         """The base weight's dtype if it is floating point, else float32 (before ``autocast_adapter_dtype``)."""
@@ -128,19 +131,27 @@ class RandLoraLinear(LinearView, nn.Module):
             return weight.device
         return torch.device("cpu")
 
+    def _base_weight(self) -> torch.Tensor:
+        weight = getattr(self.get_base_layer(), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ShapeError(
+                f"layer {self.layer_name!r}: the base layer {type(self.get_base_layer()).__name__} has no weight tensor"
+            )
+        return weight
+
     def _dense_weight(self) -> torch.Tensor:
         """The base weight in storage layout as a dense floating tensor (used to check a safe merge)."""
-        return self.get_base_layer().weight
+        return self._base_weight()
 
     def _merge_delta(self, delta: torch.Tensor) -> None:
         """Add ``delta`` (storage layout) to the base weight, cast to the weight dtype first (SPEC 5.4)."""
-        weight = self.get_base_layer().weight
+        weight = self._base_weight()
         with torch.no_grad():  # in place on the parameter, so its version counter (caches) sees the change
             weight.add_(delta.to(device=weight.device, dtype=weight.dtype))
 
     def _unmerge_delta(self, delta: torch.Tensor) -> None:
         """Subtract ``delta`` (storage layout) from the base weight."""
-        weight = self.get_base_layer().weight
+        weight = self._base_weight()
         with torch.no_grad():
             weight.sub_(delta.to(device=weight.device, dtype=weight.dtype))
 
@@ -159,7 +170,7 @@ class RandLoraLinear(LinearView, nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (as PEFT's layers: transformers code reads ``layer.weight``)."""
-        return self.get_base_layer().weight
+        return self._base_weight()
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -371,7 +382,7 @@ class RandLoraLinear(LinearView, nn.Module):
         modes = {self.compute.get(n, "auto") for n in names}
         if len(modes) > 1:
             modes.discard("auto")
-        return modes.pop() if len(modes) == 1 else "factored"  # type: ignore[return-value]
+        return modes.pop() if len(modes) == 1 else "factored"
 
     def _fusable_operands(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(weight, bias)`` when the base forward may be replaced by the engine's own matmul, else ``(None, None)``.

@@ -8,6 +8,8 @@ only through these hooks, so it is the same for every kind.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -27,6 +29,12 @@ class LinearView:
     out_features: int
     layer_name: str
 
+    if TYPE_CHECKING:  # the layer's own methods, declared for the type checker
+
+        def _dense_weight(self) -> torch.Tensor: ...
+
+        def _base_weight(self) -> torch.Tensor: ...
+
     def _weight_view(self) -> torch.Tensor:
         """The base weight seen as ``(O, I)`` (a view of the dense weight, not a copy)."""
         weight = self._dense_weight()
@@ -38,7 +46,7 @@ class LinearView:
 
     def _set_weight_view(self, view: torch.Tensor) -> None:
         """Overwrite the base weight with ``view`` (``(O, I)``), cast to the weight's dtype (DoRA merges)."""
-        weight = self.get_base_layer().weight
+        weight = self._base_weight()
         with torch.no_grad():  # in place on the parameter, so its version counter (caches) sees the change
             weight.copy_(self._view_to_storage(view).to(device=weight.device, dtype=weight.dtype))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,7 +23,6 @@ from torch import nn
 from randlora_core.bases import RandLoraBases
 from randlora_core.hotswap import hotswap_adapter
 from randlora_core.inference_cache import InferenceCache
-from randlora_core.layer import RandLoraLinear
 from randlora_core.mixed import BASE
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.peft_api import PeftApiMixin
@@ -36,6 +35,12 @@ from randlora_spec.bases import basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, ConfigError, MergeError, ShapeError
 from randlora_spec.geometry import shape_of_bases
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from randlora_core.planning import PlanOptions
+    from randlora_core.registry import LayerModule
 
 
 class RandLoraModel(PeftApiMixin, nn.Module):
@@ -102,7 +107,7 @@ class RandLoraModel(PeftApiMixin, nn.Module):
             for wrapper in wrappers:
                 wrapper.mixed_adapters = None
 
-    def _mixed_wrappers(self, adapter_names: list[str]) -> list[nn.Module]:
+    def _mixed_wrappers(self, adapter_names: list[str]) -> list[LayerModule | ModulesToSaveWrapper]:
         """The layers and saved-module wrappers a mixed-adapter call reaches, after checking the names."""
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise ConfigError(
@@ -127,11 +132,11 @@ class RandLoraModel(PeftApiMixin, nn.Module):
         """The wrapped model (with RandLoRA layers in it)."""
         return self.model
 
-    def named_randlora_layers(self) -> Iterator[tuple[str, RandLoraLinear]]:
+    def named_randlora_layers(self) -> Iterator[tuple[str, LayerModule]]:
         """``(path, wrapper)`` for every RandLoRA layer, with paths as in the base model."""
         for name, module in visible_modules(self.model, opaque):
             if is_randlora_layer(module):
-                yield name, module  # type: ignore[misc]
+                yield name, module
 
     def _modules_to_save(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         for name, module in visible_modules(self.model, opaque):
@@ -169,7 +174,7 @@ class RandLoraModel(PeftApiMixin, nn.Module):
             adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=low_cpu_mem_usage
         )
 
-    def _add_adapter(self, adapter_name: str, config: RandLoraConfig, **options: bool) -> None:
+    def _add_adapter(self, adapter_name: str, config: RandLoraConfig, **options: Unpack[PlanOptions]) -> None:
         self._commit(plan_adapter(self, adapter_name, config, **options))
 
     def _commit(self, plan: AdapterPlan) -> None:
@@ -182,12 +187,14 @@ class RandLoraModel(PeftApiMixin, nn.Module):
                 self.randlora_bases = RandLoraBases(a.to(device), b.to(device), config.projection_prng_key, kind, regenerable)
             else:
                 self.randlora_bases.replace(a, b, regenerable)
+        bases = self.randlora_bases
+        assert bases is not None, "a plan keeps the model's bases only when it has some"
         if not self.peft_config:
             self.model.requires_grad_(False)
         for path, layer, is_new in plan.layers:
             if is_new:
                 self._replace(path, layer)
-            layer.update_layer(adapter_name, config, self.randlora_bases, plan.autocast_adapter_dtype, plan.low_cpu_mem_usage)
+            layer.update_layer(adapter_name, config, bases, plan.autocast_adapter_dtype, plan.low_cpu_mem_usage)
         for path in plan.saved:
             module = self.model.get_submodule(path)
             if not isinstance(module, ModulesToSaveWrapper):
@@ -415,8 +422,9 @@ class RandLoraModel(PeftApiMixin, nn.Module):
     def disable_inference_cache(self) -> None:
         """Stop caching and free what the cache holds."""
         for _, layer in self.named_randlora_layers():
-            if getattr(layer, "inference_cache", None) is not None:
-                layer.inference_cache.clear()
+            cache = getattr(layer, "inference_cache", None)
+            if cache is not None:
+                cache.clear()
                 layer.inference_cache = None
 
     def hotswap_adapter(self, checkpoint: str | Path | spec_ckpt.AdapterCheckpoint, adapter_name: str = "default") -> None:

@@ -18,7 +18,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -44,31 +44,36 @@ class PeftApiMixin:
     """PEFT's ``PeftModel`` / ``BaseTuner`` methods for :class:`~randlora_core.model.RandLoraModel`."""
 
     @property
-    def base_model(self: RandLoraModel) -> RandLoraModel:
+    def _host(self) -> RandLoraModel:
+        """The same object typed as the class it is mixed into (RandLoraModel, its only host), whose state the methods use."""
+        return cast("RandLoraModel", self)
+
+    @property
+    def base_model(self) -> RandLoraModel:
         """The object that manages the adapters, whose ``.model`` is the wrapped model: this model itself.
 
         PEFT's ``PeftModel.base_model`` is its tuner; randlora-core has one object in both roles, so
         PEFT code such as ``model.base_model.model`` or ``model.base_model.set_adapter([...])`` works.
         """
-        return self
+        return self._host
 
     @property
-    def active_peft_config(self: RandLoraModel) -> RandLoraConfig:
+    def active_peft_config(self) -> RandLoraConfig:
         """The config of the active adapter (the first, when several are active: the one ``save_adapter`` writes)."""
-        if not self._active:
-            raise AdapterNotFoundError(f"no adapter is active; the model has {list(self.peft_config)}")
-        return self.peft_config[self._active[0]]
+        if not self._host._active:
+            raise AdapterNotFoundError(f"no adapter is active; the model has {list(self._host.peft_config)}")
+        return self._host.peft_config[self._host._active[0]]
 
     @property
-    def targeted_module_names(self: RandLoraModel) -> list[str]:
+    def targeted_module_names(self) -> list[str]:
         """Paths (in the base model) of every module some adapter targets, in the order they were adapted."""
         names: list[str] = []
-        for paths in self._targets.values():
+        for paths in self._host._targets.values():
             names += [p for p in paths if p not in names]
         return names
 
     @contextmanager
-    def disable_adapter(self: RandLoraModel) -> Iterator[None]:
+    def disable_adapter(self) -> Iterator[None]:
         """Context in which the model runs as the base model (adapters and modules_to_save copies off).
 
         As in PEFT, no adapter parameter is trainable inside the block; on exit the previous state returns.
@@ -77,32 +82,34 @@ class PeftApiMixin:
             MergeError: an adapter is merged (unmerge it first).
 
         """
-        was_enabled = self._enabled
+        was_enabled = self._host._enabled
         self._set_enabled(False)
         try:
             yield
         finally:
             self._set_enabled(was_enabled)
 
-    def _set_enabled(self: RandLoraModel, enabled: bool) -> None:
+    def _set_enabled(self, enabled: bool) -> None:
         """Switch every adapter layer and ``modules_to_save`` wrapper on or off (MergeError when turning off while merged)."""
-        if not enabled and self.merged_adapters:
-            raise MergeError(f"adapters {self.merged_adapters} are merged into the base weights; call unmerge_adapter() first")
-        biased = [n for n in self._active if self.peft_config[n].bias != "none"]
+        if not enabled and self._host.merged_adapters:
+            raise MergeError(
+                f"adapters {self._host.merged_adapters} are merged into the base weights; call unmerge_adapter() first"
+            )
+        biased = [n for n in self._host._active if self._host.peft_config[n].bias != "none"]
         if not enabled and biased:
             warnings.warn(
                 f"adapter(s) {biased} trained biases, which stay in the base layers: with adapters disabled the output "
                 "still differs from the base model's",
                 stacklevel=3,
             )
-        self._enabled = enabled
-        self._apply_active()
+        self._host._enabled = enabled
+        self._host._apply_active()
 
-    def enable_adapter_layers(self: RandLoraModel) -> None:
+    def enable_adapter_layers(self) -> None:
         """Turn the adapters (and ``modules_to_save`` copies) back on after :meth:`disable_adapter_layers`."""
         self._set_enabled(True)
 
-    def disable_adapter_layers(self: RandLoraModel) -> None:
+    def disable_adapter_layers(self) -> None:
         """Run the model as the base model until :meth:`enable_adapter_layers`; no adapter parameter trains meanwhile.
 
         Raises:
@@ -111,61 +118,61 @@ class PeftApiMixin:
         """
         self._set_enabled(False)
 
-    def set_requires_grad(self: RandLoraModel, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Make the parameters of ``adapter_names`` trainable or frozen (lambda/gamma, biases, ``modules_to_save`` copies).
 
         Until the next :meth:`set_adapter`, which makes exactly the active adapters trainable again (as PEFT).
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        missing = [n for n in names if n not in self.peft_config]
+        missing = [n for n in names if n not in self._host.peft_config]
         if missing:
-            raise AdapterNotFoundError(f"adapter(s) {missing} not found; the model has {list(self.peft_config)}")
+            raise AdapterNotFoundError(f"adapter(s) {missing} not found; the model has {list(self._host.peft_config)}")
         if requires_grad:
-            self._trainable.update(names)
+            self._host._trainable.update(names)
         else:
-            self._trainable.difference_update(names)
-        self._apply_trainable()
+            self._host._trainable.difference_update(names)
+        self._host._apply_trainable()
 
-    def trainable_parameters(self: RandLoraModel) -> tuple[int, int]:
+    def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts of the whole model, adapters included."""
-        params = list(self.parameters())
+        params = list(self._host.parameters())
         return sum(_logical_numel(p) for p in params if p.requires_grad), sum(_logical_numel(p) for p in params)
 
-    def get_nb_trainable_parameters(self: RandLoraModel) -> tuple[int, int]:
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """PEFT's name for :meth:`trainable_parameters`."""
         return self.trainable_parameters()
 
-    def print_trainable_parameters(self: RandLoraModel) -> None:
+    def print_trainable_parameters(self) -> None:
         """Print the counts in PEFT's format."""
         trainable, total = self.trainable_parameters()
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
-    def get_layer_status(self: RandLoraModel) -> list[status.TunerLayerStatus]:
+    def get_layer_status(self) -> list[status.TunerLayerStatus]:
         """PEFT's per-layer status (see :mod:`randlora_core.status`)."""
-        return status.get_layer_status(self)
+        return status.get_layer_status(self._host)
 
-    def get_model_status(self: RandLoraModel) -> status.TunerModelStatus:
+    def get_model_status(self) -> status.TunerModelStatus:
         """PEFT's model status summary (see :mod:`randlora_core.status`)."""
-        return status.get_model_status(self)
+        return status.get_model_status(self._host)
 
-    def get_base_model_state_dict(self: RandLoraModel) -> dict[str, torch.Tensor]:
+    def get_base_model_state_dict(self) -> dict[str, torch.Tensor]:
         """The base model's tensors under the unadapted model's keys (see :mod:`randlora_core.base_state`)."""
-        return base_state.get_base_model_state_dict(self)
+        return base_state.get_base_model_state_dict(self._host)
 
     def set_base_model_state_dict(
-        self: RandLoraModel, state_dict: Mapping[str, torch.Tensor], strict: bool = True
+        self, state_dict: Mapping[str, torch.Tensor], strict: bool = True
     ) -> base_state.IncompatibleKeys:
         """Load base-model tensors given under the unadapted model's keys (see :mod:`randlora_core.base_state`)."""
-        return base_state.set_base_model_state_dict(self, state_dict, strict)
+        return base_state.set_base_model_state_dict(self._host, state_dict, strict)
 
     def save_pretrained(
-        self: RandLoraModel, save_directory: str | Path, selected_adapters: list[str] | None = None, is_main_process: bool = True
+        self, save_directory: str | Path, selected_adapters: list[str] | None = None, is_main_process: bool = True
     ) -> None:
         """Write the adapters (default: all) to a directory: see :func:`randlora_core.pretrained.save_pretrained`."""
-        pretrained.save_pretrained(self, save_directory, selected_adapters, is_main_process)
+        pretrained.save_pretrained(self._host, save_directory, selected_adapters, is_main_process)
 
     def load_adapter(
-        self: RandLoraModel,
+        self,
         model_id: str | Path,
         adapter_name: str,
         is_trainable: bool = False,
@@ -183,7 +190,7 @@ class PeftApiMixin:
             CheckpointError: the file is malformed or does not fit the model (or the existing adapter).
 
         """
-        pretrained.load_pretrained(self, model_id, adapter_name, is_trainable, autocast_adapter_dtype, low_cpu_mem_usage)
+        pretrained.load_pretrained(self._host, model_id, adapter_name, is_trainable, autocast_adapter_dtype, low_cpu_mem_usage)
 
     @classmethod
     def from_pretrained(
@@ -201,6 +208,6 @@ class PeftApiMixin:
         ``low_cpu_mem_usage`` creates lambda/gamma straight from the file's values. On any error
         ``model`` is left unchanged.
         """
-        wrapped = cls(model)  # no adapter yet: changes nothing
+        wrapped = cast("type[RandLoraModel]", cls)(model)  # no adapter yet: changes nothing
         wrapped.load_adapter(model_id, adapter_name, is_trainable, autocast_adapter_dtype, low_cpu_mem_usage)
         return wrapped

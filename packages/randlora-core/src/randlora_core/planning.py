@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import nn
@@ -25,15 +25,19 @@ from torch import nn
 from randlora_core.bases import generate_bases
 from randlora_core.defaults import with_default_targets
 from randlora_core.modules_to_save import ModulesToSaveWrapper
-from randlora_core.registry import is_linear_target, is_randlora_layer, layout_of, load_plugins, wrapper_for
-from randlora_core.targeting import name_matches, select_targets, visible_modules
+from randlora_core.registry import build_wrapper, is_linear_target, is_randlora_layer, layout_of, load_plugins, wrapper_for
+from randlora_core.targeting import select_targets, visible_modules
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import CheckpointError, ConfigError, ShapeError, TargetModuleError
 from randlora_spec.geometry import RANK_CEILING, BasesShape, LayerGeometry, allocation, rank_is_bounded, shape_of_bases
+from randlora_spec.selection import name_matches
 
 if TYPE_CHECKING:
+    from randlora_core.bases import RandLoraBases
     from randlora_core.model import RandLoraModel
+    from randlora_core.registry import LayerModule
+    from randlora_spec.bases import BasisKind
 
 SHARED_CONFIG_FIELDS = ("projection_prng_key", "save_projection", "sparse", "very_sparse", "basis_rule")
 """Config fields every adapter on one model must agree on (one shared pair of bases, SPEC 3.9)."""
@@ -59,7 +63,7 @@ class AdapterPlan:
 
     name: str
     config: RandLoraConfig
-    layers: list[tuple[str, nn.Module, bool]]
+    layers: list[tuple[str, LayerModule, bool]]
     saved: list[str]
     bases: tuple[torch.Tensor, torch.Tensor, bool] | None
     device: torch.device
@@ -102,11 +106,12 @@ def check_path(root: nn.Module, path: str) -> str | None:
     parts = path.split(".")
     module = root
     for i, part in enumerate(parts[:-1]):
-        module = getattr(module, "_modules", {}).get(part)
-        if module is None:
+        child = module._modules.get(part)
+        if child is None:
             return None
-        if opaque(module):
+        if opaque(child):
             return ".".join(parts[: i + 1])
+        module = child
     return None
 
 
@@ -162,13 +167,13 @@ def resolve_saved(root: nn.Module, config: RandLoraConfig) -> list[str]:
     return found
 
 
-def plan_layers(root: nn.Module, paths: list[str], config: RandLoraConfig, warn: bool) -> list[tuple[str, nn.Module, bool]]:
+def plan_layers(root: nn.Module, paths: list[str], config: RandLoraConfig, warn: bool) -> list[tuple[str, LayerModule, bool]]:
     """``(path, layer, is_new)`` for each target; new wrappers are built but not yet inserted."""
-    plan = []
+    plan: list[tuple[str, LayerModule, bool]] = []
     for path in paths:
-        wrapper = check_path(root, path)
-        if wrapper is not None:
-            raise TargetModuleError(f"module {path!r} lies inside the RandLoRA wrapper {wrapper!r}; name modules by their path")
+        outer = check_path(root, path)
+        if outer is not None:
+            raise TargetModuleError(f"module {path!r} lies inside the RandLoRA wrapper {outer!r}; name modules by their path")
         module = root.get_submodule(path)
         if is_randlora_layer(module):
             plan.append((path, module, False))
@@ -185,13 +190,32 @@ def plan_layers(root: nn.Module, paths: list[str], config: RandLoraConfig, warn:
                 f"Setting fan_in_fan_out to {layout} for this layer.",
                 stacklevel=5,
             )
-        wrapper = wrapper_cls(module, fan_in_fan_out)
+        wrapper = build_wrapper(wrapper_cls, module, fan_in_fan_out)
         wrapper.layer_name = path
         plan.append((path, wrapper, True))
     return plan
 
 
-def check_dora(layers: list[tuple[str, nn.Module, bool]], config: RandLoraConfig) -> None:
+def _regrown(current: RandLoraBases, needed: BasesShape, kind: BasisKind) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The model's bases regenerated to cover ``needed`` too, when the portable rule keeps every existing window."""
+    have = current.shape
+    if not current.regenerable:
+        raise ShapeError(
+            f"the shared bases {have} are too small for the new adapter (needs {needed}) and cannot be "
+            "regenerated (they were injected or loaded); add the adapter with the larger layers/rank first"
+        )
+    if kind == "very_sparse" and needed.m_max != have.m_max:
+        raise ShapeError(
+            f"very_sparse bases depend on m_max: the new adapter needs m_max={needed.m_max} but the model's "
+            f"bases have m_max={have.m_max}, so their values would change"
+        )
+    a, b = generate_bases(current.seed, have.union(needed), current.kind, current.randlora_A.device)
+    if not same_on_overlap((a, b), (current.randlora_A, current.randlora_B)):
+        raise ShapeError("the shared bases do not match the portable rule's values, so they cannot be regrown")
+    return a, b, True
+
+
+def check_dora(layers: list[tuple[str, LayerModule, bool]], config: RandLoraConfig) -> None:
     """With ``use_dora``, every target must read and write its plain weight (SPEC 3.11): not a quantized one."""
     if not config.use_dora:
         return
@@ -238,23 +262,7 @@ def plan_bases(
     current = model.randlora_bases
     if current is None:
         return _first_bases(config, dims, ranks, device, stored)
-    have = current.shape
-    result = None
-    if not windows_fit(have, dims, ranks):
-        if not current.regenerable:
-            raise ShapeError(
-                f"the shared bases {have} are too small for the new adapter (needs {needed}) and cannot be "
-                "regenerated (they were injected or loaded); add the adapter with the larger layers/rank first"
-            )
-        if kind == "very_sparse" and needed.m_max != have.m_max:
-            raise ShapeError(
-                f"very_sparse bases depend on m_max: the new adapter needs m_max={needed.m_max} but the model's "
-                f"bases have m_max={have.m_max}, so their values would change"
-            )
-        a, b = generate_bases(current.seed, have.union(needed), current.kind, current.randlora_A.device)
-        if not same_on_overlap((a, b), (current.randlora_A, current.randlora_B)):
-            raise ShapeError("the shared bases do not match the portable rule's values, so they cannot be regrown")
-        result = (a, b, True)
+    result = None if windows_fit(current.shape, dims, ranks) else _regrown(current, needed, kind)
     if stored is not None:
         mine = (result[0], result[1]) if result is not None else (current.randlora_A, current.randlora_B)
         if not same_on_overlap(stored, mine):
@@ -263,6 +271,16 @@ def plan_bases(
                 "bases, so adapters with different bases cannot be combined"
             )
     return result
+
+
+class PlanOptions(TypedDict, total=False):
+    """The optional arguments of :func:`plan_adapter`, by name (what ``RandLoraModel._add_adapter`` passes on)."""
+
+    paths: list[str] | None
+    stored_bases: Bases | None
+    warn: bool
+    autocast_adapter_dtype: bool
+    low_cpu_mem_usage: bool
 
 
 def plan_adapter(

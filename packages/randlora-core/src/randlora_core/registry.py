@@ -16,14 +16,22 @@ Wrapper protocol (what :class:`~randlora_core.model.RandLoraModel` relies on); s
   (it may raise :class:`~randlora_spec.errors.ShapeError` if it cannot read the layer's sizes);
 - attributes ``in_features`` and ``out_features`` (logical sizes), ``fan_in_fan_out``, and a
   writable ``layer_name`` (the module path, set by the model, used in messages);
-- ``update_layer(adapter_name, config, bases_module)`` adds an adapter (bases_module is the model's
-  :class:`~randlora_core.bases.RandLoraBases`);
+- ``update_layer(adapter_name, config, bases_module, autocast_adapter_dtype=True, low_cpu_mem_usage=False)``
+  adds an adapter (bases_module is the model's :class:`~randlora_core.bases.RandLoraBases`);
 - ``forward(x, *args, **kwargs)``; ``merge(adapter_names, safe_merge)``; ``unmerge()``;
   ``check_merge(adapter_names)`` (raise ``MergeError`` if merging would give non-finite weights,
   changing nothing); ``get_delta_weight(name)`` (storage layout); ``get_base_layer()``;
-- ``set_adapter(names)``, ``delete_adapter(name)``, ``merged_adapters`` (list), ``merged`` (bool),
-  ``disable_adapters`` (bool), ``r`` (dict), ``randlora_lambda`` / ``randlora_gamma``
-  (``nn.ParameterDict`` by adapter name).
+- ``set_adapter(names)``, ``active_adapters`` (list), ``delete_adapter(name)``, ``merged_adapters`` (list), ``merged`` (bool),
+  ``disable_adapters`` (bool), ``r`` (dict), ``randlora_lambda`` / ``randlora_gamma`` /
+  ``randlora_magnitude`` (``nn.ParameterDict`` by adapter name; the magnitude for DoRA adapters only);
+- writable ``mixed_adapters`` (``None``, or a mixed-adapter call's adapter name per batch row) and
+  ``inference_cache`` (``None``, or the model's :class:`~randlora_core.inference_cache.InferenceCache`),
+  both set by the model;
+- ``_param_dtype()`` and ``_param_device()``: dtype and device of a new adapter's lambda/gamma
+  (loading a checkpoint converts its values to them before the model changes), and
+  ``adapter_dtype(autocast_adapter_dtype)``, that dtype after ``autocast_adapter_dtype``.
+
+:class:`RandLoraLayer` states this protocol for the type checker.
 
 Conv1D-like rule (GPT-2's ``transformers.pytorch_utils.Conv1D`` without importing transformers): a
 module that is not an ``nn.Linear``, has no ``in_features`` attribute, has an integer attribute
@@ -36,15 +44,104 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
 
 from randlora_spec.errors import ConfigError
 
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    from randlora_core.bases import RandLoraBases
+    from randlora_core.inference_cache import InferenceCache
+    from randlora_spec.config import RandLoraConfig
+
 ENTRY_POINT_GROUP = "randlora.layers"
 
 Predicate = Callable[[nn.Module], bool]
+
+
+class RandLoraLayer(Protocol):
+    """The wrapper protocol (module docstring) as the type checker sees it; forward is left to ``nn.Module``."""
+
+    in_features: int
+    out_features: int
+    fan_in_fan_out: bool
+    layer_name: str
+    r: dict[str, int]
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    disable_adapters: bool
+    randlora_lambda: nn.ParameterDict
+    randlora_gamma: nn.ParameterDict
+    randlora_magnitude: nn.ParameterDict
+    mixed_adapters: list[str] | None
+    inference_cache: InferenceCache | None
+
+    @property
+    def merged(self) -> bool:
+        """True while any adapter is merged into the base weight."""
+        ...
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        config: RandLoraConfig,
+        bases_module: RandLoraBases,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        """Add an adapter."""
+        ...
+
+    def set_adapter(self, adapter_names: list[str]) -> None:
+        """Make ``adapter_names`` the active adapters."""
+        ...
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an (unmerged) adapter."""
+        ...
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' delta-W to the base weight."""
+        ...
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's delta-W."""
+        ...
+
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise ``MergeError`` if merging would give non-finite weights, changing nothing."""
+        ...
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """delta-W in the weight's storage layout."""
+        ...
+
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped base layer."""
+        ...
+
+    def _param_dtype(self) -> torch.dtype: ...
+
+    def _param_device(self) -> torch.device: ...
+
+    def adapter_dtype(self, autocast_adapter_dtype: bool = True) -> torch.dtype:
+        """Dtype of a new adapter's lambda/gamma."""
+        ...
+
+
+if TYPE_CHECKING:
+
+    class LayerModule(nn.Module, RandLoraLayer):
+        """An ``nn.Module`` following :class:`RandLoraLayer`, what :func:`is_randlora_layer` establishes.
+
+        Python's typing has no intersection types, so this names one for annotations; it exists for the type
+        checker only (wrappers do not derive from it).
+        """
+
 
 _builtin: list[tuple[type[nn.Module] | Predicate, type[nn.Module]]] = []
 _registered: list[tuple[type[nn.Module] | Predicate, type[nn.Module]]] = []
@@ -65,9 +162,20 @@ def is_conv1d_like(module: nn.Module) -> bool:
     )
 
 
-def is_randlora_layer(module: nn.Module) -> bool:
+def is_randlora_layer(module: nn.Module) -> TypeIs[LayerModule]:
     """True for a wrapper following the protocol above (core's, a plugin's, or PEFT's own RandLoRA layers)."""
     return hasattr(module, "update_layer") and hasattr(module, "randlora_lambda")
+
+
+def build_wrapper(wrapper_cls: type[nn.Module], module: nn.Module, fan_in_fan_out: bool) -> LayerModule:
+    """``wrapper_cls(module, fan_in_fan_out)``, checked to follow the wrapper protocol."""
+    wrapper = wrapper_cls(module, fan_in_fan_out)
+    if not is_randlora_layer(wrapper):
+        raise ConfigError(
+            f"wrapper class {wrapper_cls.__name__} registered for {type(module).__name__} does not follow the wrapper "
+            "protocol (it needs update_layer and randlora_lambda; see randlora_core.registry)"
+        )
+    return wrapper
 
 
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
@@ -76,7 +184,8 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     if isinstance(in_f, int) and isinstance(out_f, int):
         return in_f, out_f
     if is_conv1d_like(module):
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
+        weight = module.get_parameter("weight")
+        return int(weight.shape[0]), int(weight.shape[1])
     return None
 
 

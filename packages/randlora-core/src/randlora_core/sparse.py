@@ -153,6 +153,7 @@ def _quiet() -> Iterator[None]:
 def forward_into(y2: torch.Tensor, x2: torch.Tensor, win: SparseWindow, adapters: Adapters, in_le_out: bool) -> torch.Tensor:
     """Add the group's factored output to ``y2`` (N, out); returns ``h^T`` (K, N), the inner product."""
     values = _values(win, adapters)
+    h_t: torch.Tensor  # torch.sparse.mm is typed as returning Any
     if in_le_out:  # h = x S^T, y = h B^T
         h_t = torch.sparse.mm(_csr(win.pattern, values), x2.T)
         y2 += torch.sparse.mm(win.b, h_t).T.to(y2.dtype)

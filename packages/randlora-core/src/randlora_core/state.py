@@ -15,6 +15,7 @@ and ``modules_to_save`` copies. randlora-core computes every layer kind and DoRA
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +26,7 @@ from randlora_core.bases import generate_bases
 from randlora_core.conv import conv_features
 from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.planning import adaptable, check_path, plan_adapter, resolve_saved
-from randlora_core.registry import is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
+from randlora_core.registry import build_wrapper, is_randlora_layer, layout_of, linear_features, load_plugins, wrapper_for
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import PORTABLE_RULE, basis_kind
 from randlora_spec.config import RandLoraConfig
@@ -35,6 +36,7 @@ from randlora_spec.layer_kinds import ALL_FEATURES
 
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
+    from randlora_core.registry import RandLoraLayer
 
 FEATURES = ALL_FEATURES
 """The layer kinds and variants randlora-core computes: every one the spec defines."""
@@ -203,11 +205,15 @@ def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source:
     if module is None:
         raise CheckpointError(f"{source}: the model has no module {path!r} recorded in the checkpoint")
     top = root.get_submodule(path)
-    wrapper_cls = type(top) if is_randlora_layer(top) else wrapper_for(module)
-    if wrapper_cls is None:
-        raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
-    layer = top if is_randlora_layer(top) else wrapper_cls(module, rec.fan_in_fan_out)
-    layout = layer.fan_in_fan_out if is_randlora_layer(top) else layout_of(module)
+    layer: RandLoraLayer
+    layout: bool | None
+    if is_randlora_layer(top):
+        layer, layout = top, top.fan_in_fan_out
+    else:
+        wrapper_cls = wrapper_for(module)
+        if wrapper_cls is None:
+            raise CheckpointError(f"{source}: module {path!r} ({type(module).__name__}) cannot be adapted by RandLoRA")
+        layer, layout = build_wrapper(wrapper_cls, module, rec.fan_in_fan_out), layout_of(module)
     _check_kind(layer, path, rec, source)
     if (layer.in_features, layer.out_features) != (rec.in_features, rec.out_features):
         raise CheckpointError(
@@ -220,7 +226,7 @@ def _check_layer(root: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source:
         )
 
 
-def _check_kind(layer: nn.Module, path: str, rec: spec_ckpt.LayerRecord, source: str) -> None:
+def _check_kind(layer: RandLoraLayer, path: str, rec: spec_ckpt.LayerRecord, source: str) -> None:
     """The model's layer is of the recorded kind (SPEC 3.10), with the recorded kernel size and groups."""
     record = getattr(layer, "layer_record", None)
     have = record() if record is not None else spec_ckpt.LayerRecord(layer.in_features, layer.out_features)
@@ -358,7 +364,7 @@ Slot = tuple[str, str, str]
 """``(kind, module path, name)``: kind ``layer`` (name ``randlora_lambda``/``randlora_gamma``), ``bias`` or ``saved``."""
 
 
-def _lambda_like(layer: nn.Module, adapter_name: str, autocast_adapter_dtype: bool) -> tuple[torch.dtype, torch.device]:
+def _lambda_like(layer: RandLoraLayer, adapter_name: str, autocast_adapter_dtype: bool) -> tuple[torch.dtype, torch.device]:
     """``(dtype, device)`` of the layer's lambda/gamma for ``adapter_name``: the existing ones', or those a new adapter gets."""
     lam = layer.randlora_lambda[adapter_name] if adapter_name in layer.randlora_lambda else None
     if lam is None or lam.is_meta:
@@ -369,7 +375,7 @@ def _lambda_like(layer: nn.Module, adapter_name: str, autocast_adapter_dtype: bo
 
 def values_for(
     root: nn.Module,
-    wrappers: dict[str, nn.Module],
+    wrappers: Mapping[str, RandLoraLayer],
     ckpt: spec_ckpt.AdapterCheckpoint,
     source: str,
     adapter_name: str = "",
@@ -433,7 +439,7 @@ def _destination(root: nn.Module, adapter_name: str, slot: Slot) -> torch.Tensor
     """The parameter a checkpoint value goes to, once the adapter is committed."""
     kind, path, name = slot
     if kind == "layer":
-        return getattr(root.get_submodule(path), name)[adapter_name]
+        return root.get_parameter(f"{path}.{name}.{adapter_name}")
     if kind == "bias":
         return _base_param(root, path, "bias")
-    return dict(root.get_submodule(path).modules_to_save[adapter_name].named_parameters())[name]
+    return root.get_parameter(f"{path}.modules_to_save.{adapter_name}.{name}")

@@ -24,6 +24,7 @@ from randlora_spec.errors import AdapterNotFoundError
 
 if TYPE_CHECKING:
     from randlora_core.model import RandLoraModel
+    from randlora_core.registry import LayerModule
 
 Irregular = Literal["irregular"]
 IRREGULAR: Irregular = "irregular"
@@ -87,7 +88,7 @@ def _quantization_backend(layer: nn.Module) -> str | None:
     return "bnb 8bit" if quant == "int8" else "bnb 4bit"
 
 
-def _layer_status(name: str, layer: nn.Module) -> TunerLayerStatus:
+def _layer_status(name: str, layer: LayerModule) -> TunerLayerStatus:
     params = [(n, p) for n in layer.randlora_lambda for p in (layer.randlora_lambda[n], layer.randlora_gamma[n])]
     params += list(getattr(layer, "randlora_magnitude", {}).items())
     requires_grad, devices = _per_adapter(params)

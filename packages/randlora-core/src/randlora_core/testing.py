@@ -39,7 +39,8 @@ class SingleLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output."""
-        return self.layer(x)
+        out: torch.Tensor = self.layer(x)
+        return out
 
 
 def make_layer(in_features: int, out_features: int, bias: bool, fan_in_fan_out: bool, dtype: torch.dtype) -> nn.Module:
@@ -88,7 +89,7 @@ def attach(root: nn.Module, path: str, module: nn.Module) -> None:
     for part in parents:
         if part not in parent._modules:
             parent.add_module(part, nn.Module())
-        parent = parent._modules[part]  # type: ignore[assignment]
+        parent = parent.get_submodule(part)
     parent.add_module(leaf, module)
 
 

@@ -12,11 +12,12 @@ and randlora-spec only, never on torch.
 """
 
 from randlora_jax.bases import generate_bases, generate_basis
-from randlora_jax.checkpoint import build_checkpoint, load_adapter, save_adapter
+from randlora_jax.checkpoint import load_adapter, save_adapter
 from randlora_jax.layer import RandLoraLinear
 from randlora_jax.model import RandLoraModel, get_randlora_model
 from randlora_jax.modules_to_save import ModulesToSaveWrapper
 from randlora_jax.shared import RandLoraBases
+from randlora_jax.state import build_checkpoint
 from randlora_jax.variables import RandLoraBasis, RandLoraParam, trainable
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import (

@@ -16,7 +16,8 @@ def to_device(value: Any, dtype: Any = None) -> jax.Array:
     """``value`` as a JAX array (of ``dtype`` if given); host data is converted on the host first."""
     if isinstance(value, jax.Array):
         return value if dtype is None or value.dtype == np.dtype(dtype) else value.astype(dtype)
-    return jax.device_put(np.asarray(value, dtype=dtype))
+    placed: jax.Array = jax.device_put(np.asarray(value, dtype=dtype))
+    return placed
 
 
 def to_host(value: Any) -> np.ndarray:

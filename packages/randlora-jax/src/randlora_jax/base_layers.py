@@ -16,6 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from randlora_spec.errors import TargetModuleError
+
+BaseLinear = nnx.Linear | nnx.Einsum
+"""The layer types :func:`describe` can accept (an ``nnx.Einsum`` only with a plain-linear equation)."""
+
 
 @dataclass(frozen=True)
 class LinearView:
@@ -60,6 +65,19 @@ def describe(layer: Any) -> LinearView | None:
     return None
 
 
+def view_of(layer: Any) -> LinearView:
+    """The linear view of a layer selected as adaptable.
+
+    Raises:
+        TargetModuleError: ``layer`` is not a linear map RandLoRA can adapt.
+
+    """
+    view = describe(layer)
+    if view is None:
+        raise TargetModuleError(f"{type(layer).__name__} is not a linear layer RandLoRA can adapt")
+    return view
+
+
 def is_adaptable(layer: Any) -> bool:
     """Whether ``layer`` is a linear map RandLoRA can wrap."""
     return describe(layer) is not None
@@ -70,24 +88,25 @@ def dense_forward_possible(layer: Any) -> bool:
     return type(layer) in (nnx.Linear, nnx.Einsum)
 
 
-def call_with_kernel(layer: nnx.Module, kernel: jax.Array, x: jax.Array) -> jax.Array:
+def call_with_kernel(layer: BaseLinear, kernel: jax.Array, x: jax.Array) -> jax.Array:
     """The layer's own forward on ``x`` with ``kernel`` (storage layout) in place of its kernel.
 
     The layer is not modified: a copy of its graph is built around the new kernel, so promotion,
     precision, the dot product and the bias are exactly the layer's.
     """
-    graphdef, kernel_state, rest = nnx.split(layer, nnx.PathContains("kernel"), ...)
+    graphdef, kernel_state, *rest = nnx.split(layer, nnx.PathContains("kernel"), ...)  # rest: the one other state
     kernel_state = jax.tree.map(lambda _: kernel, kernel_state)
-    return nnx.merge(graphdef, kernel_state, rest)(x)
+    out: jax.Array = nnx.merge(graphdef, kernel_state, *rest)(x)
+    return out
 
 
-def kernel_in_out(layer: nnx.Module, view: LinearView) -> jax.Array:
+def kernel_in_out(layer: BaseLinear, view: LinearView) -> jax.Array:
     """The kernel as an ``(I, O)`` array."""
-    kernel = layer.kernel.get_value()
+    kernel: jax.Array = layer.kernel.get_value()
     return kernel if view.kernel_in_out else kernel.T
 
 
-def add_to_kernel(layer: nnx.Module, view: LinearView, delta_in_out: jax.Array, sign: int = 1) -> None:
+def add_to_kernel(layer: BaseLinear, view: LinearView, delta_in_out: jax.Array, sign: int = 1) -> None:
     """``kernel += sign * delta`` in the kernel's storage layout and dtype (merging, SPEC 3.7)."""
     layer.kernel.set_value(_added(layer.kernel.get_value(), delta_in_out, float(sign), view.kernel_in_out))
 
@@ -98,9 +117,10 @@ def _added(kernel: jax.Array, delta_in_out: jax.Array, sign: float, in_out: bool
     return kernel + (sign * delta).astype(kernel.dtype)
 
 
-def kernel_dtype(layer: nnx.Module) -> jnp.dtype:
+def kernel_dtype(layer: BaseLinear) -> jnp.dtype:
     """The dtype the kernel is stored in."""
-    return jnp.dtype(layer.kernel.get_value().dtype)
+    dtype: jnp.dtype = jnp.dtype(layer.kernel.get_value().dtype)
+    return dtype
 
 
 @functools.partial(jax.jit, static_argnames=("view", "dtype"))

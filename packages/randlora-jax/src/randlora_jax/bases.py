@@ -61,7 +61,8 @@ def _basis_values(
 def dense_from_words(words: jax.Array) -> jax.Array:
     """Map 32-bit words to float32 values: ``fl32(fl32(2 * (w >> 8) + 1 - 2**24) * DENSE_SCALE)``."""
     n = 2 * (words >> 8).astype(jnp.int32) + (1 - 2**24)  # odd, |n| < 2**24: exact in int32 and float32
-    return n.astype(jnp.float32) * jnp.float32(DENSE_SCALE)
+    values: jax.Array = n.astype(jnp.float32) * jnp.float32(DENSE_SCALE)
+    return values
 
 
 def ternary_from_words(words: jax.Array, threshold: jax.Array, scale: jax.Array) -> jax.Array:

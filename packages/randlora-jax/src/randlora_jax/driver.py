@@ -16,7 +16,9 @@ its checkpoint reader refuses such files.
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +46,7 @@ def x64(enabled: bool) -> Iterator[None]:
         return
     scoped = getattr(jax, "enable_x64", None)
     if scoped is None:  # jax < 0.5 spelled it jax.experimental.enable_x64
-        from jax.experimental import enable_x64 as scoped  # type: ignore[no-redef]
+        scoped = importlib.import_module("jax.experimental").enable_x64
     with scoped(True):
         yield
 
@@ -71,14 +73,14 @@ def make_linear(
         lambda: nnx.Linear(in_features, out_features, use_bias=bias is not None, param_dtype=dtype, rngs=nnx.Rngs(0))
     )
     layer.kernel.set_value(to_device(kernel, dtype))
-    if bias is not None:
+    if bias is not None and layer.bias is not None:  # the layer has a bias exactly when one is given
         layer.bias.set_value(to_device(bias, dtype))
     return layer
 
 
-def tree_of_layers(layers: dict[str, nnx.Linear]) -> nnx.Dict:
+def tree_of_layers(layers: dict[str, nnx.Linear]) -> nnx.Dict[Any]:
     """A module tree (nested ``nnx.Dict``) with each layer at its dotted path."""
-    root = nnx.Dict()
+    root: nnx.Dict[Any] = nnx.Dict()
     for path, layer in layers.items():
         node = root
         *parents, leaf = path.split(".")
@@ -121,9 +123,10 @@ class JaxDriver:
         p, i = case.params, case.inputs
         layer = make_linear(p["in_features"], p["out_features"], i["weight"], i.get("bias"), p["fan_in_fan_out"])
         adapters = list(p["adapters"].items())
-        config = lambda spec: RandLoraConfig(  # noqa: E731
-            r=spec["r"], randlora_alpha=spec["alpha"], target_modules=["layer"], compute=self.compute
-        )
+
+        def config(spec: dict[str, Any]) -> RandLoraConfig:
+            return RandLoraConfig(r=spec["r"], randlora_alpha=spec["alpha"], target_modules=["layer"], compute=self.compute)
+
         model = get_randlora_model(Holder(layer), config(adapters[0][1]), adapter_name=adapters[0][0])
         for name, spec in adapters[1:]:
             model.add_adapter(name, config(spec))
@@ -153,14 +156,16 @@ class JaxDriver:
         return out
 
     def _backward(self, model: RandLoraModel, case: GoldenCase) -> dict[str, np.ndarray]:
-        graphdef, params, rest = nnx.split(model, trainable, ...)
+        graphdef, params, *rest = nnx.split(model, trainable, ...)  # rest: the one other state
 
-        def forward(x: jax.Array, params: nnx.State) -> jax.Array:
-            return nnx.merge(graphdef, params, rest)(x)
+        def forward(x: jax.Array, params: nnx.State[Any, Any]) -> jax.Array:
+            y: jax.Array = nnx.merge(graphdef, params, *rest)(x)
+            return y
 
         @jax.jit
-        def pullback(x: jax.Array, params: nnx.State, grad_y: jax.Array) -> tuple[jax.Array, nnx.State]:
-            return jax.vjp(forward, x, params)[1](grad_y)
+        def pullback(x: jax.Array, params: nnx.State[Any, Any], grad_y: jax.Array) -> tuple[jax.Array, nnx.State[Any, Any]]:
+            grads: tuple[jax.Array, nnx.State[Any, Any]] = jax.vjp(forward, x, params)[1](grad_y)
+            return grads
 
         grad_x, grads = pullback(to_device(case.inputs["x"]), params, to_device(case.inputs["grad_y"]))
         layer_grads = grads["model"]["layer"]

@@ -54,16 +54,16 @@ class RandLoraLinear(nnx.Module):
 
     def __init__(self, base_layer: nnx.Module, bases: RandLoraBases, fan_in_fan_out: bool = False) -> None:
         view = base_layers.describe(base_layer)
-        if view is None:
+        if view is None or not isinstance(base_layer, base_layers.BaseLinear):  # describe() accepts only these
             raise TargetModuleError(f"{type(base_layer).__name__} is not a linear layer RandLoRA can adapt")
-        self.base_layer = base_layer
+        self.base_layer: base_layers.BaseLinear = base_layer
         self.randlora_bases = bases
         self.view = view
         self.in_features, self.out_features = view.in_features, view.out_features
         self.fan_in_fan_out = bool(fan_in_fan_out)
-        self.randlora_lambda = nnx.Dict()
-        self.randlora_gamma = nnx.Dict()
-        self.randlora_dropout = nnx.Dict()
+        self.randlora_lambda: nnx.Dict[RandLoraParam] = nnx.Dict()
+        self.randlora_gamma: nnx.Dict[RandLoraParam] = nnx.Dict()
+        self.randlora_dropout: nnx.Dict[nnx.Dropout] = nnx.Dict()
         self.specs: tuple[tuple[str, AdapterSpec], ...] = ()
         self.active_adapters: tuple[str, ...] = ()
         self.merged_adapters: tuple[str, ...] = ()
@@ -108,7 +108,7 @@ class RandLoraLinear(nnx.Module):
         self.specs = (*self.specs, (name, AdapterSpec(r, float(alpha) / r, compute)))
         self._mark_trainable()
 
-    def set_parameters(self, name: str, lam: jax.Array, gamma: jax.Array) -> None:
+    def set_parameters(self, name: str, lam: jax.Array | np.ndarray, gamma: jax.Array | np.ndarray) -> None:
         """Replace adapter ``name``'s lambda and gamma (cast to their current dtype); shapes must match."""
         for store, value, what in ((self.randlora_lambda, lam, "lambda"), (self.randlora_gamma, gamma, "gamma")):
             current = store[name].get_value()
@@ -150,11 +150,13 @@ class RandLoraLinear(nnx.Module):
         spec = self.adapters[name]
         lam, gamma = self.randlora_lambda[name].get_value(), self.randlora_gamma[name].get_value()
         a, b = self.randlora_bases.randlora_A.get_value(), self.randlora_bases.randlora_B.get_value()
-        return delta_kernel_of(lam, gamma, a, b, spec.r, spec.scaling, self.in_features, self.out_features)
+        delta: jax.Array = delta_kernel_of(lam, gamma, a, b, spec.r, spec.scaling, self.in_features, self.out_features)
+        return delta
 
     def get_delta_weight(self, name: str) -> jax.Array:
         """Adapter ``name``'s update in the base kernel's storage layout and dtype (what merging adds)."""
-        return base_layers.as_stored(self.delta_kernel(name), self.view, base_layers.kernel_dtype(self.base_layer))
+        stored: jax.Array = base_layers.as_stored(self.delta_kernel(name), self.view, base_layers.kernel_dtype(self.base_layer))
+        return stored
 
     def merge(self, names: list[str]) -> None:
         """Add each adapter's update to the base kernel, in list order (SPEC 3.7)."""
@@ -210,14 +212,19 @@ class RandLoraLinear(nnx.Module):
             return self._dense(x, names, cdtype)
         return self._factored(x, names, cdtype, args, kwargs)
 
-    def _factored(self, x: jax.Array, names: list[str], cdtype: jnp.dtype, args: tuple, kwargs: dict) -> jax.Array:
+    def _factored(
+        self, x: jax.Array, names: list[str], cdtype: jnp.dtype, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> jax.Array:
         y = self.base_layer(x, *args, **kwargs)
         a, b = self.randlora_bases.randlora_A.get_value(), self.randlora_bases.randlora_B.get_value()
-        total = None
-        for name in names:
+
+        def adapter_output(name: str) -> jax.Array:
             x_in = self.randlora_dropout[name](x) if name in self.randlora_dropout else x
-            out = factored_output(x_in.astype(cdtype), self._math(name), a, b, self.in_features, self.out_features)
-            total = out if total is None else total + out
+            return factored_output(x_in.astype(cdtype), self._math(name), a, b, self.in_features, self.out_features)
+
+        total = adapter_output(names[0])  # never empty: without adapters __call__ runs the base layer alone
+        for name in names[1:]:
+            total = total + adapter_output(name)
         dtype = jnp.promote_types(y.dtype, total.dtype)
         return (y.astype(dtype) + total.astype(dtype)).astype(x.dtype)
 
@@ -226,7 +233,14 @@ class RandLoraLinear(nnx.Module):
         base, view = self.base_layer, self.view
         sizes = (self.in_features, self.out_features)
 
-        def run(x_: jax.Array, kernel: jax.Array, lams: tuple, gammas: tuple, a: jax.Array, b: jax.Array) -> jax.Array:
+        def run(
+            x_: jax.Array,
+            kernel: jax.Array,
+            lams: tuple[jax.Array, ...],
+            gammas: tuple[jax.Array, ...],
+            a: jax.Array,
+            b: jax.Array,
+        ) -> jax.Array:
             adapters = [
                 AdapterMath(specs[n].r, specs[n].scaling, lam, gam) for n, lam, gam in zip(names, lams, gammas, strict=True)
             ]
@@ -235,7 +249,7 @@ class RandLoraLinear(nnx.Module):
             return base_layers.call_with_kernel(base, effective, x_)
 
         # Under remat the effective kernel is rebuilt in the backward pass instead of being kept.
-        y = jax.checkpoint(run)(
+        y: jax.Array = jax.checkpoint(run)(
             x,
             base.kernel.get_value(),
             tuple(self.randlora_lambda[n].get_value() for n in names),

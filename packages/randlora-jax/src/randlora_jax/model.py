@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 from flax import nnx
@@ -28,6 +28,12 @@ from randlora_spec.bases import BasesShape
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.errors import AdapterNotFoundError, ConfigError, MergeError
 from randlora_spec.selection import name_matches
+
+
+class BiasOwner(Protocol):
+    """A module whose ``bias`` is an ``nnx.Param`` (what :meth:`RandLoraModel.bias_owners` finds)."""
+
+    bias: nnx.Param[jax.Array]
 
 
 def _adaptable(module: Any) -> bool:
@@ -93,11 +99,11 @@ class RandLoraModel(nnx.Module):
         """Every ``modules_to_save`` wrapper by dotted path."""
         return {n: m for n, _, m in targeting.modules(self.model, _opaque) if isinstance(m, ModulesToSaveWrapper)}
 
-    def bias_owners(self) -> dict[str, nnx.Module]:
+    def bias_owners(self) -> dict[str, BiasOwner]:
         """Modules with a ``bias`` parameter by dotted path (for a RandLoRA layer: its base layer)."""
-        owners = {}
+        owners: dict[str, BiasOwner] = {}
         for name, _, module in targeting.modules(self.model, _opaque):
-            inner = module.base_layer if isinstance(module, RandLoraLinear) else module
+            inner: Any = module.base_layer if isinstance(module, RandLoraLinear) else module  # a BiasOwner when kept
             if isinstance(getattr(inner, "bias", None), nnx.Param):
                 owners[name] = inner
         return owners
@@ -105,7 +111,7 @@ class RandLoraModel(nnx.Module):
     def trainable_parameters(self) -> tuple[int, int]:
         """``(trainable, total)`` parameter counts; the frozen bases are not parameters."""
 
-        def count(state: nnx.State) -> int:
+        def count(state: nnx.State[Any, Any]) -> int:
             return sum(leaf.size for leaf in jax.tree.leaves(state))
 
         return count(nnx.state(self, trainable)), count(nnx.state(self, nnx.Param))
@@ -150,9 +156,7 @@ class RandLoraModel(nnx.Module):
             raise ConfigError(f"config must be a RandLoraConfig, got {type(config).__name__}")
         self.randlora_bases.check_identity(BasesIdentity.of(config), f"adapter {name!r}")
         found = {n: m for n, _, m in targeting.modules(self.model, _opaque)}
-        views = {
-            p: base_layers.describe(found[p].base_layer if isinstance(found[p], RandLoraLinear) else found[p]) for p in paths
-        }
+        views = {p: base_layers.view_of(found[p].base_layer if isinstance(found[p], RandLoraLinear) else found[p]) for p in paths}
         # A loaded adapter brings its own allocation (for very_sparse it fixes m_max); it covers its layers.
         need = bases_shape or union_shape(None, config.r, [(v.in_features, v.out_features) for v in views.values()])
         grown = self.randlora_bases.plan_growth(need)
@@ -327,7 +331,7 @@ class RandLoraModel(nnx.Module):
         """Write one adapter (default: the first active one) to ``path`` in checkpoint format v1, atomically."""
         spec_ckpt.save(path, build_checkpoint(self, adapter_name))
 
-    def saved_parameters(self, adapter_name: str) -> dict[str, dict[str, nnx.Variable]]:
+    def saved_parameters(self, adapter_name: str) -> dict[str, dict[str, nnx.Variable[Any]]]:
         """Adapter ``adapter_name``'s ``modules_to_save`` copies: path -> parameter name -> variable."""
         return {p: parameters(w.copies[adapter_name]) for p, w in self.saved_modules().items() if adapter_name in w.copies}
 
@@ -353,7 +357,7 @@ def get_randlora_model(
         raise ConfigError("module is already a RandLoraModel; use its add_adapter()")
     paths = targeting.select(module, config, _adaptable, _opaque)
     found = {n: m for n, _, m in targeting.modules(module, _opaque)}
-    sizes = [(base_layers.describe(found[p]).in_features, base_layers.describe(found[p]).out_features) for p in paths]
+    sizes = [(base_layers.view_of(found[p]).in_features, base_layers.view_of(found[p]).out_features) for p in paths]
     bases = RandLoraBases.generate(BasesIdentity.of(config), union_shape(None, config.r, sizes))
     model = RandLoraModel(module, bases)
     model._insert(adapter_name, config, paths, {}, rngs)

@@ -14,7 +14,7 @@ from flax import nnx
 from randlora_jax.variables import set_trainable
 
 
-def parameters(module: nnx.Module) -> dict[str, nnx.Variable]:
+def parameters(module: nnx.Module) -> dict[str, nnx.Variable[Any]]:
     """The ``nnx.Param`` variables of ``module`` by dotted name relative to it (``kernel``, ``norm.scale``)."""
     return {".".join(str(p) for p in path): var for path, var in nnx.iter_graph(module) if isinstance(var, nnx.Param)}
 
@@ -24,7 +24,7 @@ class ModulesToSaveWrapper(nnx.Module):
 
     def __init__(self, original_module: nnx.Module) -> None:
         self.original_module = original_module
-        self.copies = nnx.Dict()
+        self.copies: nnx.Dict[nnx.Module] = nnx.Dict()
         self.active_adapters: tuple[str, ...] = ()
 
     def add(self, name: str) -> None:

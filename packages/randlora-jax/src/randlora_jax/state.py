@@ -50,8 +50,8 @@ def _window(model: RandLoraModel, shape: BasesShape) -> tuple[np.ndarray, np.nda
         a = to_host(bases.randlora_A.get_value())[: shape.r, :, : shape.m_max]
         b = to_host(bases.randlora_B.get_value())[: shape.M_max, : shape.nb_max, : shape.r]
         return a, b
-    a, b = generate_bases(bases.identity.seed, shape, bases.identity.kind, bases.identity.basis_rule)
-    return to_host(a), to_host(b)
+    full = generate_bases(bases.identity.seed, shape, bases.identity.kind, bases.identity.basis_rule)
+    return to_host(full[0]), to_host(full[1])
 
 
 def build_checkpoint(model: RandLoraModel, adapter_name: str | None = None) -> spec_ckpt.AdapterCheckpoint:

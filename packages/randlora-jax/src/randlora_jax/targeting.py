@@ -77,7 +77,8 @@ def resolve(root: nnx.Module, path: str) -> tuple[Any, Any, Any]:
 
     """
     node: Any = root
-    parent, key = None, None
+    parent: Any = None
+    key: str | int | None = None
     for part in path.split("."):
         parent, key = node, part
         if isinstance(node, (nnx.List, list, tuple)) and part.isdigit() and int(part) < len(node):

@@ -12,17 +12,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 from flax import nnx
 
 TRAINABLE = "randlora_trainable"
 """Metadata key: True on every variable the active adapters train."""
 
 
-class RandLoraParam(nnx.Param):
+class RandLoraParam(nnx.Param[jax.Array]):
     """A trainable RandLoRA tensor (``lambda`` or ``gamma``); metadata ``adapter`` names its adapter."""
 
 
-class RandLoraBasis(nnx.Variable):
+class RandLoraBasis(nnx.Variable[jax.Array]):
     """One shared random basis (``randlora_A`` or ``randlora_B``): float32, frozen, not an ``nnx.Param``."""
 
 
@@ -32,11 +33,11 @@ def trainable(path: tuple[Any, ...], value: Any) -> bool:
     return isinstance(value, nnx.Variable) and bool(value.get_metadata().get(TRAINABLE, False))
 
 
-def set_trainable(variable: nnx.Variable, flag: bool) -> None:
+def set_trainable(variable: nnx.Variable[Any], flag: bool) -> None:
     """Mark ``variable`` as trained (or not) by the active adapters."""
     variable.set_metadata(TRAINABLE, bool(flag))
 
 
-def is_trainable(variable: nnx.Variable) -> bool:
+def is_trainable(variable: nnx.Variable[Any]) -> bool:
     """Whether ``variable`` is marked as trained by the active adapters."""
     return bool(variable.get_metadata().get(TRAINABLE, False))

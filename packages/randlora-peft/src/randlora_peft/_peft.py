@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import logging
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
+    from peft.tuners.randlora.model import RandLoraModel as PeftRandLoraModel
 
 
 def import_peft() -> ModuleType:
@@ -27,14 +32,20 @@ def import_peft() -> ModuleType:
     return peft
 
 
-def peft_randlora_linear() -> type:
+def peft_randlora_linear() -> type[PeftRandLoraLinear]:
     """PEFT's RandLoRA layer class for ``nn.Linear`` and Conv1D bases (``peft.tuners.randlora.layer.Linear``)."""
-    return import_peft().tuners.randlora.layer.Linear
+    import_peft()
+    from peft.tuners.randlora.layer import Linear
+
+    return Linear
 
 
-def peft_randlora_model() -> type:
+def peft_randlora_model() -> type[PeftRandLoraModel]:
     """PEFT's RandLoRA tuner class (``peft.tuners.randlora.model.RandLoraModel``)."""
-    return import_peft().tuners.randlora.model.RandLoraModel
+    import_peft()
+    from peft.tuners.randlora.model import RandLoraModel
+
+    return RandLoraModel
 
 
 def peft_version() -> str:

@@ -18,13 +18,16 @@ left on PEFT's code path (with a warning).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from randlora_core.compute import COMPUTE_VALUES
 from randlora_peft._peft import import_peft, peft_randlora_linear
 from randlora_spec.errors import ConfigError, TargetModuleError
+
+if TYPE_CHECKING:
+    from randlora_peft._accelerated import AcceleratedRandLoraLinear
 
 
 def _accelerated() -> Any:
@@ -34,8 +37,15 @@ def _accelerated() -> Any:
     return _accelerated
 
 
-def _accelerated_cls() -> type:
-    return _accelerated().AcceleratedRandLoraLinear
+def _accelerated_cls() -> type[AcceleratedRandLoraLinear]:
+    from randlora_peft._accelerated import AcceleratedRandLoraLinear
+
+    return AcceleratedRandLoraLinear
+
+
+def _switch_class(module: nn.Module, cls: type[nn.Module]) -> None:
+    """Make ``module`` an instance of ``cls`` in place (PEFT's layer class or its accelerated subclass: one layout)."""
+    module.__class__ = cls
 
 
 def is_accelerated(module: nn.Module) -> bool:
@@ -76,7 +86,7 @@ def accelerate(peft_model: nn.Module, compute: str = "auto") -> nn.Module:
             setattr(module, attr, compute)
             found += 1
         elif type(module) is linear_cls:
-            module.__class__ = fast
+            _switch_class(module, fast)
             setattr(module, attr, compute)
             found += 1
         elif isinstance(module, layer_base):
@@ -97,6 +107,6 @@ def unaccelerate(peft_model: nn.Module) -> nn.Module:
     fast = _accelerated_cls()
     for module in peft_model.modules():
         if type(module) is fast:
-            module.__class__ = linear_cls
+            _switch_class(module, linear_cls)
             module.__dict__.pop(_accelerated().COMPUTE_ATTR, None)
     return peft_model

@@ -73,9 +73,10 @@ def model_from_config(location: Path, adapter_config: dict[str, Any]) -> nn.Modu
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+            model: nn.Module = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=False)
         except ValueError:
-            return transformers.AutoModel.from_config(config, trust_remote_code=False)
+            model = transformers.AutoModel.from_config(config, trust_remote_code=False)
+        return model
 
 
 def direction_of(args: argparse.Namespace) -> str:

@@ -35,13 +35,14 @@ from __future__ import annotations
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from randlora_core.testing import SingleLayer, tree_of
-from randlora_peft._peft import import_peft
+from randlora_peft._peft import import_peft, peft_randlora_linear
 from randlora_peft.accelerate import accelerate
 from randlora_peft.convert import write_peft_adapter
 from randlora_spec import checkpoint as spec_ckpt
@@ -49,6 +50,9 @@ from randlora_spec.driver import Unsupported
 from randlora_spec.geometry import LayerGeometry
 from randlora_spec.golden import GoldenCase
 from randlora_spec.layer_kinds import BASE_FEATURES
+
+if TYPE_CHECKING:
+    from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,7 +67,7 @@ def _make_layer(in_features: int, out_features: int, has_bias: bool, fan_in_fan_
 
         layer: nn.Module = Conv1D(out_features, in_features)
         if not has_bias:
-            nn.init.zeros_(layer.bias)
+            nn.init.zeros_(layer.get_parameter("bias"))
     else:
         layer = nn.Linear(in_features, out_features, bias=has_bias)
     return layer.to(dtype)
@@ -75,7 +79,8 @@ def _t(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 def _np(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
-    return (t.to(torch.float32) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().copy()
+    values: np.ndarray = (t.to(torch.float32) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().copy()
+    return values
 
 
 class PeftDriver:
@@ -130,7 +135,7 @@ class PeftDriver:
 
     # -- layer cases ----------------------------------------------------------------------------
 
-    def _layer_model(self, case: GoldenCase) -> tuple[nn.Module, nn.Module]:
+    def _layer_model(self, case: GoldenCase) -> tuple[nn.Module, PeftRandLoraLinear]:
         """``(peft_model, peft_layer)`` for a layer case, accelerated, with the case's tensors injected."""
         peft = import_peft()
         p, i = case.params, case.inputs
@@ -138,9 +143,9 @@ class PeftDriver:
         fan = bool(p["fan_in_fan_out"])
         layer = _make_layer(p["in_features"], p["out_features"], p["has_bias"], fan, dtype)
         with torch.no_grad():
-            layer.weight.copy_(_t(i["weight"], dtype))
+            layer.get_parameter("weight").copy_(_t(i["weight"], dtype))
             if p["has_bias"]:
-                layer.bias.copy_(_t(i["bias"], dtype))
+                layer.get_parameter("bias").copy_(_t(i["bias"], dtype))
         specs = p["adapters"]
         # PEFT sizes the shared bases by the first adapter and refuses a later one of larger rank.
         order = sorted(specs, key=lambda n: -int(specs[n]["r"]))
@@ -158,13 +163,16 @@ class PeftDriver:
             else:
                 model.add_adapter(name, cfg)
         assert model is not None
-        peft_layer = model.get_base_model().layer
+        peft_layer = model.get_base_model().get_submodule("layer")
+        assert isinstance(peft_layer, peft_randlora_linear())
         a_all, b_all = _t(i["randlora_A"], dtype), _t(i["randlora_B"], dtype)
+        bases_a, bases_b = peft_layer.randlora_A, peft_layer.randlora_B
+        assert bases_a is not None and bases_b is not None, "PEFT sets the bases when it adds an adapter"
         with torch.no_grad():
             for name, spec in specs.items():
                 r = int(spec["r"])
-                peft_layer.randlora_A[name] = a_all[:r].clone()
-                peft_layer.randlora_B[name] = b_all[:, :, :r].contiguous()
+                bases_a[name] = a_all[:r].clone()
+                bases_b[name] = b_all[:, :, :r].contiguous()
                 peft_layer.randlora_lambda[name].copy_(_t(i[f"{name}.lambda"], dtype))
                 peft_layer.randlora_gamma[name].copy_(_t(i[f"{name}.gamma"], dtype))
         model.base_model.set_adapter(list(p["active"]))
@@ -191,9 +199,9 @@ class PeftDriver:
         with torch.no_grad():
             out = {f"{name}.delta_weight": _np(layer.get_delta_weight(name)) for name in p["adapters"]}
             layer.merge(adapter_names=list(p["active"]))
-            out["merged_weight"] = _np(layer.get_base_layer().weight)
+            out["merged_weight"] = _np(layer.get_base_layer().get_parameter("weight"))
             layer.unmerge()
-            out["unmerged_weight"] = _np(layer.get_base_layer().weight)
+            out["unmerged_weight"] = _np(layer.get_base_layer().get_parameter("weight"))
         return out
 
     # -- checkpoint cases -----------------------------------------------------------------------
@@ -209,9 +217,9 @@ class PeftDriver:
                 rec.in_features, rec.out_features, bias is not None or path in ckpt.biases, rec.fan_in_fan_out, dtype
             )
             with torch.no_grad():
-                layer.weight.copy_(_t(case.inputs[f"{path}.weight"], dtype))
+                layer.get_parameter("weight").copy_(_t(case.inputs[f"{path}.weight"], dtype))
                 if bias is not None:
-                    layer.bias.copy_(_t(bias, dtype))
+                    layer.get_parameter("bias").copy_(_t(bias, dtype))
             layers[path] = layer
         root = tree_of(layers)
         with tempfile.TemporaryDirectory(prefix="randlora-peft-driver-") as tmp:

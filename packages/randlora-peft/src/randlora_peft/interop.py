@@ -105,6 +105,7 @@ def save_peft_adapter(
     ckpt = build_checkpoint(randlora_model, adapter_name)
     if ckpt.bases is None:  # write the values the model computes with, whatever produced them
         bases = randlora_model.randlora_bases
+        assert bases is not None, "build_checkpoint succeeded, so the model has bases"
         s = ckpt.bases_shape
         a = bases.randlora_A[: s.r, :, : s.m_max].detach().cpu().numpy().copy()
         b = bases.randlora_B[: s.M_max, : s.nb_max, : s.r].detach().cpu().numpy().copy()

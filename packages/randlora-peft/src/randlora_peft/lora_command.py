@@ -14,9 +14,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 COMMAND = "to-lora"
+ParserT = TypeVar("ParserT", bound=argparse.ArgumentParser)
+"""The CLI's parser class (its subparsers make parsers of the same class)."""
 
 
 def _rank(text: str) -> int | float:
@@ -30,7 +32,7 @@ def _rank(text: str) -> int | float:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
-def add_parser(sub: Any) -> argparse.ArgumentParser:
+def add_parser(sub: argparse._SubParsersAction[ParserT]) -> ParserT:
     """Register ``to-lora`` on the CLI's subparsers; returns its parser (the CLI adds ``--quiet``/``--json``)."""
     parser = sub.add_parser(
         COMMAND,

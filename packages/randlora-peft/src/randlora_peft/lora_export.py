@@ -25,7 +25,7 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.errors import CheckpointError, ConfigError
 from randlora_spec.geometry import LayerGeometry
 from randlora_spec.layer_kinds import BASE_FEATURES, check_features
+
+if TYPE_CHECKING:
+    from randlora_peft.convert import LayerShape
 
 LORA_CONFIG_FILE = "adapter_config.json"
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -197,7 +200,7 @@ def convert_to_lora(
 
 
 def read_adapter(
-    src: str | Path, model: nn.Module | None = None, layer_shapes: Mapping[str, tuple[int, ...]] | None = None
+    src: str | Path, model: nn.Module | None = None, layer_shapes: Mapping[str, LayerShape] | None = None
 ) -> spec_ckpt.AdapterCheckpoint:
     """A RandLoRA adapter from disk: a checkpoint file, a ``save_pretrained`` directory, or a PEFT RandLoRA directory.
 

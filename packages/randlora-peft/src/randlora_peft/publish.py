@@ -35,7 +35,8 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from randlora_spec.errors import CheckpointError
@@ -54,7 +55,7 @@ class _TargetExistsError(Exception):
     """The target exists and may not be replaced."""
 
 
-def _renameat2_function() -> object | None:
+def _renameat2_function() -> Callable[..., int] | None:
     try:
         return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
     except OSError:  # pragma: no cover - no C library to load (not Linux/glibc)
@@ -73,7 +74,7 @@ def renameat2(dir_fd: int, src: str, dst: str, flags: int) -> None:
     """
     if _RENAMEAT2 is None:
         raise _Renameat2UnsupportedError
-    if _RENAMEAT2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), flags) == 0:  # type: ignore[operator]
+    if _RENAMEAT2(dir_fd, os.fsencode(src), dir_fd, os.fsencode(dst), flags) == 0:
         return
     code = ctypes.get_errno()
     if code in _UNSUPPORTED:
@@ -206,6 +207,14 @@ def _put_in_place(dir_fd: int, tmp: str, name: str, overwrite: bool) -> str | No
         return _swap_without_renameat2(dir_fd, tmp, name, overwrite)
 
 
+def _remove_tree(parent: Path, dir_fd: int, name: str) -> None:
+    """Remove the tree ``name`` in ``parent`` (open as ``dir_fd``), ignoring errors; by path before Python 3.11."""
+    if sys.version_info >= (3, 11):
+        shutil.rmtree(name, dir_fd=dir_fd, ignore_errors=True)
+    else:  # shutil.rmtree has no dir_fd before Python 3.11
+        shutil.rmtree(parent / name, ignore_errors=True)
+
+
 def _fill(parent: Path, dir_fd: int, tmp: str, name: str, files: Mapping[str, bytes]) -> None:
     """Write ``files`` into the new directory ``tmp``, with the old version's modes and other entries."""
     old_fd = None
@@ -260,12 +269,12 @@ def publish_directory(files: Mapping[str, bytes], target: str | Path, overwrite:
                 old = _put_in_place(dir_fd, tmp, path.name, overwrite)
                 os.fsync(dir_fd)
             except BaseException as exc:
-                shutil.rmtree(tmp, dir_fd=dir_fd, ignore_errors=True)
+                _remove_tree(path.absolute().parent, dir_fd, tmp)
                 if isinstance(exc, _TargetExistsError):
                     raise _exists_error(given) from None
                 raise
             if old is not None:
-                shutil.rmtree(old, dir_fd=dir_fd, ignore_errors=True)
+                _remove_tree(path.absolute().parent, dir_fd, old)
         finally:
             os.close(dir_fd)
     return given

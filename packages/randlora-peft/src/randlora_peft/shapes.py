@@ -53,7 +53,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The module whose submodule paths PEFT keys use: a PeftModel's or RandLoraModel's base model, else ``model``."""
     peft = import_peft()
     if isinstance(model, peft.PeftModel):
-        return model.get_base_model()
+        base: nn.Module = model.get_base_model()
+        return base
     from randlora_core import RandLoraModel
 
     if isinstance(model, RandLoraModel):
@@ -77,9 +78,10 @@ def layer_records_from_model(model: nn.Module, paths: Iterable[str]) -> dict[str
             module = root.get_submodule(path)
         except AttributeError:
             raise CheckpointError(f"the model has no module {path!r}, which the adapter adapts") from None
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        get_base_layer = getattr(module, "get_base_layer", None)
+        base: nn.Module = get_base_layer() if get_base_layer is not None else module
         if is_conv1d_like(base):
-            in_f, out_f = base.weight.shape
+            in_f, out_f = base.get_parameter("weight").shape
             records[path] = LayerRecord(int(in_f), int(out_f), True)
         elif isinstance(base, nn.Linear):
             records[path] = LayerRecord(int(base.in_features), int(base.out_features), False)

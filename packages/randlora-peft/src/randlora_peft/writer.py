@@ -67,9 +67,9 @@ def _peft_window(ckpt: AdapterCheckpoint, want: BasesShape, source: str) -> tupl
     )
     kind = basis_kind(cfg.sparse, cfg.very_sparse)
     m_max = ckpt.bases_shape.m_max
-    a = generate_basis(cfg.projection_prng_key, TAG_A, want.a_shape, kind, m_max)
-    b = generate_basis(cfg.projection_prng_key, TAG_B, want.b_shape, kind, m_max)
-    return a.numpy(), b.numpy()
+    a_window = generate_basis(cfg.projection_prng_key, TAG_A, want.a_shape, kind, m_max)
+    b_window = generate_basis(cfg.projection_prng_key, TAG_B, want.b_shape, kind, m_max)
+    return a_window.numpy(), b_window.numpy()
 
 
 def _with_bookkeeping(ckpt: AdapterCheckpoint, peft_info: Mapping[str, Any] | None) -> RandLoraConfig:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from randlora_spec import checkpoint
-from randlora_spec.bases import basis_kind, generate_bases
+from randlora_spec.bases import BasisKind, basis_kind, generate_bases
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.geometry import LayerGeometry, allocation, bases_shape_for_layers
 from randlora_spec.golden import GoldenCase
@@ -51,7 +51,7 @@ class LayerSpec:
     x_shape: tuple[int, ...] = (5,)  # leading axes of x
     alloc_extra: tuple[int, int] = (0, 0)  # bases allocated for a larger model: extra (in, out)
     seed: int = 0
-    basis: str = "dense"
+    basis: BasisKind = "dense"
     notes: str = ""
     alphas: dict[str, float] = field(default_factory=dict)  # adapter name -> alpha (default 2 r)
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from randlora_spec import checkpoint
-from randlora_spec.bases import basis_kind, generate_bases
+from randlora_spec.bases import BasisKind, basis_kind, generate_bases
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.geometry import LayerGeometry, allocation, bases_shape_for_layers
 from randlora_spec.golden import GoldenCase
@@ -56,7 +56,7 @@ class KindSpec:
     has_bias: bool = True
     padding_idx: int | None = None
     seed: int = 0
-    basis: str = "dense"
+    basis: BasisKind = "dense"
     notes: str = ""
     alphas: dict[str, float] = field(default_factory=dict)
 
@@ -109,6 +109,7 @@ def _round(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 def _layer_input(spec: KindSpec, rng: np.random.Generator) -> tuple[np.ndarray, tuple[int, ...]]:
     """``(x, shape of y)`` of a random input (float64, or int64 indices for an embedding)."""
+    x: np.ndarray
     if spec.kind in CONV_KINDS:
         x = rng.standard_normal((*spec.x_shape, spec.in_channels, *spec.spatial))
         return x, (*spec.x_shape, spec.out_features, *spec.conv.out_spatial(spec.spatial))
