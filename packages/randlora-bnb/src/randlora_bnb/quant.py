@@ -1,19 +1,15 @@
 """Reading, rewriting and creating bitsandbytes quantized linear weights.
 
-Two layer families are handled, identified by their own types:
-
-- ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8()): the weight is an ``Int8Params``. Once quantized
-  its data is the int8 matrix ``CB`` (out, in) and the per-row scale ``SCB`` (the row's absmax,
-  float32) lives on the parameter until the first forward, then on the layer's ``state``. The
-  dense weight is ``CB * SCB / 127`` per row. With ``has_fp16_weights=True`` (or before the first
-  move to a device) the data is still a float tensor and is quantized on the fly by the matmul.
-- ``bitsandbytes.nn.Linear4bit`` (QLoRA; NF4 or FP4): the weight is a ``Params4bit`` holding packed
-  4-bit codes and a ``QuantState`` (blockwise absmax, optionally itself 8-bit quantized when
-  ``compress_statistics``, code table, blocksize, original dtype and shape).
-
-Re-quantizing uses the layer's own settings (quant type, blocksize, compress_statistics,
-quant_storage, original dtype for 4-bit; int8 row-wise for 8-bit) and replaces the *parameter*, never
-the module, so the module object a model holds (and ``merge_and_unload`` returns) stays the same.
+Two layer families, identified by their own types:
+- ``bitsandbytes.nn.Linear8bitLt`` (LLM.int8()): an ``Int8Params`` weight; quantized, its data is
+  the int8 ``CB`` (out, in) with the per-row absmax ``SCB`` (float32; on the parameter until the
+  first forward, then on the layer's ``state``): dense weight ``CB * SCB / 127``. With
+  ``has_fp16_weights=True`` (or before the first move to a device) the data is still float.
+- ``bitsandbytes.nn.Linear4bit`` (QLoRA; NF4 or FP4): a ``Params4bit`` of packed 4-bit codes and a
+  ``QuantState`` (blockwise absmax, 8-bit itself with ``compress_statistics``; code, blocksize,
+  original dtype and shape).
+Re-quantizing uses the layer's own settings and replaces the *parameter*, never the module, so
+the module a model holds (and ``merge_and_unload`` returns) stays the same object.
 """
 
 from __future__ import annotations
@@ -33,7 +29,6 @@ if TYPE_CHECKING:
 
 QUANT_TYPES = ("int8", "nf4", "fp4")
 """The quantization kinds this package supports, by the names the spec's tolerances use."""
-
 INT8_SCALE = 127.0
 """LLM.int8() maps each row's absmax to 127."""
 

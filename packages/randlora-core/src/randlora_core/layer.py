@@ -1,31 +1,23 @@
 """``RandLoraLinear``: a frozen ``nn.Linear`` or Conv1D-like layer plus RandLoRA adapters.
 
 The wrapper holds the base layer as ``base_layer``, and per adapter ``randlora_lambda[name]``
-(r, nb), ``randlora_gamma[name]`` (nb, m), a dropout module, ``r`` and ``scaling``. The shared bases
-are not owned here: the layer keeps a plain reference to the model's
-:class:`~randlora_core.bases.RandLoraBases` (not a submodule, so it is neither duplicated in
-``state_dict`` nor moved once per layer) and slices its windows on use.
+(r, nb), ``randlora_gamma[name]`` (nb, m), a dropout module, ``r`` and ``scaling``. It keeps a
+plain reference to the model's shared :class:`~randlora_core.bases.RandLoraBases` (not a
+submodule: neither duplicated in ``state_dict`` nor moved per layer) and slices windows on use.
 
-Dtypes (SPEC.md section 5): lambda and gamma are created in the base weight's dtype, except that
-float16/bfloat16 bases get float32 lambda/gamma unless ``autocast_adapter_dtype=False`` (PEFT's
-default, for stable training); the adapter is computed in their dtype, except on CPU where
-float16/bfloat16 adapter math runs in float32 (as PEFT). The output is cast to the input's dtype.
+Dtypes follow SPEC.md 5 (float32 lambda/gamma on half-precision bases unless
+``autocast_adapter_dtype=False``, as PEFT). Like PEFT's layers, the wrapper exposes its base
+layer's ``weight`` and ``bias`` (transformers code reads them: T5 reads ``self.wo.weight.dtype``).
 
-Like PEFT's layers, the wrapper exposes its base layer's ``weight`` and ``bias`` (transformers code
-reads them, e.g. T5's feed-forward reads ``self.wo.weight.dtype``).
+Other base layers (bitsandbytes) override the hooks ``_features``, ``_base_forward``,
+``_param_dtype``, ``_dense_weight``, ``_merge_delta``, ``_unmerge_delta``; other layer kinds (SPEC
+3.10: :mod:`randlora_core.conv`, :mod:`randlora_core.embedding`) also ``_check_input``,
+``_weight_view`` / ``_view_to_storage`` (the weight as ``(O, I)``), ``_apply_weight``,
+``_plain_adapted``, ``layer_record``. DoRA (SPEC 3.11) is :mod:`randlora_core.dora` on every kind.
 
-Subclasses for other base layers (e.g. bitsandbytes) override the small hooks
-``_features``, ``_base_forward``, ``_param_dtype``, ``_dense_weight``, ``_merge_delta`` and
-``_unmerge_delta``; other layer kinds (SPEC 3.10: :mod:`randlora_core.conv`,
-:mod:`randlora_core.embedding`) also ``_check_input``, ``_weight_view`` / ``_view_to_storage``
-(the weight seen as ``(O, I)``), ``_apply_weight``, ``_plain_adapted`` and ``layer_record``.
-DoRA adapters (``use_dora``, SPEC 3.11) keep a magnitude in ``randlora_magnitude`` and run
-through :mod:`randlora_core.dora` on every kind.
-
-Forward: the layer gathers its operands (the base call, and per active adapter its basis windows,
-lambda, gamma, scaling and dropout, via :meth:`RandLoraLinear.adapter_call`) and hands them to
-:func:`randlora_core.engine.layer_forward`, which plans the call (base matmul fused or the base
-layer's own call; factored, dense or hybrid path) and evaluates it as one autograd node.
+Forward: the layer gathers its operands (the base call; per active adapter its basis windows,
+lambda, gamma, scaling and dropout: :meth:`RandLoraLinear.adapter_call`) and hands them to
+:func:`randlora_core.engine.layer_forward`, which plans and evaluates the call as one autograd node.
 """
 
 from __future__ import annotations

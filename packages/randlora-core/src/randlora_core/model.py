@@ -1,14 +1,11 @@
 """``RandLoraModel``: injects RandLoRA layers into any ``nn.Module`` and manages adapters.
 
-One model holds one shared pair of bases (:class:`~randlora_core.bases.RandLoraBases`, registered
-once as ``randlora_bases``) sized for every adapter on it (SPEC 3.9; :mod:`randlora_core.planning`).
-
+One model holds one shared pair of bases (``randlora_bases``) sized for every adapter (SPEC 3.9).
 Every method validates completely before modifying anything, so a call that raises leaves the
 model as it was: adding an adapter is planned (:func:`~randlora_core.planning.plan_adapter`) and
-then committed in one step. Error catalogue of the model-level API: unknown adapter names raise
-:class:`AdapterNotFoundError`; incompatible or invalid configs :class:`ConfigError`; bad targets
-:class:`TargetModuleError`; merging an already-merged adapter, unmerging when nothing is merged,
-deleting or disabling while merged, and non-finite safe merges :class:`MergeError`.
+then committed in one step. Errors: unknown adapter names :class:`AdapterNotFoundError`; bad
+configs :class:`ConfigError`; bad targets :class:`TargetModuleError`; merge-state conflicts and
+non-finite safe merges :class:`MergeError` (all in ``docs/errors.md``).
 """
 
 from __future__ import annotations
@@ -52,11 +49,9 @@ class RandLoraModel(PeftApiMixin, nn.Module):
         config: the first adapter's config; ``None`` creates a wrapper without adapters.
         adapter_name: name of the first adapter.
         autocast_adapter_dtype: lambda/gamma of float16/bfloat16 layers are float32 (PEFT's default).
-        low_cpu_mem_usage: create the adapter's lambda/gamma empty on the meta device; load them
-            with :meth:`load_adapter` before use (PEFT's meaning).
+        low_cpu_mem_usage: lambda/gamma empty on the meta device until :meth:`load_adapter` (PEFT's meaning).
 
-    The PEFT model API (``save_pretrained``, ``from_pretrained``, ``load_adapter``, status, ...)
-    comes from :class:`~randlora_core.peft_api.PeftApiMixin`.
+    PEFT's model API (``save_pretrained``, ``from_pretrained``, status, ...) is :class:`~randlora_core.peft_api.PeftApiMixin`.
     """
 
     def __init__(
