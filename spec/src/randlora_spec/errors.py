@@ -7,6 +7,18 @@ error also derives from the builtin a Python user would expect (``ValueError`` f
 
 from __future__ import annotations
 
+__all__ = [
+    "AdapterNotFoundError",
+    "BasisRuleError",
+    "CheckpointError",
+    "ConfigError",
+    "DtypeError",
+    "MergeError",
+    "RandLoraError",
+    "ShapeError",
+    "TargetModuleError",
+]
+
 
 class RandLoraError(Exception):
     """Root of every exception raised on purpose by randlora packages."""

@@ -24,39 +24,21 @@ from randlora_core.modules_to_save import ModulesToSaveWrapper
 from randlora_core.registry import is_conv1d_like, register_layer_wrapper
 from randlora_core.state import build_checkpoint
 from randlora_core.status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
+from randlora_spec import errors as _errors
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import (
-    AdapterNotFoundError,
-    BasisRuleError,
-    CheckpointError,
-    ConfigError,
-    DtypeError,
-    MergeError,
-    RandLoraError,
-    ShapeError,
-    TargetModuleError,
-)
+from randlora_spec.errors import *  # noqa: F403 - every error class is re-exported
 
 __version__ = "1.0.0"
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
-    "AdapterNotFoundError",
-    "BasisRuleError",
-    "CheckpointError",
-    "ConfigError",
-    "DtypeError",
-    "MergeError",
     "ModulesToSaveWrapper",
     "RandLoraBases",
     "RandLoraConfig",
     "RandLoraConv",
     "RandLoraEmbedding",
-    "RandLoraError",
     "RandLoraLinear",
     "RandLoraModel",
-    "ShapeError",
-    "TargetModuleError",
     "TunerLayerStatus",
     "TunerModelStatus",
     "apply_checkpoint",
@@ -73,3 +55,4 @@ __all__ = [
     "save_adapter",
     "set_base_model_state_dict",
 ]
+__all__ += _errors.__all__

@@ -19,38 +19,20 @@ from randlora_jax.modules_to_save import ModulesToSaveWrapper
 from randlora_jax.shared import RandLoraBases
 from randlora_jax.state import build_checkpoint
 from randlora_jax.variables import RandLoraBasis, RandLoraParam, trainable
+from randlora_spec import errors as _errors
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.errors import (
-    AdapterNotFoundError,
-    BasisRuleError,
-    CheckpointError,
-    ConfigError,
-    DtypeError,
-    MergeError,
-    RandLoraError,
-    ShapeError,
-    TargetModuleError,
-)
+from randlora_spec.errors import *  # noqa: F403 - every error class is re-exported
 
 __version__ = "1.0.0"
 
 __all__ = [
-    "AdapterNotFoundError",
-    "BasisRuleError",
-    "CheckpointError",
-    "ConfigError",
-    "DtypeError",
-    "MergeError",
     "ModulesToSaveWrapper",
     "RandLoraBases",
     "RandLoraBasis",
     "RandLoraConfig",
-    "RandLoraError",
     "RandLoraLinear",
     "RandLoraModel",
     "RandLoraParam",
-    "ShapeError",
-    "TargetModuleError",
     "build_checkpoint",
     "generate_bases",
     "generate_basis",
@@ -59,3 +41,4 @@ __all__ = [
     "save_adapter",
     "trainable",
 ]
+__all__ += _errors.__all__
