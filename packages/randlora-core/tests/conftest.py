@@ -97,10 +97,22 @@ def np64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).cpu().numpy()
 
 
-@pytest.fixture
-def block() -> Block:
+def seeded_block() -> Block:
+    """A :class:`Block` with the weights of seed 0."""
     torch.manual_seed(0)
     return Block()
+
+
+def adapted_block(config: RandLoraConfig):
+    """A seed-0 :class:`Block` wrapped with ``config``, its adapters randomised (catalogue tests' subject)."""
+    model = get_randlora_model(seeded_block(), config)
+    randomize_adapters(model)
+    return model
+
+
+@pytest.fixture
+def block() -> Block:
+    return seeded_block()
 
 
 @pytest.fixture

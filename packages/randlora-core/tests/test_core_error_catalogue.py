@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import Block, randomize_adapters
+from conftest import Block, adapted_block, seeded_block
 from torch import nn
 
 from randlora_core import (
@@ -45,15 +45,10 @@ def cfg(**kw: object) -> RandLoraConfig:
 
 
 def fresh(**kw: object) -> RandLoraModel:
-    torch.manual_seed(0)
-    model = get_randlora_model(Block(), cfg(**kw))
-    randomize_adapters(model)
-    return model
+    return adapted_block(cfg(**kw))
 
 
-def plain() -> Block:
-    torch.manual_seed(0)
-    return Block()
+plain = seeded_block
 
 
 _BLOBS: dict[str, bytes] = {}

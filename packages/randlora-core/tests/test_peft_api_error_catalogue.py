@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import Block, TinyLM, randomize_adapters
+from conftest import Block, TinyLM, adapted_block, seeded_block
 from torch import nn
 
 from randlora_core import RandLoraConfig, RandLoraModel, get_randlora_model, load_adapter
@@ -30,15 +30,10 @@ def cfg(**kw: object) -> RandLoraConfig:
 
 
 def fresh(**kw: object) -> RandLoraModel:
-    torch.manual_seed(0)
-    model = get_randlora_model(Block(), cfg(**kw))
-    randomize_adapters(model)
-    return model
+    return adapted_block(cfg(**kw))
 
 
-def plain() -> Block:
-    torch.manual_seed(0)
-    return Block()
+plain = seeded_block
 
 
 class Typed(nn.Module):
