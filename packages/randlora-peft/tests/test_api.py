@@ -2,50 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 
 import pytest
 
 import randlora_peft
-from randlora_peft import (
-    _accelerated,
-    accelerate,
-    cli,
-    commands,
-    convert,
-    directory,
-    driver,
-    hints,
-    interop,
-    layout,
-    limits,
-    peft_bases,
-    publish,
-    reader,
-    shapes,
-    sidecar,
-    writer,
-)
 
+# Every module of the package, so that a new one is checked without being listed here.
 MODULES = [
     randlora_peft,
-    _accelerated,
-    accelerate,
-    cli,
-    commands,
-    convert,
-    directory,
-    driver,
-    hints,
-    interop,
-    layout,
-    limits,
-    peft_bases,
-    publish,
-    reader,
-    shapes,
-    sidecar,
-    writer,
+    *(
+        importlib.import_module(f"randlora_peft.{info.name}")
+        for info in pkgutil.iter_modules(randlora_peft.__path__)
+        if info.name != "__main__"
+    ),
 ]
 
 
