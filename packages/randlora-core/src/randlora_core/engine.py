@@ -279,7 +279,8 @@ class RandLoraFunction(torch.autograd.Function):
             delta = delta_sum(None, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases))
             y2 += times(x2, delta, plan.weight_in_out).to(y2.dtype)
         hs: list[torch.Tensor] = []
-        keep_h = not plan.dense_backward and not plan.in_le_out and any(ctx.needs_input_grad[5:])  # h feeds grad_S
+        # h (the sparse path: its gathered input when in <= out) feeds grad_S
+        keep_h = not plan.dense_backward and (bool(plan.sparse) or not plan.in_le_out) and any(ctx.needs_input_grad[5:])
         if not plan.dense_forward:
             for index, (group, s) in enumerate(zip(groups, bases, strict=True)):
                 xg = x2 if group.x is None else group.x.reshape(-1, n_in)
@@ -417,13 +418,15 @@ class _Backward:
         """:meth:`factored_group` on the nonzeros of a ternary window (:mod:`randlora_core.sparse`)."""
         window = self.plan.sparse[index]
         assert window is not None
-        h_t = self.hs[index] if self.hs else None
-        grad_in, grad_s = sparse.backward(self.g2, xg, window, group.adapters, self.plan.in_le_out, h_t, need_in)
+        saved = self.hs[index] if self.hs else None
+        wanted = self.wanted(group)
+        grad_in, grad_s = sparse.backward(self.g2, xg, window, group.adapters, self.plan.in_le_out, saved, (need_in, wanted))
         j = self._first_param(group)
         for lam, gamma, s in group.adapters:
-            self.grads[j], self.grads[j + 1] = sparse.parameter_grads(
-                window, grad_s, lam, gamma, s, (self.need[j], self.need[j + 1])
-            )
+            if grad_s is not None:
+                self.grads[j], self.grads[j + 1] = sparse.parameter_grads(
+                    window, grad_s, lam, gamma, s, (self.need[j], self.need[j + 1])
+                )
             j += 2
         if grad_in is None:
             return into
