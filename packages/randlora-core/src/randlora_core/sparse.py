@@ -175,9 +175,14 @@ def _spmm(csr: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
     return torch.addmm(out, csr, dense, beta=0, out=out)
 
 
+def _tokens_first(t: torch.Tensor) -> torch.Tensor:
+    """``t^T`` row-major: ``contiguous()`` transposes in cache blocks, where adding the strided view would not."""
+    return t.T.contiguous()
+
+
 def _scatter(win: SparseWindow, t: torch.Tensor) -> torch.Tensor:
-    """``t`` (r, L, N) added back to the columns of the nonzeros, as a (N, m) view: ``h @ S_flat`` given ``t = coef^T h^T``."""
-    return _spmm(win.pick, t.reshape(-1, t.shape[-1])).T
+    """``t`` (r, L, N) added back to the columns of the nonzeros, (N, m): ``h @ S_flat`` given ``t = coef^T h^T``."""
+    return _tokens_first(_spmm(win.pick, t.reshape(-1, t.shape[-1])))
 
 
 def forward_into(y2: torch.Tensor, x2: torch.Tensor, win: SparseWindow, adapters: Adapters, in_le_out: bool) -> torch.Tensor:
@@ -188,7 +193,7 @@ def forward_into(y2: torch.Tensor, x2: torch.Tensor, win: SparseWindow, adapters
     coef = _coef(win, adapters)
     if in_le_out:  # h = x S^T, y = h B^T
         xg = _gather(win, x2)
-        y2 += _spmm(win.b, torch.bmm(coef, xg).view(-1, xg.shape[-1])).T.to(y2.dtype)
+        y2 += _tokens_first(_spmm(win.b, torch.bmm(coef, xg).view(-1, xg.shape[-1]))).to(y2.dtype)
         return xg
     h_t = _spmm(win.bt, x2.T.contiguous())  # h = x B, y = h S
     y2 += _scatter(win, torch.bmm(coef.transpose(1, 2), h_t.view(coef.shape[0], win.nb, -1))).to(y2.dtype)
@@ -221,7 +226,7 @@ def backward(
     if need_s:
         h_t = saved if saved is not None else _spmm(win.bt, x2.T.contiguous())
         grad_s = torch.bmm(h_t.view(r, win.nb, -1), gg.transpose(1, 2))
-    grad_in = _spmm(win.b, torch.bmm(_coef(win, adapters), gg).view(-1, gg.shape[-1])).T if need_in else None
+    grad_in = _tokens_first(_spmm(win.b, torch.bmm(_coef(win, adapters), gg).view(-1, gg.shape[-1]))) if need_in else None
     return grad_in, grad_s
 
 
