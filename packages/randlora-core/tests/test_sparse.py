@@ -130,8 +130,8 @@ def test_sparse_kernels_match_plain_oracle(dtype: torch.dtype, in_f: int, out_f:
     with compute_override("sparse"):
         y = model(x)
     assert plans and all(p.sparse and all(w is not None for w in p.sparse) for p in plans)
-    inputs = ([x] if x.requires_grad else []) + ([*trainable.values()] if wanted != "input" else [])
-    actual = dict(zip(["x"] * x.requires_grad + [*trainable] * (wanted != "input"), torch.autograd.grad(y, inputs, grad_y)))
+    inputs = ({"x": x} if x.requires_grad else {}) | (trainable if wanted != "input" else {})
+    actual = dict(zip(inputs, torch.autograd.grad(y, list(inputs.values()), grad_y), strict=True))
     expected = _oracle(model, x, grad_y)
     name = str(dtype).removeprefix("torch.")
     for key, value in {"y": y.detach(), **actual}.items():
