@@ -129,19 +129,25 @@ def _spmm(p: CostProfile, nnz: int, columns: int) -> float:
 
 
 def _sparse_cost(
-    p: CostProfile, n: int, nnz: tuple[tuple[int, int], ...], item: int, grad_x: bool, grad_params: bool, in_le_out: bool
+    p: CostProfile, n: int, nnz: tuple[tuple[int, int], ...], item: int, grad_x: bool, grad_params: bool, io: tuple[int, int]
 ) -> float:
-    """The factored path on the nonzeros (:mod:`randlora_core.sparse`).
+    """The factored path on the nonzeros (:mod:`randlora_core.sparse`), ``io`` = (in, out).
 
-    Per group: two CSR products each way, the sampled product for dL/dS and the value gathers.
+    Per group and direction: one CSR product with ``b_flat``, ``S_flat``'s product as a batched
+    matmul over its blocks (thin: counted at half the GEMM rate), and the input's and the result's
+    transposes to and from the token-major layout; backward adds dL/dS (one more batched matmul).
     """
+    i, o = io
     total = 0.0
     for nnz_b, nnz_s in nnz:
-        total += _spmm(p, nnz_s, n) + _spmm(p, nnz_b, n) + _pass(p, nnz_s, item, 4)
-        if grad_x or grad_params:
-            total += _spmm(p, nnz_b, n) if (in_le_out or grad_x) else 0.0
-            total += _spmm(p, nnz_s, n) if grad_x else 0.0
-            total += (_spmm(p, nnz_s, n) + _pass(p, nnz_s, item, 6)) if grad_params else 0.0
+        blocks = 4.0 * nnz_s * n / p.gemm_flops + 4 * p.op_seconds
+        turns = _pass(p, n * (i + o), item, 4)
+        total += _spmm(p, nnz_b, n) + blocks + turns
+        if grad_x:
+            total += _spmm(p, nnz_b, n) + blocks + turns
+        elif grad_params:
+            total += _spmm(p, nnz_b, n) + _pass(p, n * o, item, 2) if i <= o else _pass(p, n * o, item, 2)
+        total += blocks if grad_params else 0.0
     return total
 
 
@@ -217,7 +223,7 @@ def path_costs(
         "hybrid": dense_fwd + fact_bwd + recompute_h,
     }
     if sparse_nnz is not None:
-        costs["sparse"] = _sparse_cost(p, n, sparse_nnz, item, grad_x, grad_params, i <= o)
+        costs["sparse"] = _sparse_cost(p, n, sparse_nnz, item, grad_x, grad_params, (i, o))
     return costs
 
 
