@@ -24,6 +24,40 @@ def combined_scaled_basis(a_s: torch.Tensor, adapters: list[tuple[torch.Tensor, 
     return total.reshape(-1, a_s.shape[1])
 
 
+def activation_into(
+    y2: torch.Tensor,
+    x2: torch.Tensor,
+    a_s: torch.Tensor,
+    b_flat: torch.Tensor,
+    adapters: list[tuple[torch.Tensor, torch.Tensor, float]],
+    in_le_out: bool,
+) -> None:
+    """``y2 += sum_a s_a * x2 @ delta_W_a^T`` without forming ``S_flat`` (the ``activation`` path, no autograd).
+
+    ``S_flat[k*nb + b, j] = lambda[k, b] a_s[k, j] gamma[b, j]`` is applied to the activations: with
+    ``z[t, b, k] = sum_j x2[t, j] gamma[b, j] a_s[k, j]`` (one (N*nb, m) x (m, r) product), ``x2 @ S^T``
+    is ``z * lambda^T`` read in (k, b) order; for ``I > O`` the mirror, ``h = x2 @ b_flat`` times lambda,
+    then ``@ a_s`` and a gamma-weighted sum over ``b``. The (N, nb, m) intermediate makes it a path
+    for few tokens (:mod:`randlora_core.compute`).
+    """
+    n, (r, m) = x2.shape[0], a_s.shape
+    nb = b_flat.shape[1] // r
+    if in_le_out:
+        h: torch.Tensor | None = None
+        for lam, gamma, s in adapters:
+            z = torch.mm((x2[:, None, :] * gamma).view(n * nb, m), a_s.T).view(n, nb, r)
+            term = z.mul_((lam * s).T)
+            h = term if h is None else h.add_(term)
+        assert h is not None
+        y2.addmm_(h.transpose(1, 2).reshape(n, r * nb).to(y2.dtype), b_flat.T.to(y2.dtype))
+        return
+    hb = (x2 @ b_flat).view(n, r, nb)
+    for lam, gamma, s in adapters:
+        u = (hb * (lam * s)).transpose(1, 2).reshape(n * nb, r)
+        z = torch.mm(u, a_s).view(n, nb, m).mul_(gamma)
+        y2.add_(z.sum(1).to(y2.dtype))
+
+
 def basis_grads(
     grad_s: torch.Tensor,
     a_s: torch.Tensor,
