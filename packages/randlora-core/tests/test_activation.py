@@ -31,6 +31,10 @@ def window(in_f: int, out_f: int, r: int, dtype: torch.dtype, seed: int = 0) -> 
     return torch.from_numpy(a[:r, 0, :m]).to(dtype), torch.from_numpy(b[:big_m, :nb, :r].reshape(big_m, nb * r)).to(dtype), nb
 
 
+def close_enough(actual: torch.Tensor, expected: torch.Tensor, dtype: str = "float32") -> bool:
+    return check_close(np64(actual), np64(expected), dtype)[0]
+
+
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: str) -> bool:
     ok, err, bound = check_close(np64(actual), np64(expected), dtype)
     assert ok, (err, bound)
@@ -135,7 +139,7 @@ def test_bfloat16_on_cpu_computes_in_float32(monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.parametrize("in_f", [512, 768])
 def test_inference_cache_holds_no_bases_for_decode(in_f: int) -> None:
     """Scaled-bases cache: one token needs no entry (activation path); a prefill fills and reuses one."""
-    model, _ = decode_model(in_f, 1280 - in_f, r=16)
+    model, layer = decode_model(in_f, 1280 - in_f, r=16)
     with torch.no_grad():
         expected_one, expected_many = model(torch.ones(1, in_f)), model(torch.ones(512, in_f))
         cache = model.enable_inference_cache(weights=False)
@@ -144,6 +148,12 @@ def test_inference_cache_holds_no_bases_for_decode(in_f: int) -> None:
         many, again = model(torch.ones(512, in_f)), model(torch.ones(512, in_f))
     assert cache.nbytes > 0 and cache.misses == 1 and cache.hits == 1
     assert close(one, expected_one, "float32") and close(many, expected_many, "float32") and torch.equal(many, again)
+    with torch.no_grad():
+        layer.randlora_lambda["default"].mul_(-2.0)  # as an optimizer step: the prefill entry goes stale
+        one, many = model(torch.ones(1, in_f)), model(torch.ones(512, in_f))
+        model.disable_inference_cache()
+        assert close(one, model(torch.ones(1, in_f)), "float32") and close(many, model(torch.ones(512, in_f)), "float32")
+    assert not close_enough(many, expected_many)
 
 
 def test_cost_model_offers_activation_for_few_tokens_without_gradients() -> None:
