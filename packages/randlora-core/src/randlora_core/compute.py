@@ -21,12 +21,13 @@ A fourth, internal and forward-only choice, ``activation``, serves calls that ne
 all with few tokens (decode). Both paths above read ``S_flat`` (r*nb, m ~ m x m), built from
 lambda/gamma per call or held by the inference cache; ``activation`` never forms it but applies
 ``S_flat[k*nb + b, j] = lambda[k, b] * a_s[k, j] * gamma[b, j]`` to the activations
-(:func:`~randlora_core.kernels.activation_into`): for ``I <= O`` ``(x * gamma_b) @ a_s^T`` for all
-``b`` at once ((N*nb, m) x (m, r)), times lambda, then ``@ B_flat^T``; for ``I > O`` ``h = x @ B_flat``,
-times lambda, ``@ a_s`` ((N*nb, r) x (r, m)), weighed by gamma and summed over ``b``. A call then
-reads ``W``, ``B_flat`` and an ``(N, nb, m)`` intermediate: about twice the base's bytes for a single
-token, but the intermediate grows with ``N``, so :func:`path_costs` lets it win up to about ``N = r``
-(less when the inference cache holds ``S_flat``, ``bases_cached``).
+(:func:`~randlora_core.kernels.activation_into`): for ``I <= O`` ``(x * a_s_k) @ gamma^T`` for all
+``k`` at once ((N*r, m) x (m, nb); ``a_s`` and ``gamma`` trade places when ``nb < r``), times
+lambda, then ``@ B_flat^T``; for ``I > O`` ``h = x @ B_flat``, times lambda, ``@ gamma``, weighed by
+``a_s`` and summed over ``k``. A call then reads ``W``, ``B_flat`` and an ``(N, min(r, nb), m)``
+intermediate: about twice the base's bytes for a single token, but the intermediate grows with
+``N``, so :func:`path_costs` lets it win up to some ``N`` near ``r`` (fewer when the inference
+cache holds ``S_flat``, ``bases_cached``).
 
 :func:`path_costs` turns those flop counts into seconds with a :class:`CostProfile` (GEMM
 throughput with a per-dimension efficiency ramp, memory bandwidth for the elementwise passes and a
@@ -199,14 +200,14 @@ class CallShape:
 
 
 def _activation_cost(p: CostProfile, call: CallShape, item: int) -> float:
-    """The ``activation`` path: per adapter ``(N, nb, m)`` elementwise work and thin matmuls, no ``S``."""
+    """The ``activation`` path: per adapter ``(N, min(r, nb), m)`` elementwise work and thin matmuls, no ``S``."""
     n, i, o = call.tokens, call.in_features, call.out_features
     m, big_m = min(i, o), max(i, o)
     total = 0.0
     for k, r in zip(call.ks, call.ranks, strict=True):
-        nb = k // r
-        mixed = n * nb * m  # x times gamma (I <= O), or the rows before gamma weighs and sums them (I > O)
-        total += _gemm(p, n, k, big_m) + _gemm(p, n * nb, m, r) + _pass(p, n * k, item, 3)
+        small, large = sorted((r, k // r))
+        mixed = n * small * m  # x scaled by the smaller factor (I <= O), or the rows it weighs and sums (I > O)
+        total += _gemm(p, n, k, big_m) + _gemm(p, n * small, m, large) + _pass(p, n * k, item, 3)
         total += _pass(p, mixed, item, 2) if i <= o else _pass(p, mixed, item, 3)
     return total
 
