@@ -188,3 +188,19 @@ def test_compiled_decode_has_no_graph_break(monkeypatch: pytest.MonkeyPatch) -> 
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
     assert close(compiled, eager, "float32")
+
+
+def test_cached_bases_are_counted_only_without_gradients() -> None:
+    """The cost model is told the scaled bases are cached only where the cache serves the call."""
+    from randlora_core.compute import describe_call
+    from randlora_core.inference_cache import InferenceCache
+    from randlora_core.operands import AdapterCall, BaseCall
+
+    a_s, b_flat, nb = window(16, 24, 4, torch.float32)
+    x = torch.randn(2, 16)
+    adapter = AdapterCall(a_s, b_flat, torch.ones(4, nb), torch.ones(nb, 16), 1.0, window=4, key="k")
+    for weights, expected in ((False, True), (True, False)):
+        base = BaseCall(forward=lambda: x, cache=InferenceCache(weights=weights))
+        with torch.no_grad():
+            assert describe_call(x, base, [[adapter]], 16, 24, False, None).bases_cached is expected
+        assert not describe_call(x, base, [[adapter]], 16, 24, False, None).bases_cached  # training: rebuilt
