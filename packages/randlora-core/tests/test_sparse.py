@@ -8,7 +8,7 @@ from conftest import randomize_adapters
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.compute import choose_path, compute_override
+from randlora_core.compute import CallShape, choose_path, compute_override
 from randlora_core.engine import Plan, RandLoraFunction
 
 KINDS = {"sparse": {"sparse": True}, "very_sparse": {"very_sparse": True}}
@@ -84,6 +84,6 @@ def test_cost_model_takes_sparse_for_very_sparse_bases_only() -> None:
     k = d  # r * nb
     density = 1 / d**0.5
     very = (int(density * d * k), int(density * r * d) * (d // r))
-    assert choose_path(tokens, d, d, [k], sparse_nnz=(very,)) == "sparse"
+    assert choose_path(CallShape(tokens, d, d, (k,), sparse_nnz=(very,))) == "sparse"
     third = (int(d * k / 3), int(r * d / 3) * (d // r))
-    assert choose_path(tokens, d, d, [k], sparse_nnz=(third,)) != "sparse"
+    assert choose_path(CallShape(tokens, d, d, (k,), sparse_nnz=(third,))) != "sparse"
