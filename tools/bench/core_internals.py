@@ -33,10 +33,10 @@ def chosen_paths(case: Case) -> str:
 
 def model_pick(tokens: int, in_f: int, out_f: int, r: int, candidates: Sequence[str]) -> str:
     """The path of ``candidates`` core's cost model rates cheapest for one layer (ties go to ``factored``)."""
-    from randlora_core.compute import path_costs
+    from randlora_core.compute import CallShape, path_costs
 
     nb = -(-min(in_f, out_f) // r)
-    costs = path_costs(tokens, in_f, out_f, [r * nb])
+    costs = path_costs(CallShape(tokens, in_f, out_f, (r * nb,)))
     return min((p for p in costs if p in candidates), key=lambda k: (costs[k], k != "factored"))
 
 

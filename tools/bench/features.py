@@ -6,8 +6,9 @@
 - **sparse bases**: a training step of a square layer stack with very_sparse, sparse (s = 3) and
   dense bases (``auto``), against the frozen floor;
 - **decode and prefill**: a Llama-style block (q, k, v, o, gate, up, down) without gradients: the
-  base model, merged, unmerged, unmerged with the inference cache (scaled bases only, and
-  ``W + delta_W``), PEFT's RandLoRA and PEFT's LoRA (when peft is installed);
+  base model, merged, unmerged (``auto``: the activation path for decode), unmerged with the
+  inference cache (scaled bases only, and ``W + delta_W``), PEFT's RandLoRA and PEFT's LoRA (when
+  peft is installed);
 - **mixed-adapter batch**: 4 adapters over 64 samples in one call, against 4 single-adapter calls;
 - **torch.compile**: an eager against an inductor-compiled training step (the compile itself
   reported apart);

@@ -42,7 +42,9 @@ def _decode(data: dict[str, Any]) -> list[str]:
         "",
         "Targets: unmerged decode (batch 1) <= 1.3x the base with the inference cache holding W + delta_W, <= 2x with it"
         f" holding the scaled bases only. The caches hold {mib['cache W+dW']:.1f} MiB (W + delta_W) and"
-        f" {mib['cache scaled bases']:.1f} MiB (scaled bases) for this block.",
+        f" {mib['cache scaled bases']:.1f} MiB (scaled bases) for this block after one decode call: a call of few"
+        " tokens without gradients takes the activation path (lambda, gamma and the bases applied to the activations,"
+        " no scaled bases formed or cached), so unmerged decode needs no cache; prefill fills the scaled-bases one.",
         "",
         "| shape | " + " | ".join(f"{n} ms (x base)" for n in names) + " |",
         "|---|" + "---:|" * len(names),

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
+from randlora_core.engine import Plan, RandLoraFunction
 from randlora_core.testing import Conv1DLike, SingleLayer
 
 
@@ -119,3 +120,16 @@ def block() -> Block:
 def tiny_lm() -> TinyLM:
     torch.manual_seed(0)
     return TinyLM()
+
+
+def spy_plans(monkeypatch: pytest.MonkeyPatch) -> list[Plan]:
+    """Records the :class:`Plan` of every engine call from now on (the plans a test asserts about)."""
+    plans: list[Plan] = []
+    original = RandLoraFunction.apply
+
+    def apply(plan: Plan, *args: object) -> torch.Tensor:
+        plans.append(plan)
+        return original(plan, *args)
+
+    monkeypatch.setattr(RandLoraFunction, "apply", apply)
+    return plans

@@ -669,6 +669,13 @@ def _load_bad_name(tmp: Path):
     return model, lambda: load_adapter(model, path, "")
 
 
+@row("ERR-122")
+def _load_misspelt_option(tmp: Path):
+    path = write(tmp, valid_blob())
+    model = plain()
+    return model, lambda: load_adapter(model, path, is_trainble=False)
+
+
 @pytest.mark.parametrize("row_id", sorted(ROWS))
 def test_catalogue_row(row_id: str, tmp_path: Path) -> None:
     model, call = ROWS[row_id](tmp_path)

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import adapted, np64
+from conftest import adapted, np64, spy_plans
 from torch import nn
 
 from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.compute import choose_compute, choose_path, compute_override, path_costs
+from randlora_core.compute import CallShape, choose_compute, choose_path, compute_override, path_costs
 from randlora_core.engine import GroupPlan, Plan, RandLoraFunction
 from randlora_core.plain import adapter_output
 from randlora_core.testing import SingleLayer
@@ -148,18 +148,6 @@ def test_dense_saves_no_out_by_in_matrix(in_f: int, out_f: int) -> None:
 
 
 # -- through the layer and the model ------------------------------------------------------------
-
-
-def spy_plans(monkeypatch: pytest.MonkeyPatch) -> list[Plan]:
-    plans: list[Plan] = []
-    original = RandLoraFunction.apply
-
-    def apply(plan, *args):
-        plans.append(plan)
-        return original(plan, *args)
-
-    monkeypatch.setattr(RandLoraFunction, "apply", apply)
-    return plans
 
 
 @pytest.mark.parametrize("compute", ["factored", "dense"])
@@ -315,8 +303,8 @@ def test_cost_model_crossover() -> None:
         picks = [choose_compute(n, d, d, 32) for n in (d // 8, d // 4, d // 2, d, 2 * d, 4 * d, 8 * d)]
         first_dense = picks.index("dense")
         assert all(p != "factored" for p in picks[first_dense:])  # monotone in tokens
-        train = path_costs(d, d, d, [d])
-        infer = path_costs(d // 2 + d // 8, d, d, [d], grad_x=False, grad_params=False)
+        train = path_costs(CallShape(d, d, d, (d,)))
+        infer = path_costs(CallShape(d // 2 + d // 8, d, d, (d,), grad_x=False, grad_params=False))
         assert train["dense"] < train["factored"] and infer["dense"] < infer["factored"]
     # two groups of adapters double the delta-W work of dense but also the factored matmuls
-    assert choose_path(2048, 1024, 1024, [1024, 1024]) == choose_path(2048, 1024, 1024, [1024])
+    assert choose_path(CallShape(2048, 1024, 1024, (1024, 1024))) == choose_path(CallShape(2048, 1024, 1024, (1024,)))

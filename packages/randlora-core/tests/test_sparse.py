@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional
 
 from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.compute import choose_path, compute_override
+from randlora_core.compute import CallShape, choose_path, compute_override
 from randlora_core.engine import Plan, RandLoraFunction
 from randlora_core.plain import adapter_output, scaled_basis
 from randlora_core.sparse import backward, forward_into, parameter_grads, window_structure
@@ -88,9 +88,9 @@ def test_cost_model_takes_sparse_for_very_sparse_bases_only() -> None:
     k = d  # r * nb
     density = 1 / d**0.5
     very = (int(density * d * k), int(density * r * d) * (d // r))
-    assert choose_path(tokens, d, d, [k], sparse_nnz=(very,)) == "sparse"
+    assert choose_path(CallShape(tokens, d, d, (k,), sparse_nnz=(very,))) == "sparse"
     third = (int(d * k / 3), int(r * d / 3) * (d // r))
-    assert choose_path(tokens, d, d, [k], sparse_nnz=(third,)) != "sparse"
+    assert choose_path(CallShape(tokens, d, d, (k,), sparse_nnz=(third,))) != "sparse"
 
 
 def _oracle(model: nn.Module, x: torch.Tensor, grad_y: torch.Tensor) -> dict[str, torch.Tensor]:

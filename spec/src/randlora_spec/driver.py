@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 import numpy as np
 
@@ -23,6 +23,8 @@ from randlora_spec.reference_dora import ViewAdapter, stored_of, view_of
 from randlora_spec.reference_inputs import ConvGeometry, ConvInput, EmbeddingInput, LinearInput
 
 ENTRY_POINT_GROUP = "randlora.conformance"
+
+_D = TypeVar("_D")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,24 @@ def discover_drivers(names: set[str] | None = None, distributions: set[str] | No
         if (names is None or ep.name in names) and (distributions is None or dist in distributions):
             drivers.append(ep.load()())
     return drivers
+
+
+def variant(base: type[_D], name: str, doc: str, **settings: object) -> type[_D]:
+    """A subclass of the driver class ``base`` registered as ``name``, differing only in class attributes.
+
+    One implementation often runs the golden cases several ways (a forced evaluation path, a
+    quantization type); each way is a driver of its own, so the summary reports it. The class is
+    named after ``name`` (``core-dense`` -> ``CoreDenseDriver``) and lives in ``base``'s module.
+    """
+    title = "".join(part.capitalize() for part in name.split("-")) + "Driver"
+    attrs = {"name": name, "__doc__": doc, "__module__": base.__module__, "__qualname__": title, **settings}
+    return cast("type[_D]", type(title, (base,), attrs))
+
+
+def unsupported_features(case: GoldenCase, supported: frozenset[str], why: str) -> Unsupported | None:
+    """:class:`Unsupported` naming the features ``case`` needs beyond ``supported`` (and ``why``), else ``None``."""
+    beyond = sorted(case.features - supported)
+    return Unsupported(f"the case needs {beyond}: {why}") if beyond else None
 
 
 class ReferenceDriver:

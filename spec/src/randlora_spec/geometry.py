@@ -38,6 +38,7 @@ def num_bases(m: int, r: int) -> int:
     return -(-m // r)
 
 
+@dataclass(frozen=True)
 class Sides:
     """A layer's two sides, ``in_features`` and ``out_features``, and the spec's names for them (SPEC 3.1)."""
 
@@ -59,8 +60,6 @@ class Sides:
 class LayerGeometry(Sides):
     """Sizes derived from a layer's (in_features, out_features) and the adapter rank r (SPEC 3.1)."""
 
-    in_features: int
-    out_features: int
     r: int
 
     @property

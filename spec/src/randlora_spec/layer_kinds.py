@@ -56,8 +56,6 @@ class LayerRecord(Sides):
     every embedding table). Conv records also hold the ``kernel_size`` and ``groups`` of the kernel.
     """
 
-    in_features: int
-    out_features: int
     fan_in_fan_out: bool = False
     kind: str = LINEAR
     kernel_size: tuple[int, ...] = ()

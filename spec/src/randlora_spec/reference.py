@@ -12,8 +12,8 @@ between CPUs; this does not, so the golden fixtures are byte-identical on every 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -101,7 +101,11 @@ def _weight_out_in(weight: np.ndarray, fan_in_fan_out: bool) -> np.ndarray:
     return w.T if fan_in_fan_out else w
 
 
-def _active(adapters: Mapping[str, Adapter], active: Sequence[str]) -> list[Adapter]:
+Adapters = Mapping[str, Adapter]
+"""Adapters of one layer by name."""
+
+
+def _active(adapters: Adapters, active: Sequence[str]) -> list[Adapter]:
     missing = [name for name in active if name not in adapters]
     if missing:
         raise AdapterNotFoundError(f"active adapters {missing} are not among {sorted(adapters)}")
@@ -109,27 +113,17 @@ def _active(adapters: Mapping[str, Adapter], active: Sequence[str]) -> list[Adap
 
 
 def effective_weight(
-    weight: np.ndarray,
-    adapters: Mapping[str, Adapter],
-    active: Sequence[str],
-    a: np.ndarray,
-    b: np.ndarray,
-    fan_in_fan_out: bool = False,
+    weight: np.ndarray, adapters: Adapters, active: Sequence[str], a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool = False
 ) -> np.ndarray:
-    """W + sum of active delta-W, in (out, in) orientation, float64."""
-    w = _weight_out_in(weight, fan_in_fan_out)
-    geom_args = (w.shape[1], w.shape[0])
-    total: np.ndarray = w.copy()
-    for adapter in _active(adapters, active):
-        total += delta_weight(LayerGeometry(*geom_args, adapter.r), adapter, a, b)
-    return total
+    """W + sum of active adapters' delta-W, in (out, in) layout."""
+    return _weight_out_in(merge(weight, adapters, active, a, b, fan_in_fan_out), fan_in_fan_out)
 
 
 def forward(
     x: np.ndarray,
     weight: np.ndarray,
     bias: np.ndarray | None,
-    adapters: Mapping[str, Adapter],
+    adapters: Adapters,
     active: Sequence[str],
     a: np.ndarray,
     b: np.ndarray,
@@ -153,7 +147,7 @@ def backward(
     x: np.ndarray,
     grad_y: np.ndarray,
     weight: np.ndarray,
-    adapters: Mapping[str, Adapter],
+    adapters: Adapters,
     active: Sequence[str],
     a: np.ndarray,
     b: np.ndarray,
@@ -196,42 +190,26 @@ def adapter_grads(
 
 
 def merge(
-    weight: np.ndarray,
-    adapters: Mapping[str, Adapter],
-    names: Sequence[str],
-    a: np.ndarray,
-    b: np.ndarray,
-    fan_in_fan_out: bool = False,
+    weight: np.ndarray, adapters: Adapters, names: Sequence[str], a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool = False
 ) -> np.ndarray:
-    """Weight (in its storage layout) with the named adapters' delta-W added (SPEC 3.7)."""
+    """Weight (in its storage layout) with the named adapters' delta-W added, in order (SPEC 3.7)."""
     w: np.ndarray = np.asarray(weight, np.float64).copy()
-    for delta in _deltas(w.shape, _active(adapters, names), a, b, fan_in_fan_out):
-        w += delta
+    in_f, out_f = (w.shape[0], w.shape[1]) if fan_in_fan_out else (w.shape[1], w.shape[0])
+    for adapter in _active(adapters, names):
+        w += delta_weight(LayerGeometry(in_f, out_f, adapter.r), adapter, a, b, fan_in_fan_out)
     return w
 
 
 def unmerge(
-    weight: np.ndarray,
-    adapters: Mapping[str, Adapter],
-    names: Sequence[str],
-    a: np.ndarray,
-    b: np.ndarray,
-    fan_in_fan_out: bool = False,
+    weight: np.ndarray, adapters: Adapters, names: Sequence[str], a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool = False
 ) -> np.ndarray:
-    """Inverse of :func:`merge`: subtracts the named adapters' delta-W, in reverse order."""
-    w: np.ndarray = np.asarray(weight, np.float64).copy()
-    for delta in _deltas(w.shape, list(reversed(_active(adapters, names))), a, b, fan_in_fan_out):
-        w -= delta
-    return w
+    """Inverse of :func:`merge`: subtracts the named adapters' delta-W, in reverse order.
 
-
-def _deltas(
-    shape: tuple[int, ...], chosen: list[Adapter], a: np.ndarray, b: np.ndarray, fan_in_fan_out: bool
-) -> Iterator[np.ndarray]:
-    """Each chosen adapter's delta-W in the storage layout of a weight of ``shape``, in order."""
-    in_f, out_f = (shape[0], shape[1]) if fan_in_fan_out else (shape[1], shape[0])
-    for adapter in chosen:
-        yield delta_weight(LayerGeometry(in_f, out_f, adapter.r), adapter, a, b, fan_in_fan_out)
+    Subtracting ``d`` is adding ``-d`` exactly, and negating lambda negates delta-W exactly, so this
+    is :func:`merge` of the negated adapters taken last to first.
+    """
+    negated = {name: replace(adapter, lam=-np.asarray(adapter.lam, np.float64)) for name, adapter in adapters.items()}
+    return merge(weight, negated, list(reversed(names)), a, b, fan_in_fan_out)
 
 
 def init_parameters(

@@ -39,6 +39,10 @@ class ViewAdapter:
         return self.magnitude is not None
 
 
+ViewAdapters = Mapping[str, ViewAdapter]
+"""A layer's adapters by name."""
+
+
 class InputMap(Protocol):
     """What :mod:`randlora_spec.reference_inputs` provides for one layer input."""
 
@@ -90,7 +94,7 @@ class Effective:
     scale: np.ndarray  # c, per row (ones without DoRA adapters)
 
 
-def _picked(adapters: Mapping[str, ViewAdapter], names: Sequence[str]) -> list[str]:
+def _picked(adapters: ViewAdapters, names: Sequence[str]) -> list[str]:
     missing = [n for n in names if n not in adapters]
     if missing:
         raise AdapterNotFoundError(f"active adapters {missing} are not among {sorted(adapters)}")
@@ -98,12 +102,7 @@ def _picked(adapters: Mapping[str, ViewAdapter], names: Sequence[str]) -> list[s
 
 
 def effective(
-    w: np.ndarray,
-    adapters: Mapping[str, ViewAdapter],
-    names: Sequence[str],
-    a: np.ndarray,
-    b: np.ndarray,
-    padding_idx: int | None = None,
+    w: np.ndarray, adapters: ViewAdapters, names: Sequence[str], a: np.ndarray, b: np.ndarray, padding_idx: int | None = None
 ) -> Effective:
     """``W_eff`` of the adapters ``names`` on the view ``w`` (see the module docstring)."""
     names = _picked(adapters, names)
@@ -124,7 +123,7 @@ def forward(
     inputs: InputMap,
     w: np.ndarray,
     bias: np.ndarray | None,
-    adapters: Mapping[str, ViewAdapter],
+    adapters: ViewAdapters,
     active: Sequence[str],
     a: np.ndarray,
     b: np.ndarray,
@@ -138,7 +137,7 @@ def backward(
     inputs: InputMap,
     grad_y: np.ndarray,
     w: np.ndarray,
-    adapters: Mapping[str, ViewAdapter],
+    adapters: ViewAdapters,
     active: Sequence[str],
     a: np.ndarray,
     b: np.ndarray,
@@ -169,12 +168,7 @@ def backward(
 
 
 def merge(
-    w: np.ndarray,
-    adapters: Mapping[str, ViewAdapter],
-    names: Sequence[str],
-    a: np.ndarray,
-    b: np.ndarray,
-    padding_idx: int | None = None,
+    w: np.ndarray, adapters: ViewAdapters, names: Sequence[str], a: np.ndarray, b: np.ndarray, padding_idx: int | None = None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """``(merged view, factors)``: ``W_eff`` of ``names`` (SPEC 3.11), and the DoRA factors unmerging needs.
 
@@ -192,7 +186,7 @@ def merge(
 
 def unmerge(
     merged: np.ndarray,
-    adapters: Mapping[str, ViewAdapter],
+    adapters: ViewAdapters,
     names: Sequence[str],
     a: np.ndarray,
     b: np.ndarray,

@@ -49,10 +49,14 @@ from randlora_core.model import RandLoraModel
 from randlora_core.testing import Conv1DLike, tree_of
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
-from randlora_spec.driver import Unsupported
+from randlora_spec.driver import Unsupported, unsupported_features
 from randlora_spec.golden import GoldenCase
 from randlora_spec.layer_kinds import BASE_FEATURES
 
+_ONLY_LINEAR = (
+    "bitsandbytes quantizes linear layers only (no quantized conv or embedding), "
+    "and DoRA needs the plain weight a quantized layer does not hold"
+)
 QUANTIZED_OUTPUTS = ("merged_weight", "unmerged_weight")
 
 
@@ -97,12 +101,9 @@ class BnbDriver:
         """Outputs for every expected key of ``case``."""
         if case.dtype not in ("float32", "float64"):
             return Unsupported(f"case dtype {case.dtype} is not one bitsandbytes layers compute in")
-        beyond = sorted(case.features - BASE_FEATURES)
-        if beyond:
-            return Unsupported(
-                f"the case needs {beyond}: bitsandbytes quantizes linear layers only (no quantized conv or embedding), "
-                "and DoRA needs the plain weight a quantized layer does not hold"
-            )
+        skip = unsupported_features(case, BASE_FEATURES, _ONLY_LINEAR)
+        if skip is not None:
+            return skip
         with warnings.catch_warnings():
             # Re-quantizing merges warn by design; bitsandbytes warns about casts. Neither is a result.
             warnings.simplefilter("ignore")

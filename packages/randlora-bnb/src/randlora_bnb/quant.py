@@ -184,28 +184,16 @@ def _requantize_4bit(module: bnb.nn.Linear4bit, dense: torch.Tensor) -> None:
         return
     restore_standard_layout(module)
     state = _required_state(module)
-    blocksize = getattr(weight, "blocksize", None) or state.blocksize
-    quant_type = getattr(weight, "quant_type", None) or state.quant_type
-    compress = getattr(weight, "compress_statistics", state.nested)
-    storage = getattr(weight, "quant_storage", None) or weight.data.dtype
-    # Quantize from the original dtype, so dequantization keeps returning what it returned before.
-    data, new_state = bnbf.quantize_4bit(
-        dense.to(device=weight.device, dtype=state.dtype).contiguous(),
-        blocksize=blocksize,
-        compress_statistics=compress,
-        quant_type=quant_type,
-        quant_storage=storage,
+    settings = Params4bitSettings(
+        blocksize=getattr(weight, "blocksize", None) or state.blocksize,
+        compress_statistics=getattr(weight, "compress_statistics", state.nested),
+        quant_type=getattr(weight, "quant_type", None) or state.quant_type,
+        quant_storage=getattr(weight, "quant_storage", None) or weight.data.dtype,
     )
+    # Quantize from the original dtype, so dequantization keeps returning what it returned before.
+    data, new_state = bnbf.quantize_4bit(dense.to(device=weight.device, dtype=state.dtype).contiguous(), **settings)
     module.weight = bnb.nn.Params4bit(
-        data,
-        requires_grad=False,
-        quant_state=new_state,
-        blocksize=blocksize,
-        compress_statistics=compress,
-        quant_type=quant_type,
-        quant_storage=storage,
-        module=module,
-        bnb_quantized=True,
+        data, requires_grad=False, quant_state=new_state, module=module, bnb_quantized=True, **settings
     )
     module.quant_state = new_state
 
@@ -411,15 +399,10 @@ def quantize_linear(
             quant_storage=quant_storage,
             device="meta",
         )
-        packed = bnb.nn.Params4bit(
-            src.clone(),
-            requires_grad=False,
-            blocksize=blocksize,
-            compress_statistics=compress_statistics,
-            quant_type=quant_type,
-            quant_storage=quant_storage,
-            module=module,
+        settings = Params4bitSettings(
+            blocksize=blocksize, compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage
         )
+        packed = bnb.nn.Params4bit(src.clone(), requires_grad=False, module=module, **settings)
         module.weight = _moved(packed, target)  # Params4bit quantizes on its first move to a real device
     if has_bias:
         bias = linear.bias.detach().to(device=target).clone()

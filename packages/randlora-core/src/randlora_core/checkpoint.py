@@ -7,6 +7,7 @@ adapter moves between the model and the checkpoint object through :mod:`randlora
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from torch import nn
 
@@ -15,6 +16,26 @@ from randlora_core.pretrained import set_trainable
 from randlora_core.registry import load_plugins
 from randlora_core.state import FEATURES, apply_checkpoint_to, build_checkpoint, check_fits
 from randlora_spec import checkpoint as spec_ckpt
+from randlora_spec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+
+class LoadOptions(TypedDict, total=False):
+    """The keyword options of :func:`apply_checkpoint` and :func:`load_adapter` (PEFT's names).
+
+    Attributes:
+        is_trainable: the adapter's lambda/gamma require gradients (default ``True``); ``False``
+            freezes them.
+        autocast_adapter_dtype: float32 lambda/gamma on float16/bfloat16 layers (default ``True``).
+        low_cpu_mem_usage: lambda/gamma created from the values directly (default ``False``).
+
+    """
+
+    is_trainable: bool
+    autocast_adapter_dtype: bool
+    low_cpu_mem_usage: bool
 
 
 def save_adapter(model: RandLoraModel, path: str | Path, adapter_name: str | None = None) -> None:
@@ -32,10 +53,7 @@ def apply_checkpoint(
     ckpt: spec_ckpt.AdapterCheckpoint,
     adapter_name: str = "default",
     source: str = "<checkpoint>",
-    *,
-    is_trainable: bool = True,
-    autocast_adapter_dtype: bool = True,
-    low_cpu_mem_usage: bool = False,
+    **options: Unpack[LoadOptions],
 ) -> RandLoraModel:
     """Add the adapter held by ``ckpt`` (an in-memory checkpoint) to ``model``; returns the :class:`RandLoraModel`.
 
@@ -45,29 +63,25 @@ def apply_checkpoint(
 
     Unlike PEFT's loaders (and ``RandLoraModel.from_pretrained`` / ``load_adapter``), whose default
     is inference, this function's adapter is trainable unless ``is_trainable=False`` (it predates
-    them and resumes training as it always has). ``autocast_adapter_dtype``: float32 lambda/gamma
-    on float16/bfloat16 layers; ``low_cpu_mem_usage``: lambda/gamma created from the values directly.
+    them and resumes training as it always has). The keyword options are :class:`LoadOptions`.
     """
+    unknown = sorted(set(options) - set(LoadOptions.__annotations__))
+    if unknown:
+        raise ConfigError(f"unknown load options {unknown}; the options are {sorted(LoadOptions.__annotations__)}")
     wrapped = model if isinstance(model, RandLoraModel) else RandLoraModel(model)  # no adapter yet: unchanged
-    options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}
-    apply_checkpoint_to(wrapped, ckpt, adapter_name, source, **options)
-    if not is_trainable:
+    autocast, low_mem = options.get("autocast_adapter_dtype", True), options.get("low_cpu_mem_usage", False)
+    apply_checkpoint_to(wrapped, ckpt, adapter_name, source, autocast_adapter_dtype=autocast, low_cpu_mem_usage=low_mem)
+    if not options.get("is_trainable", True):
         set_trainable(wrapped, adapter_name, False)
     return wrapped
 
 
 def load_adapter(
-    model: nn.Module,
-    path: str | Path,
-    adapter_name: str = "default",
-    *,
-    is_trainable: bool = True,
-    autocast_adapter_dtype: bool = True,
-    low_cpu_mem_usage: bool = False,
+    model: nn.Module, path: str | Path, adapter_name: str = "default", **options: Unpack[LoadOptions]
 ) -> RandLoraModel:
     """Load the adapter stored at ``path`` into ``model`` and return the :class:`RandLoraModel`.
 
-    As :func:`apply_checkpoint` (same keyword options), for a checkpoint file. The file's header is
+    As :func:`apply_checkpoint` (same keyword options, :class:`LoadOptions`), for a checkpoint file. The file's header is
     validated and checked against the model before any tensor data is read (a file that does not
     fit costs no more than its header), then each tensor is read once; on any error the model is
     unchanged.
@@ -82,5 +96,4 @@ def load_adapter(
     with spec_ckpt.open_checkpoint(path, source=source, supported_features=FEATURES) as reader:
         check_fits(model.model if isinstance(model, RandLoraModel) else model, reader.header, source)
         ckpt = reader.load()
-    options = {"autocast_adapter_dtype": autocast_adapter_dtype, "low_cpu_mem_usage": low_cpu_mem_usage}
-    return apply_checkpoint(model, ckpt, adapter_name, source, is_trainable=is_trainable, **options)
+    return apply_checkpoint(model, ckpt, adapter_name, source, **options)

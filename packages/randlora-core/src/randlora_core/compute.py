@@ -1,4 +1,4 @@
-"""Choosing how a RandLoRA layer call is evaluated: ``factored`` or ``dense`` (config field ``compute``).
+"""Choosing how a RandLoRA layer call is evaluated: ``factored`` or ``dense`` (config field ``compute``), and internal variants.
 
 Both paths compute the same function (SPEC 3.5/3.6, equal within the tolerances of SPEC 7):
 
@@ -16,6 +16,18 @@ For a square layer of width ``d`` the extra flops are ``14*N*d^2`` (factored) ag
 ``6*d^3 + 2*N*d^2`` (dense): dense wins from about ``N = 0.5 d`` (inference) or ``N = 0.75 d``
 (training). A third, internal choice, ``dense forward + factored backward`` (``hybrid``), is best in a
 narrow band just below the training crossover of layers with ``in <= out``.
+
+A fourth, internal and forward-only choice, ``activation``, serves calls that need no gradient at
+all with few tokens (decode). Both paths above read ``S_flat`` (r*nb, m ~ m x m), built from
+lambda/gamma per call or held by the inference cache; ``activation`` never forms it but applies
+``S_flat[k*nb + b, j] = lambda[k, b] * a_s[k, j] * gamma[b, j]`` to the activations
+(:func:`~randlora_core.kernels.activation_into`): for ``I <= O`` ``(x * a_s_k) @ gamma^T`` for all
+``k`` at once ((N*r, m) x (m, nb); ``a_s`` and ``gamma`` trade places when ``nb < r``), times
+lambda, then ``@ B_flat^T``; for ``I > O`` ``h = x @ B_flat``, times lambda, ``@ gamma``, weighed by
+``a_s`` and summed over ``k``. A call then reads ``W``, ``B_flat`` and an ``(N, min(r, nb), m)``
+intermediate: about twice the base's bytes for a single token, but the intermediate grows with
+``N``, so :func:`path_costs` lets it win up to some ``N`` near ``r`` (fewer when the inference
+cache holds ``S_flat``, ``bases_cached``).
 
 :func:`path_costs` turns those flop counts into seconds with a :class:`CostProfile` (GEMM
 throughput with a per-dimension efficiency ramp, memory bandwidth for the elementwise passes and a
@@ -36,16 +48,19 @@ import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from randlora_spec.errors import ConfigError
 
+if TYPE_CHECKING:
+    from randlora_core.operands import AdapterCall, BaseCall
+
 Compute = Literal["auto", "factored", "dense", "sparse"]
-Path = Literal["factored", "dense", "hybrid", "sparse"]
+Path = Literal["factored", "dense", "hybrid", "sparse", "activation"]
 COMPUTE_VALUES: tuple[str, ...] = ("auto", "factored", "dense", "sparse")
-PATHS: tuple[Path, ...] = ("factored", "dense", "hybrid", "sparse")
+PATHS: tuple[Path, ...] = ("factored", "dense", "hybrid", "sparse", "activation")
 
 _OVERRIDES: list[str | None] = [None]
 """The stack of active :func:`compute_override` values, innermost last.
@@ -151,49 +166,76 @@ def _sparse_cost(
     return total
 
 
-def path_costs(
-    tokens: int,
-    in_features: int,
-    out_features: int,
-    ks: list[int],
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | None = None,
-    grad_x: bool = True,
-    grad_params: bool = True,
-    fused_base: bool = True,
-    sparse_nnz: tuple[tuple[int, int], ...] | None = None,
-) -> dict[str, float]:
-    """Estimated seconds of each path for one layer call (forward, plus backward if any grad is needed).
+@dataclass(frozen=True)
+class CallShape:
+    """What the cost model knows of one layer call (hashable: :func:`choose_path` memoises on it).
 
-    Args:
+    Attributes:
         tokens: rows of the flattened input (``x.numel() // in_features``).
         in_features: the layer's ``I``.
         out_features: the layer's ``O``.
         ks: ``r * nb`` of each group of adapters sharing one basis window (adapters of equal rank
             are evaluated together, so one group costs the same as one adapter).
         dtype: the compute dtype (only its size enters the elementwise terms).
-        device: selects the :class:`CostProfile`.
+        device_type: selects the :class:`CostProfile` (``torch.device.type``).
         grad_x: the input's gradient is needed.
         grad_params: lambda/gamma gradients are needed.
         fused_base: the base matmul runs in the same node, so a dense ``delta_W`` folds into it;
             otherwise applying ``delta_W`` is one more (tokens x in x out) matmul each way.
         sparse_nnz: per group, the nonzeros of ``b_flat`` and of ``S_flat`` when its bases are
             ternary and a sparse structure exists; adds the ``sparse`` path.
-
-    Returns:
-        ``{"factored": s, "dense": s, "hybrid": s}`` (and ``"sparse": s`` given ``sparse_nnz``);
-        only differences between paths matter (the frozen base's own matmuls, common to all, are
-        left out where they are identical).
+        ranks: each group's ``r`` (beside ``ks``); given, and without any gradient, adds the
+            ``activation`` path.
+        bases_cached: the scaled bases are at hand (the inference cache holds them), so the
+            paths that read ``S`` do not build it.
 
     """
-    p = _profile(device or torch.device("cpu"))
-    n, i, o = tokens, in_features, out_features
+
+    tokens: int
+    in_features: int
+    out_features: int
+    ks: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+    device_type: str = "cpu"
+    grad_x: bool = True
+    grad_params: bool = True
+    fused_base: bool = True
+    sparse_nnz: tuple[tuple[int, int], ...] | None = None
+    ranks: tuple[int, ...] = ()
+    bases_cached: bool = False
+
+
+def _activation_cost(p: CostProfile, call: CallShape, item: int) -> float:
+    """The ``activation`` path: per adapter ``(N, min(r, nb), m)`` elementwise work and thin matmuls, no ``S``."""
+    n, i, o = call.tokens, call.in_features, call.out_features
     m, big_m = min(i, o), max(i, o)
-    item = torch.empty((), dtype=dtype).element_size()
+    total = 0.0
+    for k, r in zip(call.ks, call.ranks, strict=True):
+        small, large = sorted((r, k // r))
+        mixed = n * small * m  # x scaled by the smaller factor (I <= O), or the rows it weighs and sums (I > O)
+        total += _gemm(p, n, k, big_m) + _gemm(p, n * small, m, large) + _pass(p, n * k, item, 3)
+        total += _pass(p, mixed, item, 2) if i <= o else _pass(p, mixed, item, 3)
+    return total
+
+
+def path_costs(call: CallShape) -> dict[str, float]:
+    """Estimated seconds of each path for one layer call (forward, plus backward if any grad is needed).
+
+    Returns:
+        ``{"factored": s, "dense": s, "hybrid": s}``, with ``"sparse": s`` given ``sparse_nnz`` and
+        ``"activation": s`` given ``ranks`` and no gradient; only differences between paths matter
+        (the frozen base's own matmuls, common to all, are left out where they are identical).
+
+    """
+    p = _profile(torch.device(call.device_type))
+    n, i, o, ks = call.tokens, call.in_features, call.out_features, call.ks
+    grad_x, grad_params = call.grad_x, call.grad_params
+    m, big_m = min(i, o), max(i, o)
+    item = torch.empty((), dtype=call.dtype).element_size()
     backward = grad_x or grad_params
-    # lambda/gamma -> S (and its reductions) is the same small elementwise work on every path;
-    # only the rebuild in backward differs and is counted there.
-    basis = sum(_pass(p, k * m, item, 2) for k in ks)
+    # lambda/gamma -> S (and its reductions) is the same small elementwise work on every path that
+    # reads S; only the rebuild in backward differs and is counted there.
+    basis = 0.0 if call.bases_cached else sum(_pass(p, k * m, item, 2) for k in ks)
     fact_fwd = sum(_gemm(p, n, m, k) + _gemm(p, n, k, big_m) for k in ks) + basis
     dense_fwd = sum(_gemm(p, big_m, k, m) for k in ks) + basis + _pass(p, big_m * m, item, 2)
     fact_bwd = dense_bwd = recompute_h = 0.0
@@ -214,7 +256,7 @@ def path_costs(
             dense_bwd += sum(_gemm(p, big_m, k, m) for k in ks) + _pass(p, big_m * m, item, 2)
         if grad_params:  # G = g^T x, then B_flat^T G per group
             dense_bwd += _gemm(p, o, n, i) + sum(_gemm(p, k, big_m, m) for k in ks)
-    if not fused_base:
+    if not call.fused_base:
         dense_fwd += _gemm(p, n, i, o)
         dense_bwd += _gemm(p, n, o, i) if grad_x else 0.0
     costs = {
@@ -222,49 +264,61 @@ def path_costs(
         "dense": dense_fwd + dense_bwd,
         "hybrid": dense_fwd + fact_bwd + recompute_h,
     }
-    if sparse_nnz is not None:
-        costs["sparse"] = _sparse_cost(p, n, sparse_nnz, item, grad_x, grad_params, (i, o))
+    if call.sparse_nnz is not None:
+        costs["sparse"] = _sparse_cost(p, n, call.sparse_nnz, item, grad_x, grad_params, (i, o))
+    if call.ranks and not backward:
+        costs["activation"] = _activation_cost(p, call, item)
     return costs
 
 
-def choose_path(
-    tokens: int,
+def describe_call(
+    x: torch.Tensor,
+    base: BaseCall,
+    groups: list[list[AdapterCall]],
     in_features: int,
     out_features: int,
-    ks: list[int] | tuple[int, ...],
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | None = None,
-    grad_x: bool = True,
-    grad_params: bool = True,
-    fused_base: bool = True,
-    sparse_nnz: tuple[tuple[int, int], ...] | None = None,
-) -> Path:
+    fused: bool,
+    sparse_nnz: tuple[tuple[int, int], ...] | None,
+) -> CallShape:
+    """The :class:`CallShape` of a layer call from its operands (adapter ``groups`` as the engine groups them).
+
+    ``fused``: the base matmul may run in the engine's node; ``sparse_nnz`` as in :class:`CallShape`.
+    """
+    grad = torch.is_grad_enabled()
+    need_params = grad and any(a.lam.requires_grad or a.gamma.requires_grad for g in groups for a in g)
+    need_params = need_params or (fused and grad and base.bias is not None and base.bias.requires_grad)
+    cache = base.cache
+    # without gradients the scaled-bases cache serves the factored path without rebuilding S (engine._cacheable)
+    bases_cached = not grad and cache is not None and not cache.weights and not torch.compiler.is_compiling()
+    return CallShape(
+        tokens=x.numel() // in_features if in_features else 0,
+        in_features=in_features,
+        out_features=out_features,
+        ks=tuple(members[0].b_flat.shape[1] for members in groups),
+        dtype=groups[0][0].a_s.dtype,
+        device_type=x.device.type,
+        grad_x=grad and x.requires_grad,
+        grad_params=need_params,
+        fused_base=fused,
+        sparse_nnz=sparse_nnz,
+        ranks=tuple(members[0].a_s.shape[0] for members in groups),
+        bases_cached=bases_cached and all(a.key is not None for g in groups for a in g),
+    )
+
+
+def choose_path(call: CallShape) -> Path:
     """The cheapest path under :func:`path_costs` (ties go to ``factored``, the path with least memory).
 
     Memoised: a training loop asks the same few questions every step (not while ``torch.compile``
     traces: the compiled graph holds the path chosen for the shapes it was traced with).
     """
-    device_type = device.type if device is not None else "cpu"
-    args = (tokens, in_features, out_features, tuple(ks), dtype, device_type, grad_x, grad_params, fused_base, sparse_nnz)
     # A compiled graph fixes the path at trace time, so the cache would only cost a tracing warning.
-    return _choose.__wrapped__(*args) if torch.compiler.is_compiling() else _choose(*args)
+    return _choose.__wrapped__(call) if torch.compiler.is_compiling() else _choose(call)
 
 
 @functools.lru_cache(maxsize=4096)
-def _choose(
-    tokens: int,
-    in_features: int,
-    out_features: int,
-    ks: tuple[int, ...],
-    dtype: torch.dtype,
-    device_type: str,
-    grad_x: bool,
-    grad_params: bool,
-    fused_base: bool,
-    sparse_nnz: tuple[tuple[int, int], ...] | None,
-) -> Path:
-    device = torch.device(device_type)
-    costs = path_costs(tokens, in_features, out_features, list(ks), dtype, device, grad_x, grad_params, fused_base, sparse_nnz)
+def _choose(call: CallShape) -> Path:
+    costs = path_costs(call)
     best: Path = "factored"
     for path in PATHS[1:]:
         if path in costs and costs[path] < costs[best]:
@@ -283,4 +337,5 @@ def choose_compute(
 ) -> Path:
     """:func:`choose_path` for one adapter of rank ``r`` (convenience for reports and tests)."""
     nb = -(-min(in_features, out_features) // r)
-    return choose_path(tokens, in_features, out_features, [r * nb], dtype, device, grad, grad)
+    device_type = device.type if device is not None else "cpu"
+    return choose_path(CallShape(tokens, in_features, out_features, (r * nb,), dtype, device_type, grad, grad, ranks=(r,)))

@@ -27,6 +27,7 @@ from torch import nn
 
 from randlora_core.compute import resolve_compute
 from randlora_core.layer import RandLoraLinear
+from randlora_core.operands import LayerInput
 from randlora_core.plain import scaled_basis
 from randlora_core.registry import _register_builtin, has_forward_hooks
 from randlora_spec.errors import DtypeError, ShapeError
@@ -104,21 +105,15 @@ class RandLoraConv(RandLoraLinear):
 
     # -- plain adapters -----------------------------------------------------------------------------
 
-    def _plain_adapted(
-        self,
-        x: torch.Tensor,
-        names: list[str],
-        args: tuple[object, ...],
-        kwargs: dict[str, object],
-        shared_base: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _plain_adapted(self, call: LayerInput, names: list[str]) -> torch.Tensor:
         """``base(x)`` plus the adapters, dense (one convolution with ``W + updates``) unless ``factored`` is asked."""
+        x = call.x
         dtype = self._compute_dtype(names, x.device)
         own = [self._own_dropout(n) for n in names]
         compute = resolve_compute(self._requested_compute(names))
         base_layer = self.get_base_layer()
-        if compute == "factored" or any(own) or args or kwargs or has_forward_hooks(base_layer):
-            base = self._base_forward(x, *args, **kwargs) if shared_base is None else shared_base
+        if compute == "factored" or any(own) or not call.plain or has_forward_hooks(base_layer):
+            base = self._base_output(call)
             outs = [self._one_adapter(x.to(dtype), n, dtype, compute == "factored") for n in names]
             extra = sum(outs[1:], outs[0])
             return self._finish(x, base + extra.to(base.dtype))

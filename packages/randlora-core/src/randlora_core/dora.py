@@ -26,6 +26,7 @@ from randlora_spec.errors import MergeError
 
 if TYPE_CHECKING:
     from randlora_core.layer import RandLoraLinear
+    from randlora_core.operands import LayerInput
 
 
 @dataclass
@@ -80,11 +81,9 @@ def _update_weights(
     return views, factors, scale, deltas
 
 
-def forward(
-    layer: RandLoraLinear, x: torch.Tensor, names: list[str], args: tuple[object, ...], kwargs: dict[str, object]
-) -> torch.Tensor:
+def forward(layer: RandLoraLinear, call: LayerInput, names: list[str]) -> torch.Tensor:
     """The layer's output with ``names`` active, at least one of them DoRA (SPEC 3.11)."""
-    base = layer._base_forward(x, *args, **kwargs)
+    x, base = call.x, layer._base_output(call)
     dtype = layer._compute_dtype(names, base.device)
     views, _, _, _ = _update_weights(layer, names, dtype, base.device)
     dropouts = [layer.randlora_dropout[n] for n in names]

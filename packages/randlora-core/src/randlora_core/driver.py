@@ -29,7 +29,7 @@ from randlora_core.testing import Conv1DLike, SingleLayer, build_model, make_kin
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.driver import Unsupported
+from randlora_spec.driver import Unsupported, variant
 from randlora_spec.golden import GoldenCase
 from randlora_spec.layer_kinds import BASE_FEATURES
 
@@ -204,22 +204,15 @@ def checkpoint_layer_params(case: GoldenCase, path: str, rec: spec_ckpt.LayerRec
     return {**params, **case.params.get("base_layers", {}).get(path, {})}
 
 
-class CoreFactoredDriver(CoreDriver):
-    """randlora-core with every layer call on the factored path."""
-
-    name = "core-factored"
-    compute = "factored"
-
-
-class CoreDenseDriver(CoreDriver):
-    """randlora-core with every layer call on the dense path (delta_W folded into the base matmul)."""
-
-    name = "core-dense"
-    compute = "dense"
-
-
-class CoreSparseDriver(CoreDriver):
-    """randlora-core with ternary bases on the sparse kernels (dense bases take the factored path)."""
-
-    name = "core-sparse"
-    compute = "sparse"
+CoreFactoredDriver = variant(
+    CoreDriver, "core-factored", "randlora-core with every layer call on the factored path.", compute="factored"
+)
+CoreDenseDriver = variant(
+    CoreDriver,
+    "core-dense",
+    "randlora-core with every layer call on the dense path (delta_W folded into the base matmul).",
+    compute="dense",
+)
+CoreSparseDriver = variant(
+    CoreDriver, "core-sparse", "randlora-core with ternary bases on the sparse kernels (dense bases: factored).", compute="sparse"
+)

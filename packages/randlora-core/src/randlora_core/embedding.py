@@ -19,6 +19,7 @@ from torch import nn
 
 from randlora_core.compute import resolve_compute
 from randlora_core.layer import RandLoraLinear
+from randlora_core.operands import LayerInput
 from randlora_core.plain import scaled_basis
 from randlora_core.registry import _register_builtin
 from randlora_spec.errors import DtypeError, TargetModuleError
@@ -92,22 +93,16 @@ class RandLoraEmbedding(RandLoraLinear):
         """The record of SPEC 6.2 (an embedding is stored (in, out))."""
         return LayerRecord(self.in_features, self.out_features, True, EMBEDDING)
 
-    def _plain_adapted(
-        self,
-        x: torch.Tensor,
-        names: list[str],
-        args: tuple[object, ...],
-        kwargs: dict[str, object],
-        shared_base: torch.Tensor | None,
-    ) -> torch.Tensor:
+    def _plain_adapted(self, call: LayerInput, names: list[str]) -> torch.Tensor:
         """``base(x)`` plus each adapter's rows: gathered factored, or from ``W + update`` with ``compute="dense"``."""
+        x = call.x
         weight = self.get_base_layer().weight
         dtype = self._compute_dtype(names, weight.device)
-        if resolve_compute(self._requested_compute(names)) == "dense" and not args and not kwargs:
+        if resolve_compute(self._requested_compute(names)) == "dense" and call.plain:
             views = [self.delta_view(n, dtype, weight.device) for n in names]
             table = weight.to(dtype) + self._view_to_storage(sum(views[1:], views[0]))
             return self._apply_weight(x, table, None).to(weight.dtype)
-        base = self._base_forward(x, *args, **kwargs) if shared_base is None else shared_base
+        base = self._base_output(call)
         rows = [self._rows(x, n, dtype) for n in names]
         extra = sum(rows[1:], rows[0])
         return base + extra.to(base.dtype)

@@ -16,7 +16,9 @@ per active adapter and call :func:`layer_forward`, which
    exactly ``x @ W^T + b``, its weight needs no gradient, no autocast) or the base layer's own
    output added to it (*external*); and the path, ``factored`` (``x -> r*nb -> out`` per group),
    ``dense`` (``delta_W`` built once per call, folded into ``W`` when fused) or ``hybrid`` (dense
-   forward, factored backward), forced by ``compute`` or picked by :mod:`randlora_core.compute`;
+   forward, factored backward), forced by ``compute`` or picked by :mod:`randlora_core.compute`,
+   which under ``auto`` may also pick ``activation`` for a call needing no gradient (few tokens:
+   ``S_flat`` is applied to the activations, never formed; :func:`~randlora_core.kernels.activation_into`);
 3. runs :class:`RandLoraFunction`.
 
 Memory: only ``x``, the base weight (a reference), the operands and, for a factored ``I > O``
@@ -34,8 +36,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from randlora_core import sparse
-from randlora_core.compute import Compute, choose_path, resolve_compute
+from randlora_core import kernels, sparse
+from randlora_core.compute import Compute, choose_path, describe_call, resolve_compute
 from randlora_core.inference_cache import cached_forward
 from randlora_core.kernels import basis_grads, combined_scaled_basis, delta_sum, grad_times, own_copy, times, times_into
 from randlora_core.operands import AdapterCall, BaseCall
@@ -63,6 +65,7 @@ class Plan:
         dense_backward: gradients through ``delta_W`` and ``G = g^T x`` (else factored).
         sparse: per group, on the ``sparse`` path, its window's structure (the factored path on
             the nonzeros); empty otherwise.
+        activation: the forward-only ``activation`` path (no gradient needed; ``S_flat`` never formed).
 
     """
 
@@ -73,6 +76,7 @@ class Plan:
     dense_forward: bool
     dense_backward: bool
     sparse: tuple[SparseWindow | None, ...] = ()
+    activation: bool = False
 
 
 def group_adapters(adapters: Sequence[AdapterCall]) -> list[list[AdapterCall]]:
@@ -127,13 +131,7 @@ def plan_call(
     elif compute == "sparse":
         path = "sparse" if sparse_nnz is not None else "factored"
     else:
-        grad = torch.is_grad_enabled()
-        need_params = grad and any(a.lam.requires_grad or a.gamma.requires_grad for g in groups for a in g)
-        need_params = need_params or (fused and grad and base.bias is not None and base.bias.requires_grad)
-        ks = [members[0].b_flat.shape[1] for members in groups]
-        tokens = x.numel() // in_features if in_features else 0
-        need_x = grad and x.requires_grad
-        path = choose_path(tokens, in_features, out_features, ks, dtype, x.device, need_x, need_params, fused, sparse_nnz)
+        path = choose_path(describe_call(x, base, groups, in_features, out_features, fused, sparse_nnz))
     in_le_out = in_features <= out_features
     return Plan(
         in_le_out=in_le_out,
@@ -144,6 +142,7 @@ def plan_call(
         dense_forward=path in ("dense", "hybrid"),
         dense_backward=path == "dense",
         sparse=windows if path == "sparse" else (),
+        activation=path == "activation",
     )
 
 
@@ -171,7 +170,7 @@ def layer_forward(
     if shared_base is not None and plan.fused_base and not plan.dense_forward:
         plan = dataclasses.replace(plan, fused_base=False, weight_in_out=not plan.in_le_out)
         base = dataclasses.replace(base, forward=lambda: shared_base, weight=None, bias=None)
-    if base.cache is not None and _cacheable(x, plan):
+    if base.cache is not None and _cacheable(x, plan, base.cache.weights):
         out = cached_forward(x, base, groups, plan.in_le_out, plan.fused_base)
         if out is not None:
             return out
@@ -195,9 +194,15 @@ def layer_forward(
     return result
 
 
-def _cacheable(x: torch.Tensor, plan: Plan) -> bool:
-    """Whether a call may use the inference cache: no gradient, every adapter reading ``x``, not traced, no autocast."""
+def _cacheable(x: torch.Tensor, plan: Plan, weights: bool) -> bool:
+    """Whether a call may use the inference cache: no gradient, every adapter reading ``x``, not traced, no autocast.
+
+    A call the cost model sent to the ``activation`` path (weighed against the cached scaled
+    bases) needs no scaled-bases entry; the ``W + delta_W`` entry (``weights``) still beats it.
+    """
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return False
+    if plan.activation and not weights:
         return False
     return not any(g.own_input for g in plan.groups)
 
@@ -261,8 +266,8 @@ class RandLoraFunction(torch.autograd.Function):
         n_in = x.shape[-1]
         reads_x = plan.fused_base or any(g.x is None for g in groups)
         x2 = x.reshape(-1, n_in).to(dtype) if reads_x else x
-        # the sparse path forms S's nonzeros itself
-        bases = [combined_scaled_basis(g.a_s, g.adapters) if not plan.sparse else g.a_s for g in groups]
+        # the sparse path forms S's nonzeros itself, the activation path none
+        bases = [g.a_s if plan.sparse or plan.activation else combined_scaled_basis(g.a_s, g.adapters) for g in groups]
         # y is built with x's leading axes and written through the 2-D view y2, so the node returns
         # no view (FSDP2 warns that a module returning a view can break backward).
         if plan.fused_base:
@@ -281,7 +286,11 @@ class RandLoraFunction(torch.autograd.Function):
         hs: list[torch.Tensor] = []
         # h (the sparse path: its gathered input when in <= out) feeds grad_S
         keep_h = not plan.dense_backward and (bool(plan.sparse) or not plan.in_le_out) and any(ctx.needs_input_grad[5:])
-        if not plan.dense_forward:
+        if plan.activation:
+            for group in groups:
+                xg = x2 if group.x is None else group.x.reshape(-1, n_in)
+                kernels.activation_into(y2, xg, group.a_s, group.b_flat, group.adapters, plan.in_le_out)
+        elif not plan.dense_forward:
             for index, (group, s) in enumerate(zip(groups, bases, strict=True)):
                 xg = x2 if group.x is None else group.x.reshape(-1, n_in)
                 window = plan.sparse[index] if plan.sparse else None

@@ -10,7 +10,10 @@ disabled keeps, per layer:
   call, as a merged model) or ``delta_W`` beside a base whose own forward must run (quantized
   layers); unmerged decode then costs about what merged decode does;
 - ``weights=False``: the scaled bases of each group of adapters (the factored path without the
-  rebuild).
+  rebuild), for calls of many tokens (prefill). A call of few tokens needs no entry: the engine's
+  cost model, knowing the scaled bases are cached, sends it to the ``activation`` path, which
+  applies lambda, gamma and the bases to the activations and reads about as many bytes as the
+  base layer again (:mod:`randlora_core.compute`), less than the cached ``S`` (m x m per layer).
 
 An entry is valid while the tensors it was built from are: its key holds the identity and
 version counter of every parameter, base weight and basis it read (in-place updates by an
@@ -22,7 +25,8 @@ least recently used layers' entries go first. Not used while ``torch.compile`` t
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,6 +91,36 @@ class InferenceCache:
         self.nbytes = 0
 
 
+@dataclass(frozen=True)
+class _Lookup:
+    """One call's view of the cache: where its entry lives and what it is built from."""
+
+    cache: InferenceCache
+    base: BaseCall
+    groups: list[list[AdapterCall]]
+    keys: tuple[Hashable, ...]
+    dtype: torch.dtype
+    in_le_out: bool
+
+    def fetch(self, key: Hashable, build: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """The entry stored under ``key`` for this layer, built and stored on a miss."""
+        hit = self.cache.get(self.base.owner, key)
+        if hit is None:
+            hit = build()
+            self.cache.put(self.base.owner, key, hit)
+        return hit
+
+    def bases(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(b_flat, combined S_flat)`` of every group."""
+        return [(m[0].b_flat, combined_scaled_basis(m[0].a_s, [(a.lam, a.gamma, a.scaling) for a in m])) for m in self.groups]
+
+    def beside_base(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fresh copy of the base layer's own output to add to: ``(y, its 2-D view)``."""
+        out = self.base.forward()
+        y = own_copy(out, torch.promote_types(out.dtype, self.dtype))
+        return y, y.view(-1, y.shape[-1])
+
+
 def cached_forward(
     x: torch.Tensor, base: BaseCall, groups: list[list[AdapterCall]], in_le_out: bool, fused: bool
 ) -> torch.Tensor | None:
@@ -101,67 +135,40 @@ def cached_forward(
     if cache is None or any(k is None for k, _ in keys):
         return None
     dtype = groups[0][0].a_s.dtype
+    lookup = _Lookup(cache, base, groups, keys, dtype, in_le_out)
     if cache.weights:
-        weight_in_out = base.weight_in_out if fused else not in_le_out
-        y = _weights(cache, base, groups, keys, dtype, in_le_out, fused, weight_in_out, x.to(dtype))
+        y = _weights(lookup, fused, base.weight_in_out if fused else not in_le_out, x.to(dtype))
     else:
-        y = _scaled_bases(cache, base, groups, keys, dtype, in_le_out, x.reshape(-1, x.shape[-1]).to(dtype))
+        y = _scaled_bases(lookup, x.reshape(-1, x.shape[-1]).to(dtype))
     y.view(-1, y.shape[-1]).add_(x.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True).mul_(0).to(y.dtype))
     return y.to(x.dtype)
 
 
-def _bases_of(groups: list[list[AdapterCall]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(m[0].b_flat, combined_scaled_basis(m[0].a_s, [(a.lam, a.gamma, a.scaling) for a in m])) for m in groups]
-
-
-def _weights(
-    cache: InferenceCache,
-    base: BaseCall,
-    groups: list[list[AdapterCall]],
-    keys: tuple[Hashable, ...],
-    dtype: torch.dtype,
-    in_le_out: bool,
-    fused: bool,
-    weight_in_out: bool,
-    x: torch.Tensor,
-) -> torch.Tensor:
+def _weights(call: _Lookup, fused: bool, weight_in_out: bool, x: torch.Tensor) -> torch.Tensor:
     """``x @ (W + delta_W)^T + b`` (a plain base), or ``base(x) + x @ delta_W^T``, with the matrix cached."""
+    base, dtype = call.base, call.dtype
     weight = base.weight if fused else None
-    key = ("weights", keys, dtype, weight_in_out, tensor_key(weight) if weight is not None else None)
-    hit = cache.get(base.owner, key)
-    if hit is None:
+    key = ("weights", call.keys, dtype, weight_in_out, tensor_key(weight) if weight is not None else None)
+
+    def build() -> list[torch.Tensor]:
         w = weight.to(dtype) if weight is not None else None
-        hit = [delta_sum(w, in_le_out, weight_in_out, _bases_of(groups))]
-        cache.put(base.owner, key, hit)
+        return [delta_sum(w, call.in_le_out, weight_in_out, call.bases())]
+
+    hit = call.fetch(key, build)
     if fused:
         bias = base.bias.to(dtype) if base.bias is not None else None
         return times_into(x, hit[0], weight_in_out, bias, dtype)[0]
-    out = base.forward()
-    y = own_copy(out, torch.promote_types(out.dtype, dtype))
-    y.view(-1, y.shape[-1]).add_(times(x.reshape(-1, x.shape[-1]), hit[0], weight_in_out).to(y.dtype))
+    y, y2 = call.beside_base()
+    y2.add_(times(x.reshape(-1, x.shape[-1]), hit[0], weight_in_out).to(y.dtype))
     return y
 
 
-def _scaled_bases(
-    cache: InferenceCache,
-    base: BaseCall,
-    groups: list[list[AdapterCall]],
-    keys: tuple[Hashable, ...],
-    dtype: torch.dtype,
-    in_le_out: bool,
-    x2: torch.Tensor,
-) -> torch.Tensor:
+def _scaled_bases(call: _Lookup, x2: torch.Tensor) -> torch.Tensor:
     """``base(x)`` plus each group's factored output, the scaled bases cached."""
-    key = ("scaled_bases", keys, dtype)
-    hit = cache.get(base.owner, key)
-    if hit is None:
-        hit = [s for _, s in _bases_of(groups)]
-        cache.put(base.owner, key, hit)
-    out = base.forward()
-    y = own_copy(out, torch.promote_types(out.dtype, dtype))
-    y2 = y.view(-1, y.shape[-1])
-    for members, s in zip(groups, hit, strict=True):
+    hit = call.fetch(("scaled_bases", call.keys, call.dtype), lambda: [s for _, s in call.bases()])
+    y, y2 = call.beside_base()
+    for members, s in zip(call.groups, hit, strict=True):
         b_flat = members[0].b_flat
-        h = x2 @ (s.T if in_le_out else b_flat)
-        y2.addmm_(h.to(y2.dtype), (b_flat.T if in_le_out else s).to(y2.dtype))
+        h = x2 @ (s.T if call.in_le_out else b_flat)
+        y2.addmm_(h.to(y2.dtype), (b_flat.T if call.in_le_out else s).to(y2.dtype))
     return y

@@ -24,6 +24,44 @@ def combined_scaled_basis(a_s: torch.Tensor, adapters: list[tuple[torch.Tensor, 
     return total.reshape(-1, a_s.shape[1])
 
 
+def activation_into(
+    y2: torch.Tensor,
+    x2: torch.Tensor,
+    a_s: torch.Tensor,
+    b_flat: torch.Tensor,
+    adapters: list[tuple[torch.Tensor, torch.Tensor, float]],
+    in_le_out: bool,
+) -> None:
+    """``y2 += sum_a s_a * x2 @ delta_W_a^T`` without forming ``S_flat`` (the ``activation`` path, no autograd).
+
+    ``S_flat[k*nb + b, j] = lambda[k, b] a_s[k, j] gamma[b, j]`` is applied to the activations. For
+    ``I <= O``, ``z[t, k, b] = sum_j x2[t, j] a_s[k, j] gamma[b, j]`` is one product: the smaller of
+    ``a_s`` (r, m) and ``gamma`` (nb, m) scales the rows of ``x2`` elementwise, the other is the
+    matmul operand; ``z * lambda`` read in (k, b) order is ``x2 @ S_flat^T``, then ``@ b_flat^T``. For
+    ``I > O`` the mirror: ``h = x2 @ b_flat`` times lambda, one product with the larger factor, the
+    smaller weighs the rows and they are summed. The (N, min(r, nb), m) intermediate makes it a
+    path for few tokens (:mod:`randlora_core.compute`).
+    """
+    n, (r, m) = x2.shape[0], a_s.shape
+    nb = b_flat.shape[1] // r
+    if in_le_out:
+        h: torch.Tensor | None = None
+        for lam, gamma, s in adapters:
+            first, second = (a_s, gamma) if r <= nb else (gamma, a_s)
+            z = torch.mm((x2[:, None, :] * first).view(-1, m), second.T).view(n, first.shape[0], second.shape[0])
+            term = (z if r <= nb else z.transpose(1, 2)) * (lam * s)
+            h = term if h is None else h.add_(term)
+        assert h is not None
+        y2.addmm_(h.reshape(n, r * nb).to(y2.dtype), b_flat.T.to(y2.dtype))
+        return
+    hb = (x2 @ b_flat).view(n, r, nb)
+    for lam, gamma, s in adapters:
+        v = hb * (lam * s)
+        rows, operand, weight = (v, gamma, a_s) if r <= nb else (v.transpose(1, 2), a_s, gamma)
+        z = torch.mm(rows.reshape(-1, rows.shape[2]), operand).view(n, -1, m).mul_(weight)
+        y2.add_(z.sum(1).to(y2.dtype))
+
+
 def basis_grads(
     grad_s: torch.Tensor,
     a_s: torch.Tensor,

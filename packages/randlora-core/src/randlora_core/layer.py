@@ -22,6 +22,7 @@ lambda, gamma, scaling and dropout: :meth:`RandLoraLinear.adapter_call`) and han
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -34,7 +35,7 @@ from randlora_core.engine import layer_forward
 from randlora_core.inference_cache import InferenceCache, tensor_key
 from randlora_core.layer_view import LinearView
 from randlora_core.mixed import mixed_forward
-from randlora_core.operands import AdapterCall, BaseCall
+from randlora_core.operands import AdapterCall, BaseCall, LayerInput
 from randlora_core.plain import delta_weight
 from randlora_core.registry import _register_builtin, is_conv1d_like, linear_features, plain_linear_operands
 from randlora_core.sparse import MAX_DENSITY, sparse_density, window_structure
@@ -325,43 +326,33 @@ class RandLoraLinear(LinearView, nn.Module):
         if self.disable_adapters and self.merged:
             warnings.warn(f"adapters are disabled on {self.layer_name!r} while merged: unmerging them", stacklevel=2)
             self.unmerge()
+        call = LayerInput(x, args, kwargs)
         if self.mixed_adapters is not None and not self.disable_adapters:
-            return mixed_forward(self, x, self.mixed_adapters, args, kwargs)
-        names = [] if self.disable_adapters else self._active_unmerged()
-        return self._adapted(x, names, args, kwargs)
+            return mixed_forward(self, call, self.mixed_adapters)
+        return self._adapted(call, [] if self.disable_adapters else self._active_unmerged())
 
-    def _adapted(
-        self,
-        x: torch.Tensor,
-        names: list[str],
-        args: tuple[object, ...],
-        kwargs: dict[str, object],
-        shared_base: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def _base_output(self, call: LayerInput) -> torch.Tensor:
+        """``base(x)`` for this call: the one it carries, else computed now."""
+        return call.base_out if call.base_out is not None else self._base_forward(call.x, *call.args, **call.kwargs)
+
+    def _adapted(self, call: LayerInput, names: list[str]) -> torch.Tensor:
         """``base(x)`` plus the adapters ``names`` (held here, unmerged): DoRA ones via :mod:`randlora_core.dora`."""
         if not names:
-            return self._finish(x, self._base_forward(x, *args, **kwargs))
+            return self._finish(call.x, self._base_output(call))
         if any(self.use_dora.get(n, False) for n in names):
-            return dora.forward(self, x, names, args, kwargs)
-        return self._plain_adapted(x, names, args, kwargs, shared_base)
+            return dora.forward(self, call, names)
+        return self._plain_adapted(call, names)
 
-    def _plain_adapted(
-        self,
-        x: torch.Tensor,
-        names: list[str],
-        args: tuple[object, ...],
-        kwargs: dict[str, object],
-        shared_base: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """``base(x)`` plus plain adapters ``names`` through the layer engine (``shared_base``: ``base(x)`` if known)."""
+    def _plain_adapted(self, call: LayerInput, names: list[str]) -> torch.Tensor:
+        """``base(x)`` plus plain adapters ``names`` through the layer engine."""
+        x = call.x
         dtype = self._compute_dtype(names, x.device)
-        weight, bias = self._fusable_operands() if not args and not kwargs else (None, None)
-        base = BaseCall(
-            lambda: self._base_forward(x, *args, **kwargs), weight, bias, self.fan_in_fan_out, self.inference_cache, id(self)
-        )
+        weight, bias = self._fusable_operands() if call.plain else (None, None)
+        run_base = functools.partial(self._base_forward, x, *call.args, **call.kwargs)
+        base = BaseCall(run_base, weight, bias, self.fan_in_fan_out, self.inference_cache, id(self))
         adapters = [self.adapter_call(n, dtype, x.device) for n in names]
         compute = self._requested_compute(names)
-        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, shared_base)
+        return layer_forward(x, base, adapters, self.in_features, self.out_features, compute, call.base_out)
 
     def _active_unmerged(self) -> list[str]:
         return [n for n in self.active_adapters if n in self.randlora_lambda and n not in self.merged_adapters]

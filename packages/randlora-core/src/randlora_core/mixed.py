@@ -9,6 +9,7 @@ rows, so a row is exactly what a call with that adapter alone gives.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +18,7 @@ from randlora_spec.errors import ShapeError
 
 if TYPE_CHECKING:
     from randlora_core.layer import RandLoraLinear
+    from randlora_core.operands import LayerInput
 
 BASE = "__base__"
 """The name that selects the base model alone for a row (PEFT's convention)."""
@@ -38,9 +40,7 @@ def scatter_rows(parts: list[torch.Tensor], rows: list[torch.Tensor], batch: int
     return stacked.new_empty((batch, *stacked.shape[1:])).index_copy(0, index, stacked)
 
 
-def mixed_forward(
-    layer: RandLoraLinear, x: torch.Tensor, per_row: list[str], args: tuple[object, ...], kwargs: dict[str, object]
-) -> torch.Tensor:
+def mixed_forward(layer: RandLoraLinear, call: LayerInput, per_row: list[str]) -> torch.Tensor:
     """Row ``i`` of the batch through adapter ``per_row[i]`` alone (:data:`~randlora_core.mixed.BASE` for none).
 
     Each adapter runs on the whole batch and its rows are taken: matmul results depend on the
@@ -48,16 +48,18 @@ def mixed_forward(
     of the batch gives. The base output is computed once and shared: ``k`` adapters cost one
     base pass and ``k`` adapter passes (``k`` layer passes where the dense path is chosen).
     """
+    x = call.x
     if x.dim() < 2 or x.shape[0] != len(per_row):
         raise ShapeError(
             f"layer {layer.layer_name!r}: adapter_names has {len(per_row)} entries for an input of shape "
             f"{tuple(x.shape)}; the layer's input must have the batch as its first axis"
         )
-    base_out = layer._base_forward(x, *args, **kwargs)
+    base_out = layer._base_output(call)
+    shared = dataclasses.replace(call, base_out=base_out)
     parts, order = [], []
     for name, rows in mixed_groups(per_row, x.device).items():
         if name in layer.randlora_lambda and name not in layer.merged_adapters:
-            out = layer._adapted(x, [name], args, kwargs, shared_base=base_out)
+            out = layer._adapted(shared, [name])
         else:
             out = layer._finish(x, base_out)
         parts.append(out.index_select(0, rows))

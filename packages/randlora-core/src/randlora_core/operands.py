@@ -8,7 +8,7 @@ plans and evaluates the call from them alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -74,3 +74,21 @@ class BaseCall:
     """The model's inference cache, used for calls without gradients (:mod:`randlora_core.inference_cache`)."""
     owner: int = 0
     """The layer's identity in ``cache``."""
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """One call of a wrapper: the input, the base layer's other arguments, and ``base(x)`` when already known.
+
+    Mixed-adapter batches compute the base output once and hand it to every adapter's pass in ``base_out``.
+    """
+
+    x: torch.Tensor
+    args: tuple[object, ...] = ()
+    kwargs: dict[str, object] = field(default_factory=dict)
+    base_out: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Whether the base layer is called with ``x`` alone (so the engine may run its matmul itself)."""
+        return not self.args and not self.kwargs

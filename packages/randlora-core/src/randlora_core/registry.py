@@ -90,10 +90,10 @@ class RandLoraLayer(Protocol):
         adapter_name: str,
         config: RandLoraConfig,
         bases_module: RandLoraBases,
-        autocast_adapter_dtype: bool = True,
-        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool,
+        low_cpu_mem_usage: bool,
     ) -> None:
-        """Add an adapter."""
+        """Add an adapter (the model passes every argument; wrappers default the last two to ``True``, ``False``)."""
         ...
 
     def set_adapter(self, adapter_names: list[str]) -> None:

@@ -16,17 +16,8 @@ import numpy as np
 
 from randlora_jax.arrays import to_device
 from randlora_jax.philox import philox4x32, seed_to_key
-from randlora_spec.bases import (
-    DENSE_SCALE,
-    PORTABLE_RULE,
-    TAG_A,
-    TAG_B,
-    BasesShape,
-    BasisKind,
-    require_portable,
-    sparse_scale,
-    sparse_threshold,
-)
+from randlora_spec import bases as rule
+from randlora_spec.bases import BasesShape, BasisKind
 from randlora_spec.errors import BasisRuleError, ShapeError
 
 _KINDS = ("dense", "sparse", "very_sparse")
@@ -61,7 +52,7 @@ def _basis_values(
 def dense_from_words(words: jax.Array) -> jax.Array:
     """Map 32-bit words to float32 values: ``fl32(fl32(2 * (w >> 8) + 1 - 2**24) * DENSE_SCALE)``."""
     n = 2 * (words >> 8).astype(jnp.int32) + (1 - 2**24)  # odd, |n| < 2**24: exact in int32 and float32
-    values: jax.Array = n.astype(jnp.float32) * jnp.float32(DENSE_SCALE)
+    values: jax.Array = n.astype(jnp.float32) * jnp.float32(rule.DENSE_SCALE)
     return values
 
 
@@ -99,7 +90,7 @@ def generate_basis(
         ConfigError: ``seed`` outside ``[0, 2**64)``.
 
     """
-    if tag not in (TAG_A, TAG_B):
+    if tag not in (rule.TAG_A, rule.TAG_B):
         raise BasisRuleError(f"tag must be TAG_A (0x41) or TAG_B (0x42), got {tag!r}")
     if kind not in _KINDS:
         raise BasisRuleError(f"basis kind must be one of {_KINDS}, got {kind!r}")
@@ -114,14 +105,14 @@ def generate_basis(
         raise ShapeError(f"basis shape {dims} has {count} elements; this generator handles fewer than 2**32")
     if count == 0:
         return jnp.zeros(dims, jnp.float32)
-    threshold = sparse_threshold(kind, m_max or 0) if kind != "dense" else 1
+    threshold = rule.sparse_threshold(kind, m_max or 0) if kind != "dense" else 1
     values = _basis_values(
         jnp.uint32(k0),
         jnp.uint32(k1),
         to_device(dims, np.uint32),
         jnp.uint32(tag),
         jnp.uint32(threshold),
-        jnp.float32(sparse_scale(threshold)),
+        jnp.float32(rule.sparse_scale(threshold)),
         size=_bucket(count),
         ternary=kind != "dense",
     )
@@ -130,7 +121,7 @@ def generate_basis(
 
 
 def generate_bases(
-    seed: int, shape: BasesShape, kind: BasisKind = "dense", basis_rule: str = PORTABLE_RULE
+    seed: int, shape: BasesShape, kind: BasisKind = "dense", basis_rule: str = rule.PORTABLE_RULE
 ) -> tuple[jax.Array, jax.Array]:
     """The shared pair ``(A, B)`` of an allocation: ``A`` is ``(r, 1, m_max)``, ``B`` is ``(M_max, nb_max, r)``.
 
@@ -138,7 +129,7 @@ def generate_bases(
         BasisRuleError: ``basis_rule`` is not the portable rule (the only one JAX can regenerate).
 
     """
-    require_portable(basis_rule, "randlora-jax")
-    a = generate_basis(seed, TAG_A, shape.a_shape, kind, shape.m_max)
-    b = generate_basis(seed, TAG_B, shape.b_shape, kind, shape.m_max)
+    rule.require_portable(basis_rule, "randlora-jax")
+    a = generate_basis(seed, rule.TAG_A, shape.a_shape, kind, shape.m_max)
+    b = generate_basis(seed, rule.TAG_B, shape.b_shape, kind, shape.m_max)
     return a, b

@@ -33,9 +33,11 @@ from randlora_jax.variables import trainable
 from randlora_spec import checkpoint as spec_ckpt
 from randlora_spec.bases import BasesShape
 from randlora_spec.config import RandLoraConfig
-from randlora_spec.driver import Unsupported
+from randlora_spec.driver import Unsupported, unsupported_features, variant
 from randlora_spec.golden import GoldenCase
 from randlora_spec.layer_kinds import BASE_FEATURES
+
+_ONLY_LINEAR = "randlora-jax adapts nnx.Linear and plain-linear nnx.Einsum layers only, without the DoRA variant"
 
 
 @contextlib.contextmanager
@@ -104,12 +106,9 @@ class JaxDriver:
 
     def run(self, case: GoldenCase) -> dict[str, np.ndarray] | Unsupported:
         """Every expected output of ``case``."""
-        beyond = sorted(case.features - BASE_FEATURES)
-        if beyond:
-            return Unsupported(
-                f"the case needs {beyond}: randlora-jax adapts nnx.Linear and plain-linear nnx.Einsum layers only, "
-                "without the DoRA variant"
-            )
+        skip = unsupported_features(case, BASE_FEATURES, _ONLY_LINEAR)
+        if skip is not None:
+            return skip
         with x64(case.dtype == "float64"):
             if case.kind == "bases":
                 p = case.params
@@ -192,15 +191,12 @@ class JaxDriver:
         return {f"{path}.y": np.asarray(call(wrapped[path], to_device(case.inputs[f"{path}.x"]))) for path in ckpt.layers}
 
 
-class JaxFactoredDriver(JaxDriver):
-    """Every layer call on the factored path (two thin products per adapter)."""
-
-    name = "jax-factored"
-    compute = "factored"
-
-
-class JaxDenseDriver(JaxDriver):
-    """Every layer call on the dense path (``delta_W`` folded into the base matmul, rebuilt in backward)."""
-
-    name = "jax-dense"
-    compute = "dense"
+JaxFactoredDriver = variant(
+    JaxDriver, "jax-factored", "Every layer call on the factored path (two thin products per adapter).", compute="factored"
+)
+JaxDenseDriver = variant(
+    JaxDriver,
+    "jax-dense",
+    "Every layer call on the dense path (``delta_W`` folded into the base matmul, rebuilt in backward).",
+    compute="dense",
+)

@@ -46,7 +46,7 @@ from randlora_peft._peft import import_peft, peft_randlora_linear
 from randlora_peft.accelerate import accelerate
 from randlora_peft.convert import write_peft_adapter
 from randlora_spec import checkpoint as spec_ckpt
-from randlora_spec.driver import Unsupported
+from randlora_spec.driver import Unsupported, unsupported_features, variant
 from randlora_spec.geometry import LayerGeometry
 from randlora_spec.golden import GoldenCase
 from randlora_spec.layer_kinds import BASE_FEATURES
@@ -54,6 +54,7 @@ from randlora_spec.layer_kinds import BASE_FEATURES
 if TYPE_CHECKING:
     from peft.tuners.randlora.layer import Linear as PeftRandLoraLinear
 
+_ONLY_LINEAR = "PEFT 0.21's RandLoRA adapts only nn.Linear and transformers' Conv1D and has no DoRA variant"
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -108,12 +109,9 @@ class PeftDriver:
             )
         if case.dtype not in _DTYPES:
             return Unsupported(f"dtype {case.dtype} is not run through PEFT")
-        beyond = sorted(case.features - BASE_FEATURES)
-        if beyond:
-            return Unsupported(
-                f"the case needs {beyond}: PEFT 0.21's RandLoRA adapts only nn.Linear and transformers' Conv1D and has "
-                "no DoRA variant"
-            )
+        skip = unsupported_features(case, BASE_FEATURES, _ONLY_LINEAR)
+        if skip is not None:
+            return skip
         reason = self._inexpressible(case)
         if reason is not None:
             return Unsupported(reason)
@@ -234,18 +232,12 @@ class PeftDriver:
         return out
 
 
-class PeftDenseDriver(PeftDriver):
-    """:class:`PeftDriver` with the accelerated layers forced onto the dense path."""
-
-    name = "peft-dense"
-    compute = "dense"
-
-
-class PeftFactoredDriver(PeftDriver):
-    """:class:`PeftDriver` with the accelerated layers forced onto the factored path."""
-
-    name = "peft-factored"
-    compute = "factored"
+PeftDenseDriver = variant(
+    PeftDriver, "peft-dense", ":class:`PeftDriver` with the accelerated layers on the dense path.", compute="dense"
+)
+PeftFactoredDriver = variant(
+    PeftDriver, "peft-factored", ":class:`PeftDriver` with the accelerated layers on the factored path.", compute="factored"
+)
 
 
 class PeftNativeDriver(PeftDriver):

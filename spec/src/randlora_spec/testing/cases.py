@@ -12,15 +12,18 @@ import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from randlora_spec import checkpoint
-from randlora_spec.bases import BasisKind, basis_kind, generate_bases
+from randlora_spec.bases import BasesShape, BasisKind, basis_kind, generate_bases
 from randlora_spec.config import RandLoraConfig
 from randlora_spec.geometry import LayerGeometry, allocation, bases_shape_for_layers
 from randlora_spec.golden import GoldenCase
+
+if TYPE_CHECKING:
+    from randlora_spec.testing.kind_cases import KindSpec
 
 LAYER_KINDS = ("forward", "backward", "merge")
 
@@ -87,19 +90,17 @@ def layer_inputs(spec: LayerSpec, case_id: str, dtype: str) -> tuple[dict[str, n
         # Non-trivial gamma: around PEFT's 1/M init, but different per element.
         inputs[f"{name}.gamma"] = _round((1.0 + 0.5 * rng.standard_normal((geom.nb, geom.m))) / geom.M, dtype)
         adapters[name] = {"r": r, "alpha": spec.alphas.get(name, 2.0 * r)}
-    params = {
-        "in_features": i_f,
-        "out_features": o_f,
-        "fan_in_fan_out": spec.fan_in_fan_out,
-        "has_bias": spec.has_bias,
-        "adapters": adapters,
-        "active": list(spec.active),
-        "seed": spec.seed,
-        "basis_kind": spec.basis,
-        "bases_shape": shape.__dict__,
-        "notes": spec.notes,
-    }
-    return inputs, params
+    return inputs, case_params(spec, (i_f, o_f, spec.fan_in_fan_out), adapters, shape)
+
+
+def case_params(
+    spec: LayerSpec | KindSpec, layout: tuple[int, int, bool], adapters: dict[str, Any], shape: BasesShape, **kind: Any
+) -> dict[str, Any]:
+    """The ``params`` of a layer case: ``layout`` is ``(in, out, fan_in_fan_out)``, ``kind`` the kind's own entries."""
+    i_f, o_f, fan_in_fan_out = layout
+    common = {"in_features": i_f, "out_features": o_f, "fan_in_fan_out": fan_in_fan_out, "has_bias": spec.has_bias}
+    drawn = {"seed": spec.seed, "basis_kind": spec.basis, "bases_shape": shape.__dict__, "notes": spec.notes}
+    return {**common, "adapters": adapters, "active": list(spec.active), **kind, **drawn}
 
 
 def layer_case(spec: LayerSpec, kind: str, dtype: str) -> GoldenCase:
@@ -108,12 +109,15 @@ def layer_case(spec: LayerSpec, kind: str, dtype: str) -> GoldenCase:
     Its id is ``<kind>-<spec.name>-<dtype>``; the three kinds share one set of random inputs and
     each keeps the ones it reads (no ``grad_y`` outside backward, no ``x`` in merge).
     """
-    inputs, params = layer_inputs(spec, f"{spec.name}-{dtype}", dtype)
-    if kind != "backward":
-        inputs = {k: v for k, v in inputs.items() if k != "grad_y"}
-    if kind == "merge":
-        inputs = {k: v for k, v in inputs.items() if k != "x"}
-    return GoldenCase(id=f"{kind}-{spec.name}-{dtype}", kind=kind, dtype=dtype, params=params, inputs=inputs, expected={})
+    return case_of(kind, spec.name, dtype, layer_inputs(spec, f"{spec.name}-{dtype}", dtype))
+
+
+def case_of(kind: str, name: str, dtype: str, drawn: tuple[dict[str, np.ndarray], dict[str, Any]]) -> GoldenCase:
+    """Case ``<kind>-<name>-<dtype>`` from a layer's drawn ``(inputs, params)``, keeping the inputs ``kind`` reads."""
+    inputs, params = drawn
+    unread = {"backward": set(), "merge": {"grad_y", "x"}}.get(kind, {"grad_y"})
+    kept = {k: v for k, v in inputs.items() if k not in unread}
+    return GoldenCase(id=f"{kind}-{name}-{dtype}", kind=kind, dtype=dtype, params=params, inputs=kept, expected={})
 
 
 def _bf16_representable(values: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from randlora_spec.golden import GoldenCase
 from randlora_spec.layer_kinds import CONV_KINDS, EMBEDDING, LINEAR, LayerRecord
 from randlora_spec.reference_dora import row_norms, view_of
 from randlora_spec.reference_inputs import ConvGeometry
-from randlora_spec.testing.cases import rng_for
+from randlora_spec.testing.cases import case_of, case_params, rng_for
 
 
 @dataclass(frozen=True)
@@ -149,30 +149,13 @@ def kind_inputs(spec: KindSpec, case_id: str, dtype: str) -> tuple[dict[str, np.
             # Around the initial magnitude (the weight's row norms), so each factor is near but not at 1.
             inputs[f"{name}.magnitude"] = _round(norms * (1.0 + 0.2 * rng.standard_normal(o_f)), dtype)
             adapters[name]["use_dora"] = True
-    params = {
-        "in_features": i_f,
-        "out_features": o_f,
-        "fan_in_fan_out": spec.kind == EMBEDDING or spec.fan_in_fan_out,
-        "has_bias": spec.has_bias,
-        "adapters": adapters,
-        "active": list(spec.active),
-        **spec.kind_params(),
-        "seed": spec.seed,
-        "basis_kind": spec.basis,
-        "bases_shape": shape.__dict__,
-        "notes": spec.notes,
-    }
-    return inputs, params
+    layout = (i_f, o_f, spec.kind == EMBEDDING or spec.fan_in_fan_out)
+    return inputs, case_params(spec, layout, adapters, shape, **spec.kind_params())
 
 
 def kind_case(spec: KindSpec, kind: str, dtype: str) -> GoldenCase:
     """The ``kind`` case (forward, backward or merge) of ``spec`` in ``dtype``, id ``<kind>-<spec.name>-<dtype>``."""
-    inputs, params = kind_inputs(spec, f"{spec.name}-{dtype}", dtype)
-    if kind != "backward":
-        inputs = {k: v for k, v in inputs.items() if k != "grad_y"}
-    if kind == "merge":
-        inputs = {k: v for k, v in inputs.items() if k != "x"}
-    return GoldenCase(id=f"{kind}-{spec.name}-{dtype}", kind=kind, dtype=dtype, params=params, inputs=inputs, expected={})
+    return case_of(kind, spec.name, dtype, kind_inputs(spec, f"{spec.name}-{dtype}", dtype))
 
 
 CHECKPOINT_KIND_LAYERS = {
