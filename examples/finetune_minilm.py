@@ -59,6 +59,7 @@ from randlora_spec.tolerances import check_close, tolerance
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sentiment_data.py, also when run from elsewhere
 from sentiment_data import LABELS, Example, balanced_split, load_snippets
+from sparse_seeds import FINAL_LOSS_STEPS, SeedRun, mean_accuracies, seed_section, untouched_coordinates
 
 SEED = 0
 MAX_LENGTH = 64  # tokens; the longest snippet is ~60 words, the mean ~25 tokens
@@ -316,34 +317,6 @@ def randlora_config(very_sparse: bool = False, projection_seed: int = SEED) -> R
     )
 
 
-@dataclass
-class SeedRun:
-    """One RandLoRA fine-tuning run of the dense vs very_sparse comparison."""
-
-    projection_seed: int
-    very_sparse: bool
-    test_accuracy: float
-    final_loss: float  # mean training loss over the last FINAL_LOSS_STEPS steps
-    untouched: int  # small-side coordinates no basis reaches (all-zero columns of the A window)
-    small_side: int  # m of the targeted layers (all of MiniLM's have m = 384)
-    m_max: int  # of the bases' allocation (SPEC 3.1); very_sparse keeps 1/sqrt(m_max) nonzeros
-
-
-FINAL_LOSS_STEPS = 20
-
-
-def untouched_coordinates(model: RandLoraModel) -> tuple[int, int, int]:
-    """All-zero columns of the shared ``A`` window ``A[:r, 0, :m]`` of the narrowest targeted layer, ``m``, ``m_max``.
-
-    ``A`` is shared by every basis (SPEC 3.1), so ``delta_W`` is zero on such a small-side coordinate
-    whatever lambda and gamma learn: very sparse bases leave some hidden units unadapted in every layer.
-    """
-    assert model.randlora_bases is not None
-    m = min(min(layer.in_features, layer.out_features) for _, layer in model.named_randlora_layers())
-    a = model.randlora_bases.randlora_A
-    return int((a[:RANDLORA_R, 0, :m] == 0).all(0).sum()), m, a.shape[2]
-
-
 def fine_tune_randlora(
     head_state: dict[str, torch.Tensor],
     data: tuple[Encoded, Encoded],
@@ -359,7 +332,7 @@ def fine_tune_randlora(
     logits = predict_logits(model, test_data, f"eval {name}")
     final = statistics.fmean(stats.losses[-FINAL_LOSS_STEPS:])
     acc = accuracy(logits, test_data.labels)
-    return model, stats, logits, SeedRun(projection_seed, very_sparse, acc, final, *untouched_coordinates(model))
+    return model, stats, logits, SeedRun(projection_seed, very_sparse, acc, final, *untouched_coordinates(model, RANDLORA_R))
 
 
 def file_bytes(path: Path) -> int:
@@ -461,49 +434,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def sparse_mean_check(seed_runs: list[SeedRun]) -> Check:
-    """Non-gating: mean very_sparse accuracy over the projection seeds within 1 point of the dense mean."""
-    dense = statistics.fmean(r.test_accuracy for r in seed_runs if not r.very_sparse)
-    sparse = statistics.fmean(r.test_accuracy for r in seed_runs if r.very_sparse)
-    k = len(seed_runs) // 2
-    detail = f"{100 * sparse:.1f} % vs {100 * dense:.1f} % (means over {k} projection seeds)"
-    return Check(
-        f"very_sparse mean within 1 point of dense mean over {k} projection seeds",
-        abs(sparse - dense) <= 0.01,
-        detail,
-        gating=False,
-    )
-
-
-def seed_table(seed_runs: list[SeedRun]) -> list[str]:
-    """Markdown lines: per projection seed, dense and very_sparse accuracies and final losses; then the means."""
-    dense = {r.projection_seed: r for r in seed_runs if not r.very_sparse}
-    sparse = {r.projection_seed: r for r in seed_runs if r.very_sparse}
-    rows = [
-        "| projection seed | dense | very_sparse | difference | final loss dense / very_sparse | untouched coordinates |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for seed, d in dense.items():
-        s = sparse[seed]
-        rows.append(
-            f"| {seed} | {100 * d.test_accuracy:.1f} % | {100 * s.test_accuracy:.1f} % "
-            f"| {100 * (s.test_accuracy - d.test_accuracy):+.1f} | {d.final_loss:.3f} / {s.final_loss:.3f} "
-            f"| {d.untouched} / {s.untouched} |"
-        )
-    diffs = [100 * (sparse[seed].test_accuracy - d.test_accuracy) for seed, d in dense.items()]
-    stderr = f" ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.1f}" if len(diffs) > 1 else ""
-
-    def mean(runs: dict[int, SeedRun], attr: str) -> float:
-        return statistics.fmean(getattr(r, attr) for r in runs.values())
-
-    rows.append(
-        f"| mean | {100 * mean(dense, 'test_accuracy'):.1f} % | {100 * mean(sparse, 'test_accuracy'):.1f} % "
-        f"| {statistics.fmean(diffs):+.1f}{stderr} | {mean(dense, 'final_loss'):.3f} / {mean(sparse, 'final_loss'):.3f} "
-        f"| {mean(dense, 'untouched'):.0f} / {mean(sparse, 'untouched'):.0f} |"
-    )
-    return rows
-
-
 def write_summary(
     path: Path,
     results: list[MethodResult],
@@ -526,7 +456,6 @@ def write_summary(
     ]
     v = info["versions"]
     assert isinstance(v, dict)
-    m_max = seed_runs[0].m_max
     lines = [
         "# Fine-tuning all-MiniLM-L6-v2: linear probe vs RandLoRA (dense and very sparse bases) vs LoRA",
         "",
@@ -546,21 +475,7 @@ def write_summary(
         "(lambda, gamma, head; bases regenerated from the seed, `save_projection=False`) and PEFT's "
         "`adapter_model.safetensors` (LoRA A/B, head).",
         "",
-        "## Dense vs very_sparse bases over projection seeds",
-        "",
-        *seed_table(seed_runs),
-        "",
-        f"Both variants train with the same data order, head initialisation and hyperparameters; only "
-        f"`projection_prng_key` and the basis kind change (seed {SEED} is the table's rows above). Difference: "
-        f"very_sparse minus dense, in points (mean ± standard error of the paired differences). Final "
-        f"loss: mean training loss over the last {FINAL_LOSS_STEPS} steps. Untouched coordinates (dense / "
-        f"very_sparse, of the layers' m = {seed_runs[0].small_side}): all-zero columns of the shared `A` "
-        f"window `A[:r, 0, :m]`, i.e. hidden coordinates that the update of every layer neither reads "
-        f"(`query`, `key`, `value`, attention output, intermediate) nor writes (FFN output). The bases are "
-        f"allocated with m_max = min(largest in, largest out) = {m_max} (SPEC 3.1), so very_sparse keeps "
-        f"1/sqrt({m_max}) = {100 / m_max**0.5:.1f} % nonzeros and leaves about (1 - 1/sqrt({m_max}))^{RANDLORA_R} "
-        f"= {100 * (1 - m_max**-0.5) ** RANDLORA_R:.0f} % of the coordinates untouched.",
-        "",
+        *seed_section(seed_runs, SEED, RANDLORA_R),
         "## Checks",
         "",
         *check_lines,
@@ -679,7 +594,16 @@ def run(out: Path, settings: Settings) -> int:
             seed_runs.append(fine_tune_randlora(head_state, data, settings, very_sparse, projection_seed=seed)[3])
             print(f"projection seed {seed}, very_sparse={very_sparse}: test accuracy {100 * seed_runs[-1].test_accuracy:.1f} %")
     if settings.sparse_seeds > 1:
-        checks.append(sparse_mean_check(seed_runs))
+        dense_mean, sparse_mean = mean_accuracies(seed_runs)
+        k = settings.sparse_seeds
+        checks.append(
+            Check(
+                f"very_sparse mean within 1 point of dense mean over {k} projection seeds",
+                abs(sparse_mean - dense_mean) <= 0.01,
+                f"{100 * sparse_mean:.1f} % vs {100 * dense_mean:.1f} %",
+                gating=False,
+            )
+        )
 
     # (c) PEFT LoRA at a similar parameter count.
     torch.manual_seed(SEED)  # LoRA's A matrices are drawn from the global generator
