@@ -146,7 +146,22 @@ def decode_suite(d: int, hidden: int, shapes: list[tuple[str, int, int]], rounds
         for label, batch, tokens in shapes:
             set_input(torch.randn(batch, tokens, d))
             rows.append({"shape": label, "batch": batch, "tokens": tokens, "median_ms": _medians(fns, rounds, budget_s)})
-    return {"d": d, "hidden": hidden, "cache_mib": mib, "rows": rows}
+    return {"d": d, "hidden": hidden, "cache_mib": mib, "rows": rows, "read_floor": _read_floor(d, hidden, 32)}
+
+
+def _read_floor(d: int, hidden: int, r: int) -> float:
+    """Matrix bytes an unmerged call of one token must read, over the base's: ``W`` plus each layer's ``B_flat`` window.
+
+    ``y = x W^T + B_flat h``: ``h`` needs only ``A``'s window, lambda and gamma (a few MiB), but
+    ``B_flat`` (``M x nb*r``, at least the size of ``W``) is read whole, so on a memory-bound decode no
+    unmerged evaluation of dense float32 bases can cost less than this ratio of the base.
+    """
+    from randlora_spec.geometry import LayerGeometry
+
+    layers = [(d, d)] * 4 + [(d, hidden)] * 2 + [(hidden, d)]
+    base = sum(i * o for i, o in layers)
+    geoms = [LayerGeometry(i, o, r) for i, o in layers]
+    return (base + sum(g.M * g.nb * g.r for g in geoms)) / base
 
 
 def mixed_suite(d: int, samples: int, tokens: int, rounds: int, budget_s: float) -> dict[str, Any]:

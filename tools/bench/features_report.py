@@ -44,7 +44,10 @@ def _decode(data: dict[str, Any]) -> list[str]:
         f" holding the scaled bases only. The caches hold {mib['cache W+dW']:.1f} MiB (W + delta_W) and"
         f" {mib['cache scaled bases']:.1f} MiB (scaled bases) for this block after one decode call: a call of few"
         " tokens without gradients takes the activation path (lambda, gamma and the bases applied to the activations,"
-        " no scaled bases formed or cached), so unmerged decode needs no cache; prefill fills the scaled-bases one.",
+        " no scaled bases formed or cached), so unmerged decode needs no cache; prefill fills the scaled-bases one."
+        f" Any unmerged evaluation reads W and the B_flat windows, {data.get('read_floor', float('nan')):.2f}x the"
+        " base's matrix bytes (dense float32 bases): on a memory-bound decode that ratio is the floor of the"
+        " no-cache and scaled-bases columns; only a cache holding W + delta_W goes below it.",
         "",
         "| shape | " + " | ".join(f"{n} ms (x base)" for n in names) + " |",
         "|---|" + "---:|" * len(names),
