@@ -302,10 +302,7 @@ class RandLoraFunction(torch.autograd.Function):
                 if keep_h:
                     hs.append(h)
         del bases
-        # Under IEEE arithmetic the factored path turns an infinite input into NaN where it meets a
-        # zero of S while the dense path keeps it, so a non-finite input row is NaN throughout, on
-        # every path: the output must not depend on the batch size through the path choice.
-        y2 += x.reshape(-1, n_in).abs().amax(dim=1, keepdim=True).mul_(0).to(y2.dtype)
+        kernels.poison_nonfinite_rows(y2, x.reshape(-1, n_in))
         ctx.plan, ctx.n_h = plan, len(hs)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.base_dtype = base_out.dtype if base_out is not None else None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from randlora_core.kernels import combined_scaled_basis, delta_sum, own_copy, times, times_into
+from randlora_core.kernels import combined_scaled_basis, delta_sum, own_copy, poison_nonfinite_rows, times, times_into
 
 if TYPE_CHECKING:
     from randlora_core.operands import AdapterCall, BaseCall
@@ -140,7 +140,7 @@ def cached_forward(
         y = _weights(lookup, fused, base.weight_in_out if fused else not in_le_out, x.to(dtype))
     else:
         y = _scaled_bases(lookup, x.reshape(-1, x.shape[-1]).to(dtype))
-    y.view(-1, y.shape[-1]).add_(x.reshape(-1, x.shape[-1]).abs().amax(dim=1, keepdim=True).mul_(0).to(y.dtype))
+    poison_nonfinite_rows(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]))
     return y.to(x.dtype)
 
 

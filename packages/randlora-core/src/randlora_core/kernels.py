@@ -62,6 +62,16 @@ def activation_into(
         y2.add_(z.sum(1).to(y2.dtype))
 
 
+def poison_nonfinite_rows(y2: torch.Tensor, x2: torch.Tensor) -> None:
+    """Make every row of ``y2`` (N, out) NaN whose input row of ``x2`` (N, in) holds a non-finite value.
+
+    Under IEEE arithmetic the factored path turns an infinite input into NaN where it meets a zero of
+    ``S`` while the dense path keeps it; poisoning the whole row makes every path agree, so the output
+    does not depend on the batch size through the path choice.
+    """
+    y2 += x2.abs().amax(dim=1, keepdim=True).mul_(0).to(y2.dtype)
+
+
 def basis_grads(
     grad_s: torch.Tensor,
     a_s: torch.Tensor,
