@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from randlora_core import RandLoraConfig, get_randlora_model
-from randlora_core.engine import Plan, RandLoraFunction
+from randlora_core import RandLoraConfig, engine, get_randlora_model
+from randlora_core.engine import Plan
 from randlora_core.testing import Conv1DLike, SingleLayer
 
 
@@ -125,11 +127,11 @@ def tiny_lm() -> TinyLM:
 def spy_plans(monkeypatch: pytest.MonkeyPatch) -> list[Plan]:
     """Records the :class:`Plan` of every engine call from now on (the plans a test asserts about)."""
     plans: list[Plan] = []
-    original = RandLoraFunction.apply
+    original = engine.evaluate
 
-    def apply(plan: Plan, *args: object) -> torch.Tensor:
+    def evaluate(plan: Plan, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
         plans.append(plan)
-        return original(plan, *args)
+        return original(plan, *args, **kwargs)
 
-    monkeypatch.setattr(RandLoraFunction, "apply", apply)
+    monkeypatch.setattr(engine, "evaluate", evaluate)
     return plans

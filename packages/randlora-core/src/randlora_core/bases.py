@@ -38,6 +38,9 @@ from randlora_spec.errors import BasisRuleError, ShapeError
 from randlora_spec.geometry import shape_of_bases
 from randlora_spec.philox import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1, ROUNDS, seed_to_key
 
+Window = tuple[torch.Tensor, torch.Tensor]
+"""A pair of tensors: the bases ``(A, B)``, or a layer's window of them ``(a_s, b_flat)``."""
+
 MASK32 = 0xFFFFFFFF
 CHUNK_ELEMENTS = 1 << 20
 """Elements per step of the pure-torch rule: bounds its int64 working set to a few tens of MiB for any shape."""
@@ -202,6 +205,8 @@ class RandLoraBases(nn.Module):
         self.register_buffer("randlora_A", _checked_float32(a, "A"), persistent=False)
         self.register_buffer("randlora_B", _checked_float32(b, "B"), persistent=False)
         self._cast_cache: dict[tuple[torch.dtype, torch.device], tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
+        # the pair each window was cut from is held with it, so a replaced pair's address is never reused while compared
+        self._windows: dict[tuple[int, int, int, int, torch.dtype, torch.device], tuple[Window, tuple[int, ...], Window]] = {}
 
     @property
     def shape(self) -> BasesShape:
@@ -215,18 +220,34 @@ class RandLoraBases(nn.Module):
         self.randlora_B = _checked_float32(b, "B").to(device)
         self.regenerable = regenerable
         self._cast_cache.clear()
+        self._windows.clear()
 
     def window(
         self, r: int, m: int, big_m: int, nb: int, dtype: torch.dtype, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A layer's windows in ``dtype`` on ``device``: ``A[:r, 0, :m]`` (r, m) and ``B_flat`` (M, nb*r).
 
-        In float32 on the buffers' device these are views of the shared storage (no copy).
+        In float32 on the buffers' device these are views of the shared storage, except ``B_flat``
+        for ``nb`` below the allocation's, which is a copy. Either is kept until the pair changes, so
+        every call (and every layer of that window, and what autograd saves for them) shares one.
         """
+        a, b = self._cast(dtype, device)
+        if torch.compiler.is_compiling():  # a traced graph slices anyway; comparing versions would break it
+            self._check_covers(r, m, big_m, nb)
+            return a[:r, 0, :m], b[:big_m, :nb, :r].reshape(big_m, nb * r)
+        key = (r, m, big_m, nb, dtype, device)
+        token = (a.data_ptr(), a._version, b.data_ptr(), b._version)
+        hit = self._windows.get(key)
+        if hit is not None and hit[0][0] is a and hit[0][1] is b and hit[1] == token:
+            return hit[2]
+        self._check_covers(r, m, big_m, nb)
+        window = a[:r, 0, :m], b[:big_m, :nb, :r].reshape(big_m, nb * r)
+        self._windows[key] = ((a, b), token, window)
+        return window
+
+    def _check_covers(self, r: int, m: int, big_m: int, nb: int) -> None:
         if not self.shape.covers(BasesShape(r=r, m_max=m, M_max=big_m, nb_max=nb)):
             raise ShapeError(f"shared bases {self.shape} are too small for a window r={r}, m={m}, M={big_m}, nb={nb}")
-        a, b = self._cast(dtype, device)
-        return a[:r, 0, :m], b[:big_m, :nb, :r].reshape(big_m, nb * r)
 
     def _cast(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self.randlora_A, self.randlora_B
@@ -250,6 +271,7 @@ class RandLoraBases(nn.Module):
             # A dtype cast would round the float32 values (bf16 keeps 8 bits); take the device only.
             self._buffers[name] = new if new.dtype == torch.float32 else old.to(device=new.device)
         self._cast_cache.clear()
+        self._windows.clear()
         return self
 
     def extra_repr(self) -> str:

@@ -288,7 +288,7 @@ def describe_call(
     need_params = grad and any(a.lam.requires_grad or a.gamma.requires_grad for g in groups for a in g)
     need_params = need_params or (fused and grad and base.bias is not None and base.bias.requires_grad)
     cache = base.cache
-    # without gradients the scaled-bases cache serves the factored path without rebuilding S (engine._cacheable)
+    # without gradients the scaled-bases cache serves the factored path without rebuilding S (inference_cache.cacheable)
     bases_cached = not grad and cache is not None and not cache.weights and not torch.compiler.is_compiling()
     return CallShape(
         tokens=x.numel() // in_features if in_features else 0,

@@ -19,7 +19,8 @@ per active adapter and call :func:`layer_forward`, which
    forward, factored backward), forced by ``compute`` or picked by :mod:`randlora_core.compute`,
    which under ``auto`` may also pick ``activation`` for a call needing no gradient (few tokens:
    ``S_flat`` is applied to the activations, never formed; :func:`~randlora_core.kernels.activation_into`);
-3. runs :class:`RandLoraFunction`.
+3. runs :class:`RandLoraFunction`, or with gradients disabled its :func:`evaluate` alone (a
+   Function's bookkeeping costs tens of microseconds per call, a visible share of a decode step).
 
 Memory: only ``x``, the base weight (a reference), the operands and, for a factored ``I > O``
 layer that trains, ``h = x @ b_flat`` (tokens x r*nb, as PEFT keeps) are saved for backward;
@@ -38,8 +39,8 @@ from torch.autograd.function import once_differentiable
 
 from randlora_core import kernels, sparse
 from randlora_core.compute import Compute, choose_path, describe_call, resolve_compute
-from randlora_core.inference_cache import cached_forward
-from randlora_core.kernels import basis_grads, combined_scaled_basis, delta_sum, grad_times, own_copy, times, times_into
+from randlora_core.inference_cache import cacheable, cached_forward
+from randlora_core.kernels import basis_grads, cast, combined_scaled_basis, delta_sum, grad_times, own_copy, times, times_into
 from randlora_core.operands import AdapterCall, BaseCall
 from randlora_core.sparse import SparseWindow
 
@@ -170,7 +171,7 @@ def layer_forward(
     if shared_base is not None and plan.fused_base and not plan.dense_forward:
         plan = dataclasses.replace(plan, fused_base=False, weight_in_out=not plan.in_le_out)
         base = dataclasses.replace(base, forward=lambda: shared_base, weight=None, bias=None)
-    if base.cache is not None and _cacheable(x, plan, base.cache.weights):
+    if base.cache is not None and cacheable(x, plan, base.cache.weights):
         out = cached_forward(x, base, groups, plan.in_le_out, plan.fused_base)
         if out is not None:
             return out
@@ -186,25 +187,11 @@ def layer_forward(
         ops += [members[0].a_s, members[0].b_flat]
         for adapter in members:
             ops += [adapter.lam, adapter.gamma]
-    result: torch.Tensor  # torch types Function.apply as returning Any
-    if plan.fused_base:
-        result = RandLoraFunction.apply(plan, x, base.weight, base.bias, None, *ops)
-    else:
-        result = RandLoraFunction.apply(plan, x, None, None, base_out, *ops)
+    weight, bias = (base.weight, base.bias) if plan.fused_base else (None, None)
+    if not torch.is_grad_enabled():
+        return evaluate(plan, x, weight, bias, base_out, ops, keep_h=False)[0]
+    result: torch.Tensor = RandLoraFunction.apply(plan, x, weight, bias, base_out, *ops)  # typed Any by torch
     return result
-
-
-def _cacheable(x: torch.Tensor, plan: Plan, weights: bool) -> bool:
-    """Whether a call may use the inference cache: no gradient, every adapter reading ``x``, not traced, no autocast.
-
-    A call the cost model sent to the ``activation`` path (weighed against the cached scaled
-    bases) needs no scaled-bases entry; the ``W + delta_W`` entry (``weights``) still beats it.
-    """
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
-        return False
-    if plan.activation and not weights:
-        return False
-    return not any(g.own_input for g in plan.groups)
 
 
 # -- the autograd node ------------------------------------------------------------------------
@@ -241,6 +228,59 @@ def _pairs(groups: list[_Group], bases: list[torch.Tensor]) -> list[tuple[torch.
     return [(g.b_flat, b) for g, b in zip(groups, bases, strict=True)]
 
 
+def evaluate(
+    plan: Plan,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    base_out: torch.Tensor | None,
+    ops: Sequence[torch.Tensor],
+    keep_h: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The layer output of :class:`RandLoraFunction` (same arguments), and each group's ``h`` if ``keep_h``."""
+    groups = _unflatten(plan, ops)
+    dtype = groups[0].a_s.dtype
+    n_in = x.shape[-1]
+    reads_x = plan.fused_base or any(g.x is None for g in groups)
+    x2 = cast(x.reshape(-1, n_in), dtype) if reads_x else x
+    # the sparse path forms S's nonzeros itself, the activation path none
+    bases = [g.a_s if plan.sparse or plan.activation else combined_scaled_basis(g.a_s, g.adapters) for g in groups]
+    # y is built with x's leading axes and written through the 2-D view y2, so the node returns
+    # no view (FSDP2 warns that a module returning a view can break backward).
+    if plan.fused_base:
+        assert weight is not None
+        w = cast(weight, dtype)
+        w = delta_sum(w, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases)) if plan.dense_forward else w
+        y, y2 = times_into(cast(x, dtype), w, plan.weight_in_out, cast(bias, dtype) if bias is not None else None, dtype)
+        del w
+    else:
+        assert base_out is not None
+        y = own_copy(base_out, torch.promote_types(base_out.dtype, dtype))
+        y2 = y.view(-1, y.shape[-1])
+    if not plan.fused_base and plan.dense_forward:
+        delta = delta_sum(None, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases))
+        y2 += times(x2, delta, plan.weight_in_out).to(y2.dtype)
+    hs: list[torch.Tensor] = []
+    if plan.activation:
+        for group in groups:
+            xg = x2 if group.x is None else group.x.reshape(-1, n_in)
+            kernels.activation_into(y2, xg, group.a_s, group.b_flat, group.adapters, plan.in_le_out)
+    elif not plan.dense_forward:
+        for index, (group, s) in enumerate(zip(groups, bases, strict=True)):
+            xg = x2 if group.x is None else group.x.reshape(-1, n_in)
+            window = plan.sparse[index] if plan.sparse else None
+            if window is not None:
+                h = sparse.forward_into(y2, xg, window, group.adapters, plan.in_le_out)
+            else:
+                h = xg @ (s.T if plan.in_le_out else group.b_flat)
+                y2.addmm_(cast(h, y2.dtype), cast(group.b_flat.T if plan.in_le_out else s, y2.dtype))
+            if keep_h:
+                hs.append(h)
+    del bases
+    kernels.poison_nonfinite_rows(y2, x.reshape(-1, n_in))
+    return cast(y, x.dtype), hs
+
+
 class RandLoraFunction(torch.autograd.Function):
     """Base layer plus every active adapter of one layer as a single autograd node.
 
@@ -260,54 +300,15 @@ class RandLoraFunction(torch.autograd.Function):
         base_out: torch.Tensor | None,
         *ops: torch.Tensor,
     ) -> torch.Tensor:
-        """The layer output (any leading axes on ``x``)."""
-        groups = _unflatten(plan, ops)
-        dtype = groups[0].a_s.dtype
-        n_in = x.shape[-1]
-        reads_x = plan.fused_base or any(g.x is None for g in groups)
-        x2 = x.reshape(-1, n_in).to(dtype) if reads_x else x
-        # the sparse path forms S's nonzeros itself, the activation path none
-        bases = [g.a_s if plan.sparse or plan.activation else combined_scaled_basis(g.a_s, g.adapters) for g in groups]
-        # y is built with x's leading axes and written through the 2-D view y2, so the node returns
-        # no view (FSDP2 warns that a module returning a view can break backward).
-        if plan.fused_base:
-            assert weight is not None
-            w = weight.to(dtype)
-            w = delta_sum(w, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases)) if plan.dense_forward else w
-            y, y2 = times_into(x.to(dtype), w, plan.weight_in_out, bias.to(dtype) if bias is not None else None, dtype)
-            del w
-        else:
-            assert base_out is not None
-            y = own_copy(base_out, torch.promote_types(base_out.dtype, dtype))
-            y2 = y.view(-1, y.shape[-1])
-        if not plan.fused_base and plan.dense_forward:
-            delta = delta_sum(None, plan.in_le_out, plan.weight_in_out, _pairs(groups, bases))
-            y2 += times(x2, delta, plan.weight_in_out).to(y2.dtype)
-        hs: list[torch.Tensor] = []
+        """The layer output (any leading axes on ``x``): :func:`evaluate`, saving what backward needs."""
         # h (the sparse path: its gathered input when in <= out) feeds grad_S
         keep_h = not plan.dense_backward and (bool(plan.sparse) or not plan.in_le_out) and any(ctx.needs_input_grad[5:])
-        if plan.activation:
-            for group in groups:
-                xg = x2 if group.x is None else group.x.reshape(-1, n_in)
-                kernels.activation_into(y2, xg, group.a_s, group.b_flat, group.adapters, plan.in_le_out)
-        elif not plan.dense_forward:
-            for index, (group, s) in enumerate(zip(groups, bases, strict=True)):
-                xg = x2 if group.x is None else group.x.reshape(-1, n_in)
-                window = plan.sparse[index] if plan.sparse else None
-                if window is not None:
-                    h = sparse.forward_into(y2, xg, window, group.adapters, plan.in_le_out)
-                else:
-                    h = xg @ (s.T if plan.in_le_out else group.b_flat)
-                    y2.addmm_(h.to(y2.dtype), (group.b_flat.T if plan.in_le_out else s).to(y2.dtype))
-                if keep_h:
-                    hs.append(h)
-        del bases
-        kernels.poison_nonfinite_rows(y2, x.reshape(-1, n_in))
+        y, hs = evaluate(plan, x, weight, bias, base_out, ops, keep_h)
         ctx.plan, ctx.n_h = plan, len(hs)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.base_dtype = base_out.dtype if base_out is not None else None
         ctx.save_for_backward(x, weight, *ops, *hs)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -335,8 +336,8 @@ class _Backward:
         self.need = ctx.needs_input_grad[5:]
         self.need_x = ctx.needs_input_grad[1]
         reads_x = self.plan.fused_base or any(g.x is None for g in self.groups)
-        self.x2 = self.x.reshape(-1, self.x.shape[-1]).to(self.dtype) if reads_x else self.x
-        self.g2 = grad_y.reshape(-1, grad_y.shape[-1]).to(self.dtype)
+        self.x2 = cast(self.x.reshape(-1, self.x.shape[-1]), self.dtype) if reads_x else self.x
+        self.g2 = cast(grad_y.reshape(-1, grad_y.shape[-1]), self.dtype)
         self.grads: list[torch.Tensor | None] = [None] * len(ops)
 
     def run(self) -> tuple[torch.Tensor | None, ...]:

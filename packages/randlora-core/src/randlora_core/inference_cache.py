@@ -34,12 +34,26 @@ import torch
 from randlora_core.kernels import combined_scaled_basis, delta_sum, own_copy, poison_nonfinite_rows, times, times_into
 
 if TYPE_CHECKING:
+    from randlora_core.engine import Plan
     from randlora_core.operands import AdapterCall, BaseCall
 
 
 def tensor_key(t: torch.Tensor) -> tuple[int, int, int]:
     """Identity and version of a tensor: any in-place change or replacement gives another key."""
     return (id(t), t._version, t.data_ptr())
+
+
+def cacheable(x: torch.Tensor, plan: Plan, weights: bool) -> bool:
+    """Whether a call may use the inference cache: no gradient, every adapter reading ``x``, not traced, no autocast.
+
+    A call the cost model sent to the ``activation`` path (weighed against the cached scaled
+    bases) needs no scaled-bases entry; the ``W + delta_W`` entry (``weights``) still beats it.
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type):
+        return False
+    if plan.activation and not weights:
+        return False
+    return not any(g.own_input for g in plan.groups)
 
 
 class InferenceCache:

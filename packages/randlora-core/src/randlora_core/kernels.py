@@ -44,22 +44,31 @@ def activation_into(
     """
     n, (r, m) = x2.shape[0], a_s.shape
     nb = b_flat.shape[1] // r
+    # one adapter: its scaling rides on the last product's alpha instead of an (r, nb) multiply
+    alpha = adapters[0][2] if len(adapters) == 1 else 1.0
     if in_le_out:
         h: torch.Tensor | None = None
         for lam, gamma, s in adapters:
-            first, second = (a_s, gamma) if r <= nb else (gamma, a_s)
-            z = torch.mm((x2[:, None, :] * first).view(-1, m), second.T).view(n, first.shape[0], second.shape[0])
-            term = (z if r <= nb else z.transpose(1, 2)) * (lam * s)
-            h = term if h is None else h.add_(term)
+            lam_s = lam if len(adapters) == 1 else lam * s
+            if r <= nb:
+                z = torch.mm((x2.unsqueeze(1) * a_s).view(-1, m), gamma.T).view(n, r, nb)
+            else:
+                z = torch.mm((x2.unsqueeze(1) * gamma).view(-1, m), a_s.T).view(n, nb, r).transpose(1, 2)
+            h = z.mul_(lam_s) if h is None else h.addcmul_(z, lam_s)
         assert h is not None
-        y2.addmm_(h.reshape(n, r * nb).to(y2.dtype), b_flat.T.to(y2.dtype))
+        y2.addmm_(cast(h.reshape(n, r * nb), y2.dtype), cast(b_flat, y2.dtype).T, alpha=alpha)
         return
     hb = (x2 @ b_flat).view(n, r, nb)
     for lam, gamma, s in adapters:
-        v = hb * (lam * s)
+        v = hb * (lam if len(adapters) == 1 else lam * s)
         rows, operand, weight = (v, gamma, a_s) if r <= nb else (v.transpose(1, 2), a_s, gamma)
         z = torch.mm(rows.reshape(-1, rows.shape[2]), operand).view(n, -1, m).mul_(weight)
-        y2.add_(z.sum(1).to(y2.dtype))
+        y2.add_(cast(z.sum(1), y2.dtype), alpha=alpha)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; itself when it already is (``Tensor.to`` costs microseconds even then, per layer call)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def poison_nonfinite_rows(y2: torch.Tensor, x2: torch.Tensor) -> None:
@@ -69,7 +78,7 @@ def poison_nonfinite_rows(y2: torch.Tensor, x2: torch.Tensor) -> None:
     ``S`` while the dense path keeps it; poisoning the whole row makes every path agree, so the output
     does not depend on the batch size through the path choice.
     """
-    y2 += x2.abs().amax(dim=1, keepdim=True).mul_(0).to(y2.dtype)
+    y2 += cast(x2.abs().amax(dim=1, keepdim=True).mul_(0), y2.dtype)
 
 
 def basis_grads(

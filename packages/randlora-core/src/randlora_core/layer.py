@@ -292,8 +292,8 @@ class RandLoraLinear(LinearView, nn.Module):
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,
-            lam=lam.to(device=device, dtype=dtype),
-            gamma=gamma.to(device=device, dtype=dtype),
+            lam=lam if lam.dtype == dtype and lam.device == device else lam.to(device=device, dtype=dtype),
+            gamma=gamma if gamma.dtype == dtype and gamma.device == device else gamma.to(device=device, dtype=dtype),
             scaling=self.scaling[adapter_name],
             window=r,  # equal rank on one layer: the same windows of the one shared pair
             dropout=self.randlora_dropout[adapter_name],
