@@ -8,7 +8,7 @@ from conftest import np64, randomize_adapters
 from torch import nn
 from torch.nn import functional
 
-from randlora_core import RandLoraConfig, get_randlora_model
+from randlora_core import RandLoraConfig, get_randlora_model, sparse
 from randlora_core.compute import CallShape, choose_path, compute_override
 from randlora_core.engine import Plan, RandLoraFunction
 from randlora_core.plain import adapter_output, scaled_basis
@@ -150,7 +150,7 @@ def test_window_with_empty_and_uneven_rows(in_le_out: bool) -> None:
     b_flat = torch.randint(-1, 2, (big_m, r * nb), generator=gen).double()
     lam, gamma = torch.randn(r, nb, generator=gen, dtype=torch.float64), torch.randn(nb, m, generator=gen, dtype=torch.float64)
     owner = nn.Module()  # anything weak-referenceable: the structure lives while it does
-    win = window_structure(owner, "key", a_s, b_flat, nb)
+    win = window_structure(owner, "window", "values", a_s, b_flat, nb)
     assert win.nnz == (int(b_flat.count_nonzero()), 4 * nb)
     x = torch.randn(n, m if in_le_out else big_m, generator=gen, dtype=torch.float64)
     g = torch.randn(n, big_m if in_le_out else m, generator=gen, dtype=torch.float64)
@@ -168,3 +168,28 @@ def test_window_with_empty_and_uneven_rows(in_le_out: bool) -> None:
     grad_lam, grad_gamma = parameter_grads(win, grad_s, lam, gamma, 0.5, (True, True))
     torch.testing.assert_close(grad_lam, lam_.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_gamma, gamma_.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_each_window_structure_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers of different shapes keep one structure each; only changed bases make them build anew."""
+    builds: list[int] = []
+    original = sparse._build
+
+    def counted(a_s: torch.Tensor, b_flat: torch.Tensor, nb: int) -> sparse.SparseWindow:
+        builds.append(nb)
+        return original(a_s, b_flat, nb)
+
+    monkeypatch.setattr(sparse, "_build", counted)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(256, 384), nn.Linear(384, 256), nn.Linear(256, 256))
+    model = get_randlora_model(base, RandLoraConfig(r=8, target_modules=["0", "1", "2"], very_sparse=True))
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    assert len(builds) == 2  # 256 x 384 and 384 x 256 share a window (m = 256, M = 384); 256 x 256 has its own
+    bases = model.model[0].bases
+    with torch.no_grad():
+        bases.randlora_B.neg_()  # new values: every structure is stale
+        model(x)
+    assert len(builds) == 4

@@ -287,8 +287,8 @@ class RandLoraLinear(LinearView, nn.Module):
         if bases.kind != "dense" and (
             sparse_density(bases) <= MAX_DENSITY or resolve_compute(self._requested_compute([adapter_name])) == "sparse"
         ):
-            key = (r, m, big_m, nb, dtype, device, tensor_key(bases.randlora_A), tensor_key(bases.randlora_B))
-            structure = window_structure(bases, key, a_s, b_flat, nb)
+            values = (tensor_key(bases.randlora_A), tensor_key(bases.randlora_B))
+            structure = window_structure(bases, (r, m, big_m, nb, dtype, device), values, a_s, b_flat, nb)
         return AdapterCall(
             a_s=a_s,
             b_flat=b_flat,

@@ -119,20 +119,25 @@ def _csr32(t: torch.Tensor) -> torch.Tensor:
     )
 
 
-_STRUCTURES: weakref.WeakKeyDictionary[object, dict[Hashable, SparseWindow]] = weakref.WeakKeyDictionary()
+_STRUCTURES: weakref.WeakKeyDictionary[object, dict[tuple[Hashable, Hashable], SparseWindow]] = weakref.WeakKeyDictionary()
 
 
-def window_structure(owner: object, key: Hashable, a_s: torch.Tensor, b_flat: torch.Tensor, nb: int) -> SparseWindow:
+def window_structure(
+    owner: object, window: Hashable, values: Hashable, a_s: torch.Tensor, b_flat: torch.Tensor, nb: int
+) -> SparseWindow:
     """The structure of a window, built on first use and kept while ``owner`` (the shared bases) lives.
 
-    ``key`` must change whenever the window's values do (the bases' identity, version, window and dtype).
+    ``window`` tells a model's windows apart (its shape, dtype and device: one structure each);
+    ``values`` must change whenever the bases' values do (their identity and version), and then
+    every structure built from the older values is dropped.
     """
     cache = _STRUCTURES.setdefault(owner, {})
-    hit = cache.get(key)
+    hit = cache.get((window, values))
     if hit is None:
-        cache.clear()  # an older key means replaced bases: drop their structures
+        for stale in [k for k in cache if k[1] != values]:
+            del cache[stale]
         with _quiet():
-            hit = cache[key] = _build(a_s, b_flat, nb)
+            hit = cache[(window, values)] = _build(a_s, b_flat, nb)
     return hit
 
 
