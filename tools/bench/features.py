@@ -3,8 +3,8 @@
 ``python tools/bench --features`` (and every ``--smoke`` run, at tiny sizes) writes
 ``<machine>-features.md`` / ``.json`` beside the main report:
 
-- **sparse bases**: a training step of a square layer stack with very_sparse, sparse (s = 3) and
-  dense bases (``auto``), against the frozen floor;
+- **sparse bases**: a training step of a square layer stack, and of the Llama-style block below,
+  with very_sparse, sparse (s = 3) and dense bases (``auto``), against the frozen floor;
 - **decode and prefill**: a Llama-style block (q, k, v, o, gate, up, down) without gradients: the
   base model, merged, unmerged (``auto``: the activation path for decode), unmerged with the
   inference cache (scaled bases only, and ``W + delta_W``), PEFT's RandLoRA and PEFT's LoRA (when
@@ -46,27 +46,34 @@ def _stack(d: int, depth: int) -> Any:
     return nn.Sequential(*(nn.Linear(d, d) for _ in range(depth)))
 
 
-def sparse_suite(points: list[tuple[int, int]], rounds: int, budget_s: float) -> list[dict[str, Any]]:
-    """Training step of a 2-layer square stack: floor, dense, sparse (s = 3) and very_sparse bases, ``auto``."""
+def sparse_suite(points: list[tuple[int, int, int]], rounds: int, budget_s: float) -> list[dict[str, Any]]:
+    """Training step, ``auto``: floor, dense, sparse (s = 3) and very_sparse bases, per ``(d, tokens, hidden)``.
+
+    ``hidden = 0``: a stack of two square layers (one basis window); otherwise the Llama-style block
+    of :func:`_block`, whose layers of three shapes use different windows of the shared bases.
+    """
     import torch
 
     from randlora_core import RandLoraConfig, get_randlora_model
 
     rows = []
-    for d, tokens in points:
+    for d, tokens, hidden in points:
         torch.manual_seed(0)
-        base = _stack(d, 2)
+        base, targets = (_stack(d, 2), ["0", "1"]) if not hidden else (_block(d, hidden).train(), TARGETS)
         # the input needs its gradient, as inside a deeper model: the floor is the frozen stack's forward and backward
         x, probe = torch.randn(tokens, d, requires_grad=True), torch.randn(tokens, d)
         steps: Timed = {}
         frozen = copy.deepcopy(base).requires_grad_(False)
         steps["floor"] = lambda frozen=frozen, x=x, probe=probe: (frozen(x) * probe).sum().backward()
-        for kind, flags in (("dense", {}), ("sparse", {"sparse": True}), ("very_sparse", {"very_sparse": True})):
-            cfg = RandLoraConfig(r=32, target_modules=["0", "1"], init_weights=False, **flags)  # type: ignore[arg-type]
+        # "dense copy" is built exactly like "dense": the spread between the two is what placement in
+        # memory alone does, the yardstick for "sparse (s = 3) never slower than dense"
+        variants = (("dense", {}), ("dense copy", {}), ("sparse", {"sparse": True}), ("very_sparse", {"very_sparse": True}))
+        for kind, flags in variants:
+            cfg = RandLoraConfig(r=32, target_modules=targets, init_weights=False, **flags)  # type: ignore[arg-type]
             model = get_randlora_model(copy.deepcopy(base), cfg)
             steps[kind] = lambda model=model, x=x, probe=probe: (model(x) * probe).sum().backward()
         ms = _medians(steps, rounds, budget_s)
-        rows.append({"d": d, "tokens": tokens, "median_ms": ms})
+        rows.append({"d": d, "tokens": tokens, "hidden": hidden, "median_ms": ms})
     return rows
 
 
@@ -101,6 +108,10 @@ def _inference_variants(d: int, hidden: int) -> tuple[Timed, Callable[[Any], Non
     cfg = RandLoraConfig(r=32, target_modules=TARGETS, init_weights=False)
     variants: dict[str, Any] = {"base": base}
     variants["unmerged"] = get_randlora_model(copy.deepcopy(base), cfg)
+    # the same model built again: how far placement in memory alone moves a memory-bound decode
+    variants["unmerged copy"] = get_randlora_model(copy.deepcopy(base), cfg)
+    sparse_cfg = RandLoraConfig(r=32, target_modules=TARGETS, init_weights=False, very_sparse=True)
+    variants["unmerged very_sparse"] = get_randlora_model(copy.deepcopy(base), sparse_cfg)
     for name, weights in (("cache scaled bases", False), ("cache W+dW", True)):
         variants[name] = get_randlora_model(copy.deepcopy(base), cfg)
         variants[name].enable_inference_cache(weights=weights)
@@ -239,7 +250,14 @@ def run_features(out: Path, machine: str, smoke: bool) -> Path:
     rounds, budget = (1, 0.2) if smoke else (5, 15.0)
     data: dict[str, Any] = {"smoke": smoke}
     suites: list[tuple[str, Callable[[], Any]]] = [
-        ("sparse", lambda: sparse_suite([(128, 64)] if smoke else [(2048, 512), (2048, 2048), (4096, 512)], rounds, budget)),
+        (
+            "sparse",
+            lambda: sparse_suite(
+                [(128, 64, 0), (64, 16, 96)] if smoke else [(2048, 512, 0), (2048, 2048, 0), (4096, 512, 0), (2048, 512, 5632)],
+                rounds,
+                2 * budget,
+            ),
+        ),
         (
             "decode",
             lambda: decode_suite(

@@ -13,23 +13,32 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
+def _model(hidden: int) -> str:
+    return f"block (hidden {hidden})" if hidden else "2 square layers"
+
+
 def _sparse(rows: list[dict[str, Any]]) -> list[str]:
     out = [
-        "## Sparse bases: training step (2 square layers, r = 32, auto)",
+        "## Sparse bases: training step (2 square layers, or a Llama-style block, r = 32, auto)",
         "",
         "Target: very_sparse <= 0.5x the dense-bases step at d >= 2048 and tokens >= 512 and <= 1.6x the frozen floor;"
-        " sparse (s = 3) never slower than dense.",
+        " sparse (s = 3) never slower than dense. Sparse bases with a third of their entries nonzero run the dense"
+        " kernels (above `randlora_core.sparse.MAX_DENSITY`, multiplying the zeros is faster than skipping them), so"
+        " `sparse` and `dense` execute the same operations; `dense copy` is a second dense model built identically,"
+        " and `dense copy / dense` shows how far two identical models differ in this run (memory placement alone).",
         "",
-        "| d | tokens | floor ms | dense ms | sparse ms | very_sparse ms | very_sparse / dense | very_sparse / floor"
-        " | sparse / dense |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | d | tokens | floor ms | dense ms | dense copy ms | sparse ms | very_sparse ms | very_sparse / dense"
+        " | very_sparse / floor | sparse / dense | dense copy / dense |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = r["median_ms"]
+        copy = m.get("dense copy", float("nan"))
         out.append(
-            f"| {r['d']} | {r['tokens']} | {m['floor']:.1f} | {m['dense']:.1f} | {m['sparse']:.1f} | {m['very_sparse']:.1f}"
-            f" | {_ratio(m['very_sparse'], m['dense'])} | {_ratio(m['very_sparse'], m['floor'])}"
-            f" | {_ratio(m['sparse'], m['dense'])} |"
+            f"| {_model(r.get('hidden', 0))} | {r['d']} | {r['tokens']} | {m['floor']:.1f} | {m['dense']:.1f}"
+            f" | {copy:.1f} | {m['sparse']:.1f}"
+            f" | {m['very_sparse']:.1f} | {_ratio(m['very_sparse'], m['dense'])} | {_ratio(m['very_sparse'], m['floor'])}"
+            f" | {_ratio(m['sparse'], m['dense'])} | {_ratio(copy, m['dense'])} |"
         )
     return out
 
@@ -47,7 +56,11 @@ def _decode(data: dict[str, Any]) -> list[str]:
         " no scaled bases formed or cached), so unmerged decode needs no cache; prefill fills the scaled-bases one."
         f" Any unmerged evaluation reads W and the B_flat windows, {data.get('read_floor', float('nan')):.2f}x the"
         " base's matrix bytes (dense float32 bases): on a memory-bound decode that ratio is the floor of the"
-        " no-cache and scaled-bases columns; only a cache holding W + delta_W goes below it.",
+        " no-cache and scaled-bases columns; only a cache holding W + delta_W goes below it. `unmerged copy` is a"
+        " second unmerged model built exactly like `unmerged` (both take the same path): the gap between the two is"
+        " what the placement of the models' memory alone does to a memory-bound decode on this machine."
+        " `unmerged very_sparse` has very_sparse bases (about 2 % nonzeros) and no cache: the sparse kernels read"
+        " b_flat's nonzeros only, so that floor does not bind it.",
         "",
         "| shape | " + " | ".join(f"{n} ms (x base)" for n in names) + " |",
         "|---|" + "---:|" * len(names),
