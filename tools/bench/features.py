@@ -115,6 +115,10 @@ def _inference_variants(d: int, hidden: int) -> tuple[Timed, Callable[[Any], Non
     for name, weights in (("cache scaled bases", False), ("cache W+dW", True)):
         variants[name] = get_randlora_model(copy.deepcopy(base), cfg)
         variants[name].enable_inference_cache(weights=weights)
+    # W + delta_W entries within the bytes the scaled bases of every layer would take
+    bounded = "cache W+dW, scaled-bases bytes"
+    variants[bounded] = get_randlora_model(copy.deepcopy(base), cfg)
+    variants[bounded].enable_inference_cache(max_bytes=_scaled_bases_bytes(d, hidden, 32), weights=True)
     merged = get_randlora_model(copy.deepcopy(base), cfg)
     merged.merge_adapter()
     variants["merged"] = merged
@@ -126,10 +130,11 @@ def _inference_variants(d: int, hidden: int) -> tuple[Timed, Callable[[Any], Non
         current["x"] = x
 
     set_input(torch.randn(1, d))
+    cached = ("cache scaled bases", "cache W+dW", bounded)
     with torch.no_grad():
-        for name in ("cache scaled bases", "cache W+dW"):
+        for name in cached:
             variants[name](current["x"])
-    mib = {name: variants[name].model.q_proj.inference_cache.nbytes / 2**20 for name in ("cache scaled bases", "cache W+dW")}
+    mib = {name: variants[name].model.q_proj.inference_cache.nbytes / 2**20 for name in cached}
     return fns, set_input, mib
 
 
@@ -160,6 +165,18 @@ def decode_suite(d: int, hidden: int, shapes: list[tuple[str, int, int]], rounds
     return {"d": d, "hidden": hidden, "cache_mib": mib, "rows": rows, "read_floor": _read_floor(d, hidden, 32)}
 
 
+def _layers(d: int, hidden: int) -> list[tuple[int, int]]:
+    """``(in, out)`` of the block's layers, in :data:`TARGETS` order."""
+    return [(d, d)] * 4 + [(d, hidden)] * 2 + [(hidden, d)]
+
+
+def _scaled_bases_bytes(d: int, hidden: int, r: int) -> int:
+    """Bytes of every layer's float32 scaled bases ``S_flat`` (``nb*r x m``): what the scaled-bases cache holds."""
+    from randlora_spec.geometry import LayerGeometry
+
+    return sum(4 * g.nb * g.r * g.m for g in (LayerGeometry(i, o, r) for i, o in _layers(d, hidden)))
+
+
 def _read_floor(d: int, hidden: int, r: int) -> float:
     """Matrix bytes an unmerged call of one token must read, over the base's: ``W`` plus each layer's ``B_flat`` window.
 
@@ -169,7 +186,7 @@ def _read_floor(d: int, hidden: int, r: int) -> float:
     """
     from randlora_spec.geometry import LayerGeometry
 
-    layers = [(d, d)] * 4 + [(d, hidden)] * 2 + [(hidden, d)]
+    layers = _layers(d, hidden)
     base = sum(i * o for i, o in layers)
     geoms = [LayerGeometry(i, o, r) for i, o in layers]
     return (base + sum(g.M * g.nb * g.r for g in geoms)) / base

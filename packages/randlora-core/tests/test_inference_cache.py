@@ -81,7 +81,11 @@ def test_invalidated_by_every_change() -> None:
     check()
 
 
-def test_memory_bound_evicts_least_recently_used() -> None:
+def test_memory_bound_keeps_what_fits_and_never_thrashes() -> None:
+    """Under a bound below the model's needs, the layers asked first keep their entries; the rest run uncached.
+
+    Evicting instead would, in a pass over the layers, evict each entry just before its next use.
+    """
     model = model_of()
     with torch.no_grad():
         cache = model.enable_inference_cache()
@@ -89,7 +93,12 @@ def test_memory_bound_evicts_least_recently_used() -> None:
         sizes = cache.nbytes
         bounded = model.enable_inference_cache(max_bytes=sizes // 2)
         out = model(X)
+        held = dict(bounded._entries)
+        for _ in range(3):
+            model(X)
     assert 0 < bounded.nbytes <= sizes // 2
+    assert {k: v[0] for k, v in bounded._entries.items()} == {k: v[0] for k, v in held.items()}  # nothing evicted
+    assert bounded.hits == 3 * len(held)
     with torch.no_grad():
         model.disable_inference_cache()
         assert close(out, model(X))

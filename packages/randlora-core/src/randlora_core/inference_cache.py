@@ -18,8 +18,13 @@ disabled keeps, per layer:
 An entry is valid while the tensors it was built from are: its key holds the identity and
 version counter of every parameter, base weight and basis it read (in-place updates by an
 optimizer, ``hotswap_adapter``, ``set_shared_bases`` or merging bump them), the active adapters,
-their scalings, the dtype and the device. Entries weigh what they hold; past ``max_bytes`` the
-least recently used layers' entries go first. Not used while ``torch.compile`` traces.
+their scalings, the dtype and the device. Entries weigh what they hold. Under ``max_bytes`` an
+entry stays until its own layer replaces it (new values) or the cache is cleared: a layer whose
+entry does not fit in what is left runs uncached, without building the entry. Evicting another
+layer's entry instead (least recently used first) would, in a forward pass that visits the layers
+in turn, evict each entry just before its next use and rebuild every entry on every call (a
+measured 48x the base model's decode time at 60 % of the bytes needed, against 2.2x uncached).
+Not used while ``torch.compile`` traces.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def cacheable(x: torch.Tensor, plan: Plan, weights: bool) -> bool:
 
 
 class InferenceCache:
-    """Per-model store of one reusable entry per layer, bounded in bytes, least recently used first out.
+    """Per-model store of one reusable entry per layer, bounded in bytes: what does not fit is not kept.
 
     Args:
         max_bytes: the bound (``None``: unbounded).
@@ -82,14 +87,19 @@ class InferenceCache:
         self.hits += 1
         return entry[1]
 
+    def fits(self, owner: int, size: int) -> bool:
+        """Whether an entry of ``size`` bytes for layer ``owner`` would be kept (its own old entry makes room)."""
+        if self.max_bytes is None:
+            return True
+        entry = self._entries.get(owner)
+        return self.nbytes - (entry[2] if entry is not None else 0) + size <= self.max_bytes
+
     def put(self, owner: int, key: Hashable, tensors: list[torch.Tensor]) -> None:
-        """Store ``tensors`` for layer ``owner`` (replacing its entry), evicting others past the bound."""
-        self.drop(owner)
+        """Store ``tensors`` for layer ``owner`` (replacing its entry) if they fit; other layers' entries stay."""
         size = sum(t.nbytes for t in tensors)
-        if self.max_bytes is not None and size > self.max_bytes:
+        if not self.fits(owner, size):
             return
-        while self.max_bytes is not None and self._entries and self.nbytes + size > self.max_bytes:
-            self.drop(next(iter(self._entries)))
+        self.drop(owner)
         self._entries[owner] = (key, tensors, size)
         self.nbytes += size
 
@@ -116,10 +126,12 @@ class _Lookup:
     dtype: torch.dtype
     in_le_out: bool
 
-    def fetch(self, key: Hashable, build: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
-        """The entry stored under ``key`` for this layer, built and stored on a miss."""
+    def fetch(self, key: Hashable, size: int, build: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor] | None:
+        """The entry stored under ``key`` for this layer, built and stored on a miss; ``None`` if ``size`` bytes do not fit."""
         hit = self.cache.get(self.base.owner, key)
         if hit is None:
+            if not self.cache.fits(self.base.owner, size):
+                return None
             hit = build()
             self.cache.put(self.base.owner, key, hit)
         return hit
@@ -154,11 +166,13 @@ def cached_forward(
         y = _weights(lookup, fused, base.weight_in_out if fused else not in_le_out, x.to(dtype))
     else:
         y = _scaled_bases(lookup, x.reshape(-1, x.shape[-1]).to(dtype))
+    if y is None:
+        return None
     poison_nonfinite_rows(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]))
     return y.to(x.dtype)
 
 
-def _weights(call: _Lookup, fused: bool, weight_in_out: bool, x: torch.Tensor) -> torch.Tensor:
+def _weights(call: _Lookup, fused: bool, weight_in_out: bool, x: torch.Tensor) -> torch.Tensor | None:
     """``x @ (W + delta_W)^T + b`` (a plain base), or ``base(x) + x @ delta_W^T``, with the matrix cached."""
     base, dtype = call.base, call.dtype
     weight = base.weight if fused else None
@@ -168,7 +182,10 @@ def _weights(call: _Lookup, fused: bool, weight_in_out: bool, x: torch.Tensor) -
         w = weight.to(dtype) if weight is not None else None
         return [delta_sum(w, call.in_le_out, weight_in_out, call.bases())]
 
-    hit = call.fetch(key, build)
+    first = call.groups[0][0]
+    hit = call.fetch(key, first.b_flat.shape[0] * first.a_s.shape[1] * dtype.itemsize, build)
+    if hit is None:
+        return None
     if fused:
         bias = base.bias.to(dtype) if base.bias is not None else None
         return times_into(x, hit[0], weight_in_out, bias, dtype)[0]
@@ -177,9 +194,12 @@ def _weights(call: _Lookup, fused: bool, weight_in_out: bool, x: torch.Tensor) -
     return y
 
 
-def _scaled_bases(call: _Lookup, x2: torch.Tensor) -> torch.Tensor:
+def _scaled_bases(call: _Lookup, x2: torch.Tensor) -> torch.Tensor | None:
     """``base(x)`` plus each group's factored output, the scaled bases cached."""
-    hit = call.fetch(("scaled_bases", call.keys, call.dtype), lambda: [s for _, s in call.bases()])
+    size = sum(m[0].b_flat.shape[1] * m[0].a_s.shape[1] for m in call.groups) * call.dtype.itemsize
+    hit = call.fetch(("scaled_bases", call.keys, call.dtype), size, lambda: [s for _, s in call.bases()])
+    if hit is None:
+        return None
     y, y2 = call.beside_base()
     for members, s in zip(call.groups, hit, strict=True):
         b_flat = members[0].b_flat

@@ -406,8 +406,9 @@ class RandLoraModel(PeftApiMixin, nn.Module):
 
         ``weights=True`` keeps ``W + delta_W`` per layer (about one more copy of the adapted
         weights: unmerged inference then costs what merged inference does); ``weights=False``
-        keeps the scaled bases. ``max_bytes`` bounds the memory (least recently used layers go
-        first). Returns the cache (``nbytes``, ``hits``, ``misses``).
+        keeps the scaled bases. ``max_bytes`` bounds the memory: entries are kept in the order
+        layers ask for them, and a layer whose entry no longer fits runs uncached (evicting would
+        thrash in a pass over the layers). Returns the cache (``nbytes``, ``hits``, ``misses``).
         """
         cache = InferenceCache(max_bytes, weights)
         for _, layer in self.named_randlora_layers():
