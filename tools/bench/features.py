@@ -97,6 +97,34 @@ def _block(d: int, hidden: int) -> Any:
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def _gemv_floor(base: Any, adapted: Any) -> Any:
+    """The block with each layer computing ``x W^T`` plus one plain product with its ``B_flat`` window, nothing else.
+
+    What an unmerged layer must read, without any of the adapter's other work: the measured floor of
+    unmerged decode with dense bases. Needs ``nb * r == min(in, out)`` (true of the block's shapes).
+    """
+    import torch
+    from torch import nn
+
+    class TwoReads(nn.Module):
+        def __init__(self, weight: torch.Tensor, b_flat: torch.Tensor) -> None:
+            super().__init__()
+            self.weight, self.b_flat = weight, b_flat
+            self.in_le_out = weight.shape[1] <= weight.shape[0]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, self.weight) + (x @ (self.b_flat.T if self.in_le_out else self.b_flat))
+
+    floor = copy.deepcopy(base)
+    for name in TARGETS:
+        layer = getattr(adapted.model, name)
+        r, m, big_m, nb = layer.geometry("default")
+        assert nb * r == m, "the floor model needs nb * r == min(in, out)"
+        b_flat = layer.bases.window(r, m, big_m, nb, torch.float32, torch.device("cpu"))[1]
+        setattr(floor, name, TwoReads(getattr(floor, name).weight, b_flat))
+    return floor
+
+
 def _inference_variants(d: int, hidden: int) -> tuple[Timed, Callable[[Any], None], dict[str, float]]:
     """Forward functions of every decode variant (taking the input), and the MiB each inference cache holds."""
     import torch
@@ -110,6 +138,7 @@ def _inference_variants(d: int, hidden: int) -> tuple[Timed, Callable[[Any], Non
     variants["unmerged"] = get_randlora_model(copy.deepcopy(base), cfg)
     # the same model built again: how far placement in memory alone moves a memory-bound decode
     variants["unmerged copy"] = get_randlora_model(copy.deepcopy(base), cfg)
+    variants["read floor"] = _gemv_floor(base, variants["unmerged copy"])
     sparse_cfg = RandLoraConfig(r=32, target_modules=TARGETS, init_weights=False, very_sparse=True)
     variants["unmerged very_sparse"] = get_randlora_model(copy.deepcopy(base), sparse_cfg)
     for name, weights in (("cache scaled bases", False), ("cache W+dW", True)):
