@@ -427,7 +427,9 @@ class _Backward:
         assert window is not None
         saved = self.hs[index] if self.hs else None
         wanted = self.wanted(group)
-        grad_in, grad_s = sparse.backward(self.g2, xg, window, group.adapters, self.plan.in_le_out, saved, (need_in, wanted))
+        grad_in, grad_s = sparse.backward(
+            self.g2, xg, window, group.adapters, self.plan.in_le_out, saved, (need_in, wanted), into if need_in else None
+        )
         j = self._first_param(group)
         for lam, gamma, s in group.adapters:
             if grad_s is not None:
@@ -435,6 +437,4 @@ class _Backward:
                     window, grad_s, lam, gamma, s, (self.need[j], self.need[j + 1])
                 )
             j += 2
-        if grad_in is None:
-            return into
-        return into.add_(grad_in) if into is not None else grad_in
+        return into if grad_in is None else grad_in  # grad_in is into itself when into was given

@@ -226,10 +226,12 @@ def backward(
     in_le_out: bool,
     saved: torch.Tensor | None,
     need: tuple[bool, bool],
+    into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(input gradient, dL/dS on the blocks (r, nb, L))`` of one group, each ``None`` unless ``need``-ed.
 
-    ``saved`` is :func:`forward_into`'s result for this call, or ``None`` to recompute it.
+    ``saved`` is :func:`forward_into`'s result for this call, or ``None`` to recompute it. The input
+    gradient is added to ``into`` (N, in) when given, and then is ``into`` itself.
     """
     need_in, need_s = need
     r, _ = win.blocks
@@ -239,8 +241,8 @@ def backward(
         grad_s = torch.bmm(gh_t, xg.transpose(1, 2)) if need_s else None
         grad_in = None
         if need_in:
-            zeros = gh_t.new_zeros(g2.shape[0], win.pick.shape[0])
-            grad_in = _scatter_into(zeros, win, _coef(win, adapters), gh_t)
+            out = into if into is not None else gh_t.new_zeros(g2.shape[0], win.pick.shape[0])
+            grad_in = _scatter_into(out, win, _coef(win, adapters), gh_t)
         return grad_in, grad_s
     gg = _gather(win, g2)  # dL/dS = h^T g, grad_x = g S^T B^T
     grad_s = None
@@ -248,6 +250,8 @@ def backward(
         h_t = saved if saved is not None else _spmm(win.bt, x2.T.contiguous())
         grad_s = torch.bmm(h_t.view(r, win.nb, -1), gg.transpose(1, 2))
     grad_in = _tokens_first(_spmm(win.b, torch.bmm(_coef(win, adapters), gg).view(-1, gg.shape[-1]))) if need_in else None
+    if grad_in is not None and into is not None:
+        grad_in = into.add_(grad_in)
     return grad_in, grad_s
 
 
