@@ -4,11 +4,14 @@
 ``<machine>-features.md`` / ``.json`` beside the main report:
 
 - **sparse bases**: a training step of a square layer stack, and of the Llama-style block below,
-  with very_sparse, sparse (s = 3) and dense bases (``auto``), against the frozen floor;
+  with very_sparse, sparse (s = 3) and dense bases (``auto``, and a second dense model built
+  identically), against the frozen floor;
 - **decode and prefill**: a Llama-style block (q, k, v, o, gate, up, down) without gradients: the
-  base model, merged, unmerged (``auto``: the activation path for decode), unmerged with the
-  inference cache (scaled bases only, and ``W + delta_W``), PEFT's RandLoRA and PEFT's LoRA (when
-  peft is installed);
+  base model, merged, unmerged (``auto``: the activation path for decode) and an identical second
+  unmerged model (the spread memory placement alone causes), the read floor (each layer reads only
+  ``W`` and its ``B_flat`` window), unmerged with very_sparse bases, unmerged with the inference
+  cache (scaled bases only; ``W + delta_W``; ``W + delta_W`` within the scaled bases' bytes), PEFT's
+  RandLoRA and PEFT's LoRA (when peft is installed);
 - **mixed-adapter batch**: 4 adapters over 64 samples in one call, against 4 single-adapter calls;
 - **torch.compile**: an eager against an inductor-compiled training step (the compile itself
   reported apart);
