@@ -45,11 +45,12 @@ def activation_into(
     n, (r, m) = x2.shape[0], a_s.shape
     nb = b_flat.shape[1] // r
     # one adapter: its scaling rides on the last product's alpha instead of an (r, nb) multiply
-    alpha = adapters[0][2] if len(adapters) == 1 else 1.0
+    single = len(adapters) == 1
+    alpha = adapters[0][2] if single else 1.0
     if in_le_out:
         h: torch.Tensor | None = None
         for lam, gamma, s in adapters:
-            lam_s = lam if len(adapters) == 1 else lam * s
+            lam_s = lam if single else lam * s
             if r <= nb:
                 z = torch.mm((x2.unsqueeze(1) * a_s).view(-1, m), gamma.T).view(n, r, nb)
             else:
@@ -60,7 +61,7 @@ def activation_into(
         return
     hb = (x2 @ b_flat).view(n, r, nb)
     for lam, gamma, s in adapters:
-        v = hb * (lam if len(adapters) == 1 else lam * s)
+        v = hb * (lam if single else lam * s)
         rows, operand, weight = (v, gamma, a_s) if r <= nb else (v.transpose(1, 2), a_s, gamma)
         z = torch.mm(rows.reshape(-1, rows.shape[2]), operand).view(n, -1, m).mul_(weight)
         y2.add_(cast(z.sum(1), y2.dtype), alpha=alpha)
